@@ -1,0 +1,240 @@
+"""The model directory: presets, save/load, fingerprints, model-zoo names and foreign-checkpoint import.
+
+A model directory holds `config.json` (a `ModelConfig`), `vocab.txt`, `gpt.safetensors` and
+`vqgan.safetensors`; every path goes through fsspec so `s3://` directories work like local ones.
+A tensor that is missing, unexpected or misshapen raises `CheckpointError` naming the file and the
+first tensor that does not fit. Importers of foreign layouts are in `painter.importers`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from painter.errors import CheckpointError
+from painter.models.gpt import GPT, GPTConfig
+from painter.models.vqgan import VQGAN, VQGANConfig
+from painter.text import TextTokenizer
+
+FORMAT = "painter-model"
+FORMAT_VERSION = 1
+ZOO_NAMES = (
+    "pai-painter-base-zh",
+    "pai-painter-large-zh",
+    "pai-painter-commercial-base-zh",
+    "pai-painter-scenery-base-zh",
+    "pai-painter-painting-base-zh",
+)
+
+
+@dataclass
+class ModelConfig:
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    name: str = "custom"
+
+    def __post_init__(self):
+        if isinstance(self.gpt, dict):
+            self.gpt = GPTConfig(**self.gpt)
+        if isinstance(self.vqgan, dict):
+            self.vqgan = VQGANConfig(**self.vqgan)
+        if self.gpt.img_len != self.vqgan.image_token_count:
+            raise ValueError(f"gpt.img_len {self.gpt.img_len} != VQGAN tokens per image {self.vqgan.image_token_count}")
+        if self.gpt.img_vocab_size != self.vqgan.n_embed:
+            raise ValueError(f"gpt.img_vocab_size {self.gpt.img_vocab_size} != VQGAN codes {self.vqgan.n_embed}")
+
+    @property
+    def image_size(self) -> int:
+        return self.vqgan.resolution
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "image_size": self.image_size,
+                "text_len": self.gpt.text_len, "img_len": self.gpt.img_len,
+                "gpt": dataclasses.asdict(self.gpt), "vqgan": dataclasses.asdict(self.vqgan)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(gpt=GPTConfig(**d["gpt"]), vqgan=VQGANConfig(**d["vqgan"]), name=d.get("name", "custom"))
+
+
+def _reference_vqgan() -> VQGANConfig:
+    return VQGANConfig()  # taming f16, 16384 codes, 256x256
+
+
+PRESETS = {
+    "base": lambda: ModelConfig(GPTConfig(n_layer=12, n_head=12, n_embd=768), _reference_vqgan(), "base"),
+    "large": lambda: ModelConfig(GPTConfig(n_layer=24, n_head=16, n_embd=1024), _reference_vqgan(), "large"),
+    # CPU presets for tests and the demo: 32x32 (tiny) and 64x64 (small) images, 8x8 image tokens.
+    "tiny": lambda: ModelConfig(
+        GPTConfig(img_vocab_size=256, text_len=16, img_len=64, n_layer=2, n_head=2, n_embd=64),
+        VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                    z_channels=32, embed_dim=32, n_embed=256), "tiny"),
+    "small": lambda: ModelConfig(
+        GPTConfig(img_vocab_size=512, text_len=16, img_len=64, n_layer=4, n_head=4, n_embd=128),
+        VQGANConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                    z_channels=64, embed_dim=64, n_embed=512), "small"),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise CheckpointError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+@dataclass
+class LoadedModel:
+    """What a model directory holds, loaded: only the parts asked for are set."""
+    path: str
+    config: ModelConfig
+    tokenizer: TextTokenizer
+    gpt: GPT | None = None
+    vqgan: VQGAN | None = None
+    gpt_fingerprint: str = ""
+    vqgan_fingerprint: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the weights that made an image: GPT and VQGAN together."""
+        return hashlib.sha256(f"{self.gpt_fingerprint}:{self.vqgan_fingerprint}".encode()).hexdigest()[:16]
+
+
+def _fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with fsspec.open(path, "wb") as f:
+        f.write(data)
+
+
+def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """Raise CheckpointError naming `source` and the first missing, unexpected or misshapen tensor."""
+    expected = module.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(tensor.shape)})")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(state[name].shape)}, "
+                                  f"expected {list(tensor.shape)}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+
+
+def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None) -> str:
+    data = read_bytes(path)
+    actual = _fingerprint(data)
+    if fingerprint and actual != fingerprint:
+        raise CheckpointError(f"{path}: contents do not match the fingerprint in config.json "
+                              f"({actual} != {fingerprint}): the file was replaced, truncated or corrupted")
+    try:
+        state = load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    check_state_dict(module, state, path)
+    module.load_state_dict(state)
+    return actual
+
+
+def read_manifest(model_dir: str) -> tuple[ModelConfig, dict]:
+    """The model directory's config and the fingerprints of its weight files."""
+    path = posixpath.join(model_dir, "config.json")
+    try:
+        d = json.loads(read_bytes(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if d.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a painter model config (no \"format\": \"{FORMAT}\"); "
+                              "import foreign checkpoints with `painter import-easynlp` or `painter import-vqgan`")
+    try:
+        return ModelConfig.from_dict(d), dict(d.get("fingerprints", {}))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_model(model_dir: str, *, parts: tuple[str, ...] = ("gpt", "vqgan"), device="cpu") -> LoadedModel:
+    """Load a model directory (a path, `s3://` prefix or zoo name); only `parts` get weights."""
+    model_dir = resolve_model_dir(model_dir)
+    config, fingerprints = read_manifest(model_dir)
+    vocab_path = posixpath.join(model_dir, "vocab.txt")
+    tokenizer = TextTokenizer.from_file(vocab_path, text_len=config.gpt.text_len)
+    if tokenizer.vocab_size > config.gpt.text_vocab_size:
+        raise CheckpointError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the GPT embeds only "
+                              f"{config.gpt.text_vocab_size} text ids")
+    loaded = LoadedModel(model_dir, config, tokenizer, gpt_fingerprint=fingerprints.get("gpt", ""),
+                         vqgan_fingerprint=fingerprints.get("vqgan", ""))
+    for part, cls, part_config in (("gpt", GPT, config.gpt), ("vqgan", VQGAN, config.vqgan)):
+        if part not in parts:
+            continue
+        path = posixpath.join(model_dir, f"{part}.safetensors")
+        if part not in fingerprints and not fsspec.core.url_to_fs(path)[0].exists(path):
+            raise CheckpointError(f"{path}: this model directory has no {part.upper()} weights")
+        module = cls(part_config).eval()
+        setattr(loaded, f"{part}_fingerprint", _load_weights(module, path, fingerprints.get(part)))
+        setattr(loaded, part, module.to(device))
+    return loaded
+
+
+def save_model(model_dir: str, config: ModelConfig, tokenizer: TextTokenizer, *,
+               gpt: GPT | dict | None = None, vqgan: VQGAN | dict | None = None) -> str:
+    """Write a model directory; weights given as None keep the files (and fingerprints) already there."""
+    fs, root = fsspec.core.url_to_fs(model_dir)
+    fs.makedirs(root, exist_ok=True)
+    fingerprints = {}
+    if fs.exists(posixpath.join(root, "config.json")):
+        fingerprints = json.loads(read_bytes(posixpath.join(model_dir, "config.json"))).get("fingerprints", {})
+    for name, part in (("gpt", gpt), ("vqgan", vqgan)):
+        if part is None:
+            continue
+        state = part.state_dict() if isinstance(part, torch.nn.Module) else part
+        data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+        _write_bytes(posixpath.join(model_dir, f"{name}.safetensors"), data)
+        fingerprints[name] = _fingerprint(data)
+    tokenizer.save(posixpath.join(model_dir, "vocab.txt"))
+    manifest = config.to_dict() | {"fingerprints": fingerprints}
+    _write_bytes(posixpath.join(model_dir, "config.json"), json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    return model_dir
+
+
+def new_model(preset: str, output: str, *, seed: int = 0, vocab: str | None = None) -> str:
+    """A randomly initialised model directory from a preset (for tests and from-scratch training)."""
+    config = preset_config(preset)
+    tokenizer = (TextTokenizer.from_file(vocab, text_len=config.gpt.text_len) if vocab
+                 else TextTokenizer.default(text_len=config.gpt.text_len))
+    config.gpt.text_vocab_size = max(config.gpt.text_vocab_size, tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    return save_model(output, config, tokenizer, gpt=GPT(config.gpt), vqgan=VQGAN(config.vqgan))
+
+
+def models_home() -> str:
+    return os.environ.get("PAINTER_HOME", os.path.join(os.path.expanduser("~"), ".cache", "painter", "models"))
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A zoo name resolves under the models home; nothing is ever downloaded."""
+    if name_or_path in ZOO_NAMES:
+        path = os.path.join(models_home(), name_or_path)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise CheckpointError(
+                f"model {name_or_path!r} is not in {models_home()} (set PAINTER_HOME to change that). Nothing is "
+                f"downloaded: get EasyNLP's {name_or_path} directory, then run "
+                f"`painter import-easynlp /path/to/{name_or_path} {path}`")
+        return path
+    return name_or_path

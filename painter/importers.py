@@ -1,0 +1,139 @@
+"""Importers of foreign checkpoints into a painter model directory.
+
+- EasyNLP `pai-painter-*-zh`: `config.json` + `pytorch_model.bin` (`transformer.*` = the GPT,
+  `first_stage_model.*` = the VQGAN, `*.attn.mask` buffers that are not weights) + `vocab.txt`;
+- taming-transformers VQGAN `last.ckpt` (weights under `state_dict`; `loss.*` ignored).
+
+Pickles load with `weights_only=True`; shapes are inferred from the tensors and every tensor must fit.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+
+import fsspec
+import torch
+
+from painter.checkpoint import ModelConfig, check_state_dict, preset_config, read_bytes, save_model
+from painter.errors import CheckpointError
+from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
+from painter.models.vqgan import VQGAN, VQGANConfig
+from painter.text import TextTokenizer
+
+def read_torch_checkpoint(path: str) -> dict:
+    """A pickled state dict, loaded with weights_only=True; Lightning's `state_dict` is unwrapped."""
+    data = read_bytes(path)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a pickle, or a pickle with non-tensor objects
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return obj
+
+
+def vqgan_config_from_state(state: dict, resolution: int = 256) -> VQGANConfig:
+    """Infer a taming VQGAN's shape from its tensors (resolution is not in the weights)."""
+    try:
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+        ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+        num_res_blocks = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
+        attn = tuple(resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state)
+        n_embed, embed_dim = state["quantize.embedding.weight"].shape
+        z_channels = state["post_quant_conv.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a taming VQGAN state dict: missing tensor {e.args[0]!r}") from None
+    return VQGANConfig(resolution=resolution, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                       attn_resolutions=attn, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed)
+
+
+def gpt_config_from_state(state: dict, text_len: int = 32, n_head: int | None = None) -> GPTConfig:
+    """Infer the reference GPT's shape from its tensors; heads come from the known presets if not given."""
+    try:
+        _, block_size, n_embd = state["pos_emb"].shape
+        img_vocab = state["head.weight"].shape[0]
+        text_vocab = state["tok_emb.weight"].shape[0] - img_vocab
+    except KeyError as e:
+        raise CheckpointError(f"not a pai-painter GPT state dict: missing tensor {e.args[0]!r}") from None
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    n_head = n_head or {768: 12, 1024: 16}.get(n_embd)
+    if n_head is None:
+        raise CheckpointError(f"cannot tell the number of heads of a {n_embd}-wide GPT; pass --n-head")
+    return GPTConfig(img_vocab_size=img_vocab, text_vocab_size=text_vocab, text_len=text_len,
+                     img_len=block_size - text_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def split_prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _checked(module: torch.nn.Module, state: dict, source: str) -> dict:
+    check_state_dict(module, state, source)
+    return state
+
+
+def _easynlp_n_head(src: str) -> int | None:
+    """EasyNLP's config.json may name the head count; absent or unreadable means 'infer it'."""
+    path = posixpath.join(src, "config.json")
+    fs = fsspec.core.url_to_fs(path)[0]
+    if not fs.exists(path):
+        return None
+    try:
+        d = json.loads(read_bytes(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    for key in ("n_head", "num_attention_heads", "n_heads"):
+        if isinstance(d.get(key), int):
+            return d[key]
+    return None
+
+
+def import_easynlp(src: str, dst: str, *, text_len: int = 32, resolution: int = 256,
+                   n_head: int | None = None) -> str:
+    """EasyNLP pai-painter directory -> painter model directory (GPT, VQGAN and vocab)."""
+    weights = posixpath.join(src, "pytorch_model.bin")
+    state = read_torch_checkpoint(weights)
+    gpt_state = split_prefixed(state, "transformer.")
+    vqgan_state = {k: v for k, v in split_prefixed(state, "first_stage_model.").items() if not k.startswith("loss.")}
+    others = [k for k in state if not k.startswith(("transformer.", "first_stage_model."))]
+    if others:
+        raise CheckpointError(f"{weights}: unexpected tensor {others[0]!r} ({len(others)} outside "
+                              "transformer.* and first_stage_model.*)")
+    gpt_config = gpt_config_from_state(gpt_state, text_len, n_head or _easynlp_n_head(src))
+    for key in attention_mask_keys(gpt_config):
+        gpt_state.pop(key, None)
+    config = ModelConfig(gpt_config, vqgan_config_from_state(vqgan_state, resolution), name=posixpath.basename(src.rstrip("/")))
+    tokenizer = TextTokenizer.from_file(posixpath.join(src, "vocab.txt"), text_len=text_len)
+    gpt = _checked(_meta(GPT, config.gpt), gpt_state, weights)
+    vqgan = _checked(_meta(VQGAN, config.vqgan), vqgan_state, weights)
+    return save_model(dst, config, tokenizer, gpt=gpt, vqgan=vqgan)
+
+
+def import_vqgan(ckpt: str, dst: str, *, resolution: int = 256, text_len: int = 32, gpt_preset: str = "base",
+                 vocab: str | None = None) -> str:
+    """taming VQGAN checkpoint -> model directory with that VQGAN, a vocab and a GPT config to train.
+
+    No GPT weights are written: `painter train --init DST` starts the GPT from scratch on this VQGAN.
+    """
+    state = {k: v for k, v in read_torch_checkpoint(ckpt).items() if not k.startswith("loss.")}
+    vqgan_config = vqgan_config_from_state(state, resolution)
+    shape = preset_config(gpt_preset).gpt
+    tokenizer = TextTokenizer.from_file(vocab, text_len=text_len) if vocab else TextTokenizer.default(text_len)
+    gpt_config = GPTConfig(img_vocab_size=vqgan_config.n_embed, text_vocab_size=max(shape.text_vocab_size, tokenizer.vocab_size),
+                           text_len=text_len, img_len=vqgan_config.image_token_count,
+                           n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
+    config = ModelConfig(gpt_config, vqgan_config, name=posixpath.basename(ckpt))
+    vqgan = _checked(_meta(VQGAN, vqgan_config), state, ckpt)
+    return save_model(dst, config, tokenizer, vqgan=vqgan)
+
+
+def _meta(cls, config):
+    """A module built on the meta device: only its parameter names and shapes are needed."""
+    with torch.device("meta"):
+        return cls(config)

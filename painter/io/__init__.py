@@ -1,0 +1,1 @@
+"""Formats: tables (TSV/Parquet through fsspec), images, token shards and rejected rows. No Ray here."""

@@ -1,0 +1,1 @@
+"""Neural network definitions of painter: the VQGAN image tokenizer and the text-to-image GPT."""

@@ -1,0 +1,186 @@
+"""The text-to-image GPT: a minGPT decoder over [text tokens, image tokens] with a KV cache.
+
+Parameter names follow the reference (EasyNLP pai-painter `transformer.*`, itself minGPT): separate
+`key`/`query`/`value`/`proj` linears, `ln1`/`ln2`, `mlp.0`/`mlp.2`, `ln_f`, a `pos_emb` parameter and a
+bias-free `head` that scores image codes only. Text ids enter the embedding offset by
+`img_vocab_size`, so one table holds both vocabularies. Pure torch: no I/O, no global settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    img_vocab_size: int = 16384  # image codes; also the size of the head
+    text_vocab_size: int = 21128  # tokenizer ids; enter the embedding at +img_vocab_size
+    text_len: int = 32
+    img_len: int = 256
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.img_vocab_size + self.text_vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.text_len + self.img_len
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to the full sequence length.
+
+    Buffers are allocated on first use with the dtype and device of the keys written, so the same
+    cache serves fp32 and autocast (bf16) inference.
+    """
+
+    def __init__(self, config: GPTConfig):
+        self.max_length = config.block_size
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, t, hs) at the next positions; return all keys and values so far."""
+        if self.keys[layer] is None:
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_empty(B, nh, self.max_length, hs)  # (B, nh, T_max, hs)
+            self.values[layer] = v.new_empty(B, nh, self.max_length, hs)
+        start, t = self.length, k.size(2)
+        self.keys[layer][:, :, start:start + t] = k
+        self.values[layer][:, :, start:start + t] = v
+        end = start + t
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.key = nn.Linear(config.n_embd, config.n_embd)
+        self.query = nn.Linear(config.n_embd, config.n_embd)
+        self.value = nn.Linear(config.n_embd, config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()
+        nh = self.n_head
+        q = self.query(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.key(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.value(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, past+T, hs)
+        dropout = self.attn_pdrop if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new tokens after a cached prefix
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.resid_pdrop),
+        )
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.block_size, config.n_embd))
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.img_vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+
+    def sequence(self, text_ids: torch.Tensor, image_codes: torch.Tensor | None = None):
+        """Embedding ids for [text, image]: text_ids (B, Tt) tokenizer ids, image_codes (B, Ti)."""
+        seq = text_ids.long() + self.config.img_vocab_size  # (B, Tt)
+        if image_codes is not None:
+            seq = torch.cat([seq, image_codes.long()], dim=1)  # (B, Tt+Ti)
+        return seq
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) embedding ids -> logits over image codes (B, T, img_vocab_size).
+
+        With a cache, idx holds only the new positions, which continue at `cache.length`.
+        """
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + T])  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.head(self.ln_f(x))  # (B, T, img_vocab_size)
+
+    def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy on the image positions only (the reference's objective)."""
+        seq = self.sequence(text_ids, image_codes)  # (B, Tt+Ti)
+        logits = self(seq[:, :-1])  # (B, Tt+Ti-1, V_img)
+        image_logits = logits[:, text_ids.size(1) - 1:]  # (B, Ti, V_img): predicts image positions
+        return F.cross_entropy(image_logits.reshape(-1, image_logits.size(-1)), image_codes.reshape(-1).long())
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Forward matmul FLOPs per token at full context (6N training / 2N inference rule of thumb)."""
+        c = self.config
+        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.numel()
+        return 2 * n + 2 * c.n_layer * c.block_size * c.n_embd
+
+
+def attention_mask_keys(config: GPTConfig) -> list[str]:
+    """Names of the reference's causal-mask buffers: in its state dicts, but not weights here."""
+    return [f"blocks.{i}.attn.mask" for i in range(config.n_layer)]

@@ -1,0 +1,118 @@
+"""Batched text-to-image token sampling: KV-cache generation and the reference's slow algorithm.
+
+Every row draws its randomness from a counter-based hash of `(seed, idx, sample)`, the step and the
+code, so the tokens of a row do not depend on which batch, worker or order produced them. Sampling
+is Gumbel-max over the temperature-scaled, top-k/top-p-filtered logits, which is the same
+distribution as softmax + multinomial. Pure torch; no I/O.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from painter.models.gpt import GPT
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = 100  # the reference's default; 1 means greedy
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def row_key(seed: int, idx: str, sample: int) -> int:
+    """A 32-bit key naming one image: the same (seed, idx, sample) always gives the same key."""
+    digest = hashlib.blake2b(f"{seed}\x1f{idx}\x1f{sample}".encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def row_keys(seed: int, idxs: Sequence[str], samples: Sequence[int], device=None) -> torch.Tensor:
+    """(B,) int64 keys for rows (idx, sample) of one run."""
+    return torch.tensor([row_key(seed, i, s) for i, s in zip(idxs, samples)], dtype=torch.int64, device=device)
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors that hold uint32 values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """(B, size) uniforms in (0, 1), a pure function of (key, step, code)."""
+    step_key = _fmix32(torch.tensor((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32, device=keys.device))
+    base = _fmix32(keys ^ step_key)  # (B,)
+    codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
+    h = _fmix32((base[:, None] + codes[None, :] * 0x632BE5AB) & _MASK32)  # (B, V)
+    h = _fmix32(h ^ keys[:, None])
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits (B, V)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keeps at least one
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: SamplingConfig) -> torch.Tensor:
+    """Pick one image code per row from logits (B, V_img) -> (B,) int64."""
+    logits = logits.float()
+    if sampling.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, step, logits.size(-1))))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+@torch.inference_mode()
+def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step."""
+    img_len = gpt.config.img_len
+    codes = torch.empty(text_ids.size(0), img_len, dtype=torch.int64, device=text_ids.device)
+    cache = gpt.new_cache()
+    logits = gpt(gpt.sequence(text_ids), cache)[:, -1]  # (B, V_img)
+    for step in range(img_len):
+        codes[:, step] = choose_codes(logits, keys, step, sampling)
+        if step + 1 < img_len:
+            logits = gpt(codes[:, step:step + 1], cache)[:, -1]  # (B, V_img)
+    return codes
+
+
+@torch.inference_mode()
+def reference_generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The reference's algorithm: recompute the whole sequence at every step (no cache).
+
+    Kept for tests (cache equivalence) and as the benchmark baseline; same randomness as `generate`.
+    """
+    seq = gpt.sequence(text_ids)  # (B, Tt)
+    for step in range(gpt.config.img_len):
+        logits = gpt(seq)[:, -1]  # (B, V_img)
+        seq = torch.cat([seq, choose_codes(logits, keys, step, sampling)[:, None]], dim=1)
+    return seq[:, text_ids.size(1):]
