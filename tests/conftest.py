@@ -30,3 +30,45 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from painter.checkpoint import new_model
 
     return new_model("tiny", str(tmp_path_factory.mktemp("models") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint: moto's server on 127.0.0.1 (random port), stopped after the run.
+
+    Yields `storage_options` for fsspec/s3fs; the same endpoint and dummy credentials are also put
+    in the usual AWS environment variables so code that reads only the environment works too.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server; yields (bucket name, storage_options)."""
+    import uuid
+
+    import s3fs
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint_url"]},
+                           key="testing", secret="testing", skip_instance_cache=True)
+    fs.mkdir(name)
+    yield name, s3_server

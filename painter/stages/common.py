@@ -1,0 +1,99 @@
+"""Ray wiring shared by the jobs: reading input tables into a Dataset, rejected rows, resources.
+
+- `read_input` lists the input files on the driver and reads each one in a Ray task with
+  `painter.io.tables.iter_rows`, so every row keeps its file, row number and reason.
+- `write_rejected` writes the rows that carry a reason to the errors table.
+- `actor_resources` asks for a GPU per actor only when the cluster has GPUs (a GPU request on a
+  cluster without one hangs), and for a fraction of a CPU otherwise so small machines keep a core
+  free for the read tasks.
+"""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from painter.io import tables
+from painter.io.tables import REASON, ROW, SOURCE
+
+
+def arrow_filesystem(path: str, storage_options: dict | None = None):
+    """(pyarrow filesystem, path) for Ray's readers and writers: fsspec underneath, so s3:// works."""
+    fs, stripped = tables.url_to_fs(path, storage_options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), stripped
+
+
+def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives):
+    for path in batch["path"]:
+        for chunk in tables.iter_rows(str(path), schema, storage_options, chunk_rows, alternatives):
+            yield chunk
+
+
+def read_input(paths: list[str], schema_spec: str, storage_options: dict | None = None, *,
+               chunk_rows: int = tables.DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None,
+               num_cpus: float = 0.5) -> ray.data.Dataset:
+    """A Dataset of every row of every input file: schema columns + `_source`, `_row`, `_reason`."""
+    schema = tables.parse_schema(schema_spec)
+    files = tables.expand_paths(paths, storage_options)
+    listing = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(
+        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+        fn_kwargs={"schema": schema, "storage_options": storage_options, "chunk_rows": chunk_rows,
+                   "alternatives": alternatives},
+    )
+
+
+def _to_rejected(batch: pa.Table, stage: str) -> pa.Table:
+    d = batch.to_pydict()
+    idx = d.get("idx", [None] * batch.num_rows)
+    return tables.rejected_table(idx, d[SOURCE], d[ROW], d[REASON], stage)
+
+
+def rejected_only(ds: ray.data.Dataset, stage: str) -> ray.data.Dataset:
+    """The rows of `ds` that carry a reason, in the rejected-rows schema."""
+    def keep(batch: pa.Table) -> pa.Table:
+        mask = pa.compute.is_valid(batch[REASON])
+        return _to_rejected(batch.filter(mask), stage)
+
+    return ds.map_batches(keep, batch_format="pyarrow", num_cpus=0.25)
+
+
+def write_rejected(ds: ray.data.Dataset, path: str, stage: str, storage_options: dict | None = None) -> None:
+    """Write the rows of `ds` that carry a reason to the errors table at `path` (Parquet files)."""
+    filesystem, stripped = arrow_filesystem(path, storage_options)
+    rejected_only(ds, stage).write_parquet(stripped, filesystem=filesystem, min_rows_per_file=1)
+
+
+def good_only(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """The rows of `ds` without a reason."""
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(pa.compute.is_null(batch[REASON]))
+
+    return ds.map_batches(keep, batch_format="pyarrow", num_cpus=0.25)
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def actor_resources(actors: int | None = None) -> dict:
+    """map_batches kwargs for a model actor pool: one GPU each where GPUs exist, else CPU slices.
+
+    On CPU, actors get half a core each and the pool is sized to the cluster's CPUs, leaving room
+    for the read and preprocess tasks (two 1-CPU actors on a 2-core machine hang the job).
+    """
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus > 0:
+        size = actors or gpus
+        return {"num_gpus": 1, "compute": ray.data.ActorPoolStrategy(size=min(size, gpus))}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    size = actors or max(1, cpus // 2)
+    return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL."""
+    return posixpath.join(base, *parts)
