@@ -153,6 +153,14 @@ def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None) -
     return actual
 
 
+def load_tokenizer(path: str, text_len: int) -> TextTokenizer:
+    """A vocab.txt as a tokenizer; a missing or unusable file is a CheckpointError naming it."""
+    try:
+        return TextTokenizer.from_file(path, text_len=text_len)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the vocabulary ({type(e).__name__}: {e})") from None
+
+
 def read_manifest(model_dir: str) -> tuple[ModelConfig, dict]:
     """The model directory's config and the fingerprints of its weight files."""
     path = posixpath.join(model_dir, "config.json")
@@ -174,7 +182,7 @@ def load_model(model_dir: str, *, parts: tuple[str, ...] = ("gpt", "vqgan"), dev
     model_dir = resolve_model_dir(model_dir)
     config, fingerprints = read_manifest(model_dir)
     vocab_path = posixpath.join(model_dir, "vocab.txt")
-    tokenizer = TextTokenizer.from_file(vocab_path, text_len=config.gpt.text_len)
+    tokenizer = load_tokenizer(vocab_path, config.gpt.text_len)
     if tokenizer.vocab_size > config.gpt.text_vocab_size:
         raise CheckpointError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the GPT embeds only "
                               f"{config.gpt.text_vocab_size} text ids")
@@ -216,7 +224,7 @@ def save_model(model_dir: str, config: ModelConfig, tokenizer: TextTokenizer, *,
 def new_model(preset: str, output: str, *, seed: int = 0, vocab: str | None = None) -> str:
     """A randomly initialised model directory from a preset (for tests and from-scratch training)."""
     config = preset_config(preset)
-    tokenizer = (TextTokenizer.from_file(vocab, text_len=config.gpt.text_len) if vocab
+    tokenizer = (load_tokenizer(vocab, config.gpt.text_len) if vocab
                  else TextTokenizer.default(text_len=config.gpt.text_len))
     config.gpt.text_vocab_size = max(config.gpt.text_vocab_size, tokenizer.vocab_size)
     torch.manual_seed(seed)

@@ -16,20 +16,37 @@ import re
 import fsspec
 import torch
 
-from painter.checkpoint import ModelConfig, check_state_dict, preset_config, read_bytes, save_model
+from painter.checkpoint import (ModelConfig, check_state_dict, load_tokenizer, preset_config, read_bytes,
+                                save_model)
 from painter.errors import CheckpointError
 from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
 from painter.models.vqgan import VQGAN, VQGANConfig
 from painter.text import TextTokenizer
 
+_LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+
+
+def _lightning_stand_ins(data: bytes) -> list:
+    """Inert stand-ins for the Lightning classes a checkpoint names (Lightning 1.0, which taming pins,
+    keys `callbacks` by the callback's class), so weights_only loading accepts it; nothing is imported."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    except Exception:  # not a zip checkpoint: let torch.load report it
+        return []
+    return [(type(n.rsplit(".", 1)[-1], (), {}), n) for n in names if n.startswith(_LIGHTNING_MODULES)]
+
+
 def read_torch_checkpoint(path: str) -> dict:
     """A pickled state dict, loaded with weights_only=True; Lightning's `state_dict` is unwrapped."""
     data = read_bytes(path)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_lightning_stand_ins(data)):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a pickle, or a pickle with non-tensor objects
+        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0]).split(" Please use")[0].strip()
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+                              f"{reason[:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -105,11 +122,15 @@ def import_easynlp(src: str, dst: str, *, text_len: int = 32, resolution: int = 
     if others:
         raise CheckpointError(f"{weights}: unexpected tensor {others[0]!r} ({len(others)} outside "
                               "transformer.* and first_stage_model.*)")
-    gpt_config = gpt_config_from_state(gpt_state, text_len, n_head or _easynlp_n_head(src))
+    try:  # shapes that contradict each other or the options (--text-len, --resolution, --n-head)
+        gpt_config = gpt_config_from_state(gpt_state, text_len, n_head or _easynlp_n_head(src))
+        config = ModelConfig(gpt_config, vqgan_config_from_state(vqgan_state, resolution),
+                             name=posixpath.basename(src.rstrip("/")))
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
     for key in attention_mask_keys(gpt_config):
         gpt_state.pop(key, None)
-    config = ModelConfig(gpt_config, vqgan_config_from_state(vqgan_state, resolution), name=posixpath.basename(src.rstrip("/")))
-    tokenizer = TextTokenizer.from_file(posixpath.join(src, "vocab.txt"), text_len=text_len)
+    tokenizer = load_tokenizer(posixpath.join(src, "vocab.txt"), text_len)
     gpt = _checked(_meta(GPT, config.gpt), gpt_state, weights)
     vqgan = _checked(_meta(VQGAN, config.vqgan), vqgan_state, weights)
     return save_model(dst, config, tokenizer, gpt=gpt, vqgan=vqgan)
@@ -124,7 +145,7 @@ def import_vqgan(ckpt: str, dst: str, *, resolution: int = 256, text_len: int = 
     state = {k: v for k, v in read_torch_checkpoint(ckpt).items() if not k.startswith("loss.")}
     vqgan_config = vqgan_config_from_state(state, resolution)
     shape = preset_config(gpt_preset).gpt
-    tokenizer = TextTokenizer.from_file(vocab, text_len=text_len) if vocab else TextTokenizer.default(text_len)
+    tokenizer = load_tokenizer(vocab, text_len) if vocab else TextTokenizer.default(text_len)
     gpt_config = GPTConfig(img_vocab_size=vqgan_config.n_embed, text_vocab_size=max(shape.text_vocab_size, tokenizer.vocab_size),
                            text_len=text_len, img_len=vqgan_config.image_token_count,
                            n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)

@@ -38,9 +38,13 @@ class SamplingConfig:
 
 
 def row_key(seed: int, idx: str, sample: int) -> int:
-    """A 32-bit key naming one image: the same (seed, idx, sample) always gives the same key."""
-    digest = hashlib.blake2b(f"{seed}\x1f{idx}\x1f{sample}".encode("utf-8"), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
+    """A 62-bit key naming one image: the same (seed, idx, sample) always gives the same key.
+
+    62 bits (two 32-bit lanes, the high one 30 bits wide so the key fits a signed int64) make two
+    distinct rows sharing their noise vanishingly unlikely even over billions of images.
+    """
+    digest = hashlib.blake2b(f"{seed}\x1f{idx}\x1f{sample}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def row_keys(seed: int, idxs: Sequence[str], samples: Sequence[int], device=None) -> torch.Tensor:
@@ -58,12 +62,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
-    """(B, size) uniforms in (0, 1), a pure function of (key, step, code)."""
+    """(B, size) uniforms in (0, 1), a pure function of (key, step, code); keys (B,) from `row_key`."""
+    low, high = keys & _MASK32, keys >> 32  # (B,), (B,): the key's two lanes
     step_key = _fmix32(torch.tensor((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32, device=keys.device))
-    base = _fmix32(keys ^ step_key)  # (B,)
+    base = _fmix32(low ^ step_key)  # (B,)
     codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
     h = _fmix32((base[:, None] + codes[None, :] * 0x632BE5AB) & _MASK32)  # (B, V)
-    h = _fmix32(h ^ keys[:, None])
+    h = _fmix32(h ^ _fmix32(high ^ 0x2545F491)[:, None])
+    h = _fmix32(h ^ low[:, None])
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
@@ -75,7 +81,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keeps at least one
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keeps at least one
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -161,12 +161,18 @@ class GPT(nn.Module):
             cache.length += T
         return self.head(self.ln_f(x))  # (B, T, img_vocab_size)
 
-    def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on the image positions only (the reference's objective)."""
+    def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
+             targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy on the image positions only (the reference's objective).
+
+        `targets` (B, Ti) default to `image_codes`; training with pkeep < 1 feeds corrupted codes
+        as input and scores the clean ones.
+        """
+        targets = image_codes if targets is None else targets
         seq = self.sequence(text_ids, image_codes)  # (B, Tt+Ti)
         logits = self(seq[:, :-1])  # (B, Tt+Ti-1, V_img)
         image_logits = logits[:, text_ids.size(1) - 1:]  # (B, Ti, V_img): predicts image positions
-        return F.cross_entropy(image_logits.reshape(-1, image_logits.size(-1)), image_codes.reshape(-1).long())
+        return F.cross_entropy(image_logits.reshape(-1, image_logits.size(-1)), targets.reshape(-1).long())
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)

@@ -1,0 +1,112 @@
+"""Tests of the `painter` command line: help for every command and option, JSON last lines, exit codes."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import painter.cli as cli
+from painter.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_painter(*args: str, script: bool = False) -> subprocess.CompletedProcess:
+    """`painter ARGS` in a fresh interpreter: `python -m painter.cli`, or as the console script calls it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if script:  # what the `painter` entry point does: no runpy, just import and call main()
+        command = [sys.executable, "-c", "import sys; from painter.cli import main; sys.exit(main())", *args]
+    else:
+        command = [sys.executable, "-m", "painter.cli", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def last_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def test_top_level_help_lists_every_command():
+    commands = cli.available_commands()
+    assert {"new-model", "import-easynlp", "import-vqgan"} <= set(commands)
+    assert set(commands) <= set(cli.COMMANDS)
+    for script in (False, True):
+        result = run_painter("--help", script=script)
+        assert result.returncode == 0, result.stderr
+        for name in commands:
+            assert re.search(rf"^\s+{re.escape(name)}\b", result.stdout, re.M), (name, result.stdout)
+            assert squash(cli.COMMANDS[name].help) in squash(result.stdout)
+
+
+@pytest.mark.parametrize("name", cli.available_commands())
+def test_command_help_lists_every_option(name, capsys):
+    options_cls, run = cli._load(name)
+    assert dataclasses.is_dataclass(options_cls) and callable(run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    text = squash(capsys.readouterr().out)
+    assert squash(cli.COMMANDS[name].help) in text
+    for field in dataclasses.fields(options_cls):
+        meta = field.metadata
+        description = meta.get("help", "")
+        assert description.strip(), f"{name}: option {field.name} has no description"
+        if meta.get("positional"):
+            assert re.search(rf"\b{re.escape(field.name)}\b", text, re.I), (name, field.name)  # as SRC
+        else:
+            flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+            assert re.search(rf"(^|\s|,){re.escape(flag)}(\s|,|$)", text), (name, flag)
+        assert squash(description) in text, (name, field.name, description)
+
+
+def test_new_model_prints_a_json_summary(tmp_path):
+    out = tmp_path / "model"
+    result = run_painter("new-model", "--preset", "tiny", "--output", str(out), "--seed", "2")
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result.stdout)
+    assert summary["status"] == "succeeded"
+    assert summary["job"] == "new-model" and summary["preset"] == "tiny"
+    assert summary["model"] == str(out)
+    assert isinstance(summary["seconds"], (int, float))
+    loaded = load_model(str(out))
+    assert loaded.config.name == "tiny" and loaded.gpt is not None and loaded.vqgan is not None
+
+
+def test_failing_command_exits_nonzero_with_the_reason(tmp_path):
+    missing = tmp_path / "no-such-easynlp-dir"
+    result = run_painter("import-easynlp", str(missing), str(tmp_path / "dst"), script=True)
+    assert result.returncode != 0
+    summary = last_json(result.stdout)
+    assert summary["status"] == "failed" and summary["job"] == "import-easynlp"
+    assert str(missing) in summary["error"]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["new-model", "--preset", "no-such-preset", "--output", "x"])
+    assert exit_info.value.code == 2
+    assert "no-such-preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["new-model"])  # --output is required
+    assert exit_info.value.code == 2
+    assert "--output" in capsys.readouterr().err
+
+
+def test_main_in_process_returns_the_exit_code(tmp_path, capsys):
+    assert cli.main(["new-model", "--preset", "tiny", "--output", str(tmp_path / "m")]) == 0
+    assert last_json(capsys.readouterr().out)["status"] == "succeeded"
+    assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 1
+    summary = last_json(capsys.readouterr().out)
+    assert summary["status"] == "failed" and "missing.ckpt" in summary["error"]
