@@ -1,13 +1,179 @@
-"""Image conversion: model tensors in [-1, 1] to 8-bit pictures and encoded bytes (PNG/JPEG/WebP)."""
+"""Image conversion, both ways: file bytes -> model input, and model output -> 8-bit pictures and bytes.
+
+Input side (the tokenize job's preprocessing, as in the reference): base64 text (standard or URL-safe
+alphabet, padding optional, whitespace ignored) -> Pillow decode of any mode -> RGB -> shorter side
+resized to `size` (bicubic) -> center crop `size` x `size` -> float32 (3, size, size) in [-1, 1].
+Choices the reference leaves open:
+  * transparency (LA, PA, RGBA, P or RGB with a transparent colour) is composited on white;
+  * 16-bit greyscale (I;16*, I) is scaled to 8 bits (value / 257), not clipped;
+  * the EXIF orientation is applied before resizing;
+  * CMYK goes through Pillow's plain conversion (no ICC colour management).
+A row's image either converts or gets a one-line reason (`preprocess` returns (array, None) or
+(None, reason)) so callers reject the row instead of failing a batch. The pixel limit is checked
+on the header (`Image.open` reads no pixel data) before anything is decoded; Pillow's own
+decompression-bomb limit (2 x `Image.MAX_IMAGE_PIXELS`) stays in force above it.
+
+Output side: `uint8_from_tensor`, `encode_image` and `open_image` for generated pictures.
+"""
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_MAX_PIXELS = 40_000_000
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_= \t\r\n\v\f]")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_WHITE = (255, 255, 255, 255)
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be used; the message is the row's reason."""
+
+
+def decode_base64(text: str | bytes) -> bytes:
+    """Base64 in the standard or URL-safe alphabet, padding optional, whitespace ignored.
+
+    Raises ValueError with a short description of the first problem.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(text).decode("ascii")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"non-ASCII byte at position {e.start}") from None
+    bad = _NOT_BASE64.search(text)
+    if bad:
+        raise ValueError(f"invalid character {bad.group()!r} at position {bad.start()}")
+    digits = text.translate(_WHITESPACE).rstrip("=")
+    if "=" in digits:
+        raise ValueError(f"padding '=' before the end, at position {text.index('=')}")
+    if len(digits) % 4 == 1:
+        raise ValueError(f"{len(digits)} base64 digits cannot encode whole bytes")
+    digits = digits.replace("-", "+").replace("_", "/") + "=" * (-len(digits) % 4)
+    try:
+        return base64.b64decode(digits, validate=True)
+    except binascii.Error as e:  # not expected after the checks above; keep the reason anyway
+        raise ValueError(str(e)) from None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the image and check its size from the header; no pixel data is decoded yet."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(f"not an image (unrecognised format, {len(data)} bytes starting "
+                            f"{data[:8]!r})") from None
+    except Exception as e:  # a recognised format whose header is broken
+        raise _broken(e) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(f"image too large: {width} x {height} pixels > {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageRejected(f"empty image: {width} x {height} pixels")
+    return image
+
+
+def _broken(error: Exception) -> ImageRejected:
+    """The reason for an image Pillow recognised but could not read (decoders raise all kinds of errors)."""
+    if isinstance(error, EOFError) or "truncated" in str(error).lower():
+        return ImageRejected("truncated image")
+    return ImageRejected(f"corrupt image ({type(error).__name__}: {error})")
+
+
+def _decode(image: Image.Image) -> None:
+    try:
+        image.load()
+    except Exception as e:
+        raise _broken(e) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: transparency on white, 16-bit scaled to 8 bits."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ImageRejected(f"unsupported image mode {image.mode} ({e})") from None
+
+
+def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Image file bytes -> decoded RGB image with its EXIF orientation applied; ImageRejected if not."""
+    image = _open(data, max_pixels)
+    _decode(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:  # a malformed EXIF block
+        raise ImageRejected(f"corrupt image (bad EXIF: {e})") from None
+    return to_rgb(image)
+
+
+def fit_square(image: Image.Image, size: int) -> np.ndarray:
+    """Shorter side resized to `size` (bicubic), center crop -> uint8 (size, size, 3)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (x / 127.5 - 1, as the reference)."""
+    x = np.asarray(pixels, dtype=np.uint8).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def image_bytes(cell, is_base64: bool) -> bytes:
+    """The file bytes of a table cell: base64 text (str or bytes) or raw bytes; ImageRejected if unusable."""
+    if cell is None:
+        raise ImageRejected("missing image")
+    if is_base64:
+        try:
+            data = decode_base64(cell)
+        except ValueError as e:
+            raise ImageRejected(f"bad base64 ({e})") from None
+    else:
+        data = bytes(cell)
+    if not data:
+        raise ImageRejected("empty image")
+    return data
+
+
+def prepare_pixels(cell, size: int, *, is_base64: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+                   ) -> tuple[np.ndarray | None, str | None]:
+    """One row's image cell -> (uint8 (size, size, 3), None) or (None, reason). Never raises for bad data."""
+    try:
+        return fit_square(load_image(image_bytes(cell, is_base64), max_pixels), size), None
+    except ImageRejected as e:
+        return None, str(e)
+
+
+def preprocess(cell, size: int, *, is_base64: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> tuple[np.ndarray | None, str | None]:
+    """One row's image cell -> (float32 (3, size, size) in [-1, 1], None) or (None, reason)."""
+    pixels, reason = prepare_pixels(cell, size, is_base64=is_base64, max_pixels=max_pixels)
+    return (None, reason) if pixels is None else (to_model_input(pixels), None)
 
 
 def uint8_from_tensor(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,129 @@
+"""Benchmark of the tokenize job: images/s of the Ray job against a plain single-process loop.
+
+Both read the same TSV corpus (JPEGs of `--image-size` pixels, base64 in TSV shards) with the same model
+and batch size; the plain loop runs read -> `prepare_batch` -> `ImageEncoder` in this process, the job
+runs `painter.stages.tokenize.run` on a local Ray (all of its own start-up costs included, Ray's own
+start excluded). The plain loop is timed with torch's default thread count and with one thread, and
+the faster counts. Prints one JSON object.
+
+    python benchmarks/tokenize.py --rows 512 --preset tiny --image-size 256 --batch-size 64
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's name shadows the standard library's `tokenize` (which `inspect` imports) when it is run as
+# a script: take its directory off the import path first. The repository root goes on the path, and on
+# PYTHONPATH for the Ray workers this process starts, so an uninstalled checkout works from anywhere.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_ROOT]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from painter.checkpoint import new_model, preset_config  # noqa: E402
+from painter.cli import init_ray  # noqa: E402
+from painter.encoder import ImageEncoder, prepare_batch  # noqa: E402
+from painter.io import tables  # noqa: E402
+from painter.stages import tokenize  # noqa: E402
+
+DISTINCT_IMAGES = 32  # the corpus cycles through these (decoding costs the same)
+
+
+def photo_like(size: int, seed: int) -> bytes:
+    """A smooth colour field with noise, as a JPEG: compresses and decodes like a photograph."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(x * rng.uniform(2, 9) + c) for c in rng.uniform(0, 6, 3)], axis=-1)
+    pixels = np.clip((base * 0.5 + 0.5) * 255 + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_corpus(root: Path, rows: int, image_size: int, files: int) -> list[str]:
+    cells = [base64.b64encode(photo_like(image_size, k)).decode() for k in range(DISTINCT_IMAGES)]
+    paths = []
+    for f in range(files):
+        path = root / f"part-{f}.tsv"
+        with open(path, "w") as out:
+            for i in range(f, rows, files):
+                out.write(f"row-{i}\t商品标题 {i}\t{cells[i % DISTINCT_IMAGES]}\n")
+        paths.append(str(path))
+    return paths
+
+
+def plain_loop(paths: list[str], model_dir: str, batch_size: int, threads: int) -> tuple[int, float]:
+    """(rows encoded, seconds): read, prepare and encode in this process, batch by batch."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    encoder = ImageEncoder(model_dir)
+    schema = tables.parse_schema(tokenize.DEFAULT_SCHEMA)
+    size, done = encoder.info.image_size, 0
+    for path in paths:
+        for chunk in tables.iter_rows(path, schema, chunk_rows=batch_size):
+            out = encoder(prepare_batch(pa.table(chunk), size))
+            done += out.num_rows - out["image_tokens"].null_count
+    return done, time.perf_counter() - start
+
+
+def ray_job(paths: list[str], model_dir: str, output: str, batch_size: int, actors: int | None) -> dict:
+    options = tokenize.Options(input=paths, model=model_dir, output=output, batch_size=batch_size, actors=actors)
+    start = time.perf_counter()
+    summary = tokenize.run(options)
+    return summary | {"wall_seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
+    parser.add_argument("--image-size", type=int, default=256, help="side of the source images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--files", type=int, default=4, help="TSV shards the corpus is split into")
+    parser.add_argument("--actors", type=int, default=None)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = new_model(args.preset, str(root / "model"))
+        (root / "corpus").mkdir()
+        paths = write_corpus(root / "corpus", args.rows, args.image_size, args.files)
+        init_ray()
+        job = ray_job(paths, model_dir, str(root / "tokens"), args.batch_size, args.actors)
+        # torch's default thread count can lose badly to one thread on a busy machine (the Ray actors get
+        # one thread per half core): the baseline is the better of the two
+        plain = {threads: plain_loop(paths, model_dir, args.batch_size, threads)
+                 for threads in sorted({torch.get_num_threads(), 1})}
+    threads, (plain_rows, plain_seconds) = min(plain.items(), key=lambda kv: kv[1][1])
+    ray_rate = job["rows_out"] / job["wall_seconds"]
+    plain_rate = plain_rows / plain_seconds
+    result = {
+        "benchmark": "tokenize", "rows": args.rows, "preset": args.preset, "image_size": args.image_size,
+        "model_image_size": preset_config(args.preset).image_size,
+        "batch_size": args.batch_size, "cpus": os.cpu_count(),
+        "ray": {"images": job["rows_out"], "seconds": round(job["wall_seconds"], 2),
+                "images_per_second": round(ray_rate, 1)},
+        "plain": {"images": plain_rows, "seconds": round(plain_seconds, 2), "torch_threads": threads,
+                  "images_per_second": round(plain_rate, 1),
+                  "seconds_by_threads": {t: round(sec, 2) for t, (_, sec) in plain.items()}},
+        "ray_over_plain": round(ray_rate / plain_rate, 3),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`ImageEncoder`: the plain callable that turns a batch of preprocessed rows into token-shard rows.
+
+It owns one loaded VQGAN and the tokenizer. `prepare_batch` is its CPU-side partner: table rows ->
+pixels, each row either prepared or given a reason. `painter.stages.tokenize` runs `prepare_batch` in
+Ray tasks and `ImageEncoder` in a Ray actor pool; both run and test without Ray.
+
+Batch contract (a `pyarrow.Table` or a dict of columns; every column has one entry per row):
+  in:  `idx`, `text` (strings), `pixels` (binary: the raw bytes of a uint8 (size, size, 3) array from
+       `painter.io.images.prepare_pixels`, null for a rejected row), `_reason` (null for a good row)
+       and any bookkeeping columns (`_source`, `_row`, ...), which pass through unchanged;
+  out: a `pyarrow.Table` with the same rows in the same order: `idx`, `text`, `text_ids`
+       list<int32> (text_len), `image_tokens` list<int16|int32> (img_len), `is_truncated` bool, the
+       bookkeeping columns and `_reason`. Rejected rows keep their reason and get null token columns.
+The input columns `pixels` and any image cell columns are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from painter.checkpoint import LoadedModel, load_model
+from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels, to_model_input
+from painter.io.shards import ShardInfo
+from painter.io.tables import REASON, ROW, SOURCE
+from painter.runtime import autocast, pick_device
+
+PIXELS = "pixels"
+BASE64_COLUMN, BINARY_COLUMN = "imgbase64", "image"  # TSV/Parquet base64 text; Parquet raw file bytes
+_DROPPED = (PIXELS, BASE64_COLUMN, BINARY_COLUMN)
+PREPARED_SCHEMA = pa.schema([
+    pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field(PIXELS, pa.binary()),
+    pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()), pa.field(REASON, pa.string()),
+])
+
+
+def _text_reason(name: str, value) -> str | None:
+    if value is None:
+        return f"missing {name}"
+    if not str(value).strip():
+        return f"empty {name}"
+    return None
+
+
+def _image_column(table: pa.Table) -> tuple[str, bool]:
+    """(column, is_base64): `imgbase64` when the rows have it, else Parquet's binary `image`."""
+    if BASE64_COLUMN in table.column_names:
+        return BASE64_COLUMN, True
+    if BINARY_COLUMN in table.column_names:
+        return BINARY_COLUMN, False
+    raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
+
+
+def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Rows read by `painter.io.tables` -> `PREPARED_SCHEMA` rows: uint8 (size, size, 3) pixels as bytes.
+
+    A row keeps the reason it was read with; otherwise it is rejected for a missing or empty idx or
+    text, or for its image (bad base64, not an image, truncated, too large, ...). Never raises for
+    bad data.
+    """
+    column, is_base64 = _image_column(batch)
+    idx, text = batch["idx"].to_pylist(), batch["text"].to_pylist()
+    cells, reasons = batch[column].to_pylist(), batch[REASON].to_pylist()
+    pixels: list[bytes | None] = []
+    for i in range(batch.num_rows):
+        reason = reasons[i] or _text_reason("idx", idx[i]) or _text_reason("text", text[i])
+        array = None
+        if reason is None:
+            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels)
+        pixels.append(None if array is None else array.tobytes())
+        reasons[i] = reason
+    return pa.table({
+        "idx": [None if v is None else str(v) for v in idx], "text": [None if v is None else str(v) for v in text],
+        PIXELS: pixels, SOURCE: batch[SOURCE].cast(pa.string()), ROW: batch[ROW].cast(pa.int64()), REASON: reasons,
+    }, schema=PREPARED_SCHEMA)
+
+
+class ImageEncoder:
+    """`ImageEncoder(model_dir_or_loaded, device=None)(batch) -> batch` (see the module docstring).
+
+    A model directory is loaded (VQGAN only) onto `device` (default: CUDA when present); a LoadedModel
+    is used as it is, its VQGAN moved to `device`. Images go through the VQGAN under inference mode,
+    with bf16 autocast on CUDA; `max_batch` bounds how many at once (None: the whole batch).
+    """
+
+    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None):
+        self.device = pick_device(device)
+        if isinstance(model, LoadedModel):
+            if model.vqgan is None:
+                raise ValueError("ImageEncoder needs a model loaded with its VQGAN")
+            self.model = model
+            self.model.vqgan.to(self.device)
+        else:
+            self.model = load_model(model, parts=("vqgan",), device=self.device)
+        self.info = ShardInfo.for_model(self.model)
+        self.max_batch = max_batch
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, size, size, 3) -> VQGAN codes (B, img_len) as int64, batched by `max_batch`."""
+        step = self.max_batch or max(1, len(pixels))
+        out = []
+        for start in range(0, len(pixels), step):
+            x = torch.from_numpy(to_model_input(pixels[start:start + step])).to(self.device)
+            with autocast(self.device):
+                out.append(self.model.vqgan.encode(x).cpu())
+        if not out:
+            return np.zeros((0, self.info.img_len), dtype=np.int64)
+        return torch.cat(out).numpy()
+
+    def _pixel_array(self, cells: list) -> np.ndarray:
+        size = self.info.image_size
+        expected = size * size * 3
+        for cell in cells:
+            if len(cell) != expected:
+                raise ValueError(f"pixels of {len(cell)} bytes; a {size}x{size} RGB image has {expected}")
+        return np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(len(cells), size, size, 3)
+
+    def __call__(self, batch) -> pa.Table:
+        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        n = table.num_rows
+        good = pc.is_null(table[REASON]).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+        rows = np.flatnonzero(good)
+        cells = table[PIXELS].take(pa.array(rows, pa.int64())).to_pylist()
+        if any(cell is None for cell in cells):
+            raise ValueError("a row without a reason has no pixels")
+        codes = self.encode_pixels(self._pixel_array(cells))
+        texts = table["text"].take(pa.array(rows, pa.int64())).to_pylist()
+        ids, truncated = self.model.tokenizer.encode_batch(texts)
+        return self._output(table, rows, ids, codes, truncated)
+
+    def _output(self, table: pa.Table, rows: np.ndarray, ids, codes, truncated) -> pa.Table:
+        info, n = self.info, table.num_rows
+        token_np = np.int16 if info.token_type == pa.int16() else np.int32
+        mask = np.ones(n, dtype=bool)
+        mask[rows] = False  # mask = null
+        text_ids = np.zeros((n, info.text_len), np.int32)
+        image_tokens = np.zeros((n, info.img_len), token_np)
+        is_truncated = np.zeros(n, bool)
+        text_ids[rows], image_tokens[rows], is_truncated[rows] = ids, codes.astype(token_np), truncated
+        kept = [c for c in table.column_names if c not in _DROPPED and c not in ("idx", "text", REASON)]
+        columns = {
+            "idx": table["idx"].cast(pa.string()), "text": table["text"].cast(pa.string()),
+            "text_ids": _list_column(text_ids, mask, pa.int32()),
+            "image_tokens": _list_column(image_tokens, mask, info.token_type),
+            "is_truncated": pa.array(is_truncated, pa.bool_()),
+            **{c: table[c] for c in kept}, REASON: table[REASON].cast(pa.string()),
+        }
+        return pa.table(columns)
+
+
+def _list_column(values: np.ndarray, null_mask: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """(n, k) array -> list<value_type> column, null where `null_mask`."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    flat = pa.array(values.ravel(), value_type)
+    return pa.ListArray.from_arrays(offsets, flat, mask=pa.array(null_mask, pa.bool_()))

@@ -1,0 +1,119 @@
+"""Tests of painter.encoder without Ray: prepare_batch's per-row reasons and ImageEncoder's token rows."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from painter.checkpoint import load_model
+from painter.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
+from painter.io.images import preprocess
+from painter.io.tables import REASON, ROW, SOURCE
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, parts=("vqgan",))
+
+
+@pytest.fixture(scope="module")
+def encoder(loaded):
+    return ImageEncoder(loaded)
+
+
+def png(seed: int, width: int = 48, height: int = 40) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def read_rows(idx, text, cells, reasons=None, column="imgbase64") -> pa.Table:
+    """Rows as painter.io.tables reads them."""
+    n = len(idx)
+    return pa.table({"idx": idx, "text": text, column: cells, SOURCE: ["f.tsv"] * n,
+                     ROW: list(range(1, n + 1)), REASON: reasons or [None] * n})
+
+
+def test_prepare_batch_reasons_per_row():
+    good = base64.b64encode(png(0)).decode()
+    rows = read_rows(["a", "", None, "d", "e", "f", "g"], ["t", "t", "t", "", "  ", None, "t"],
+                     [good, good, good, good, good, good, "@@"],
+                     [None, None, None, None, None, "expected 3 tab-separated fields", None])
+    out = prepare_batch(rows, 32)
+    assert out.schema == PREPARED_SCHEMA
+    assert out[REASON].to_pylist() == [None, "empty idx", "missing idx", "empty text", "empty text",
+                                       "expected 3 tab-separated fields",
+                                       "bad base64 (invalid character '@' at position 0)"]
+    pixels = out[PIXELS].to_pylist()
+    assert len(pixels[0]) == 32 * 32 * 3 and pixels[1:] == [None] * 6
+    assert out[ROW].to_pylist() == list(range(1, 8))
+
+
+def test_prepare_batch_reads_parquet_image_bytes_and_any_idx_type():
+    rows = read_rows([1, 2], ["t", "u"], [png(1), None], column="image")
+    out = prepare_batch(rows, 32)
+    assert out["idx"].to_pylist() == ["1", "2"]
+    assert out[REASON].to_pylist() == [None, "missing image"]
+    with pytest.raises(ValueError, match="neither"):
+        prepare_batch(rows.drop_columns(["image"]), 32)
+
+
+def test_tokens_equal_vqgan_encode_of_the_preprocessed_image(loaded, encoder):
+    cells = [base64.b64encode(png(seed, 30 + seed, 50)).decode() for seed in range(6)]
+    rows = read_rows([f"i{k}" for k in range(6)], ["宽松T恤", "连衣裙", "a", "b", "c", "d"], cells,
+                     [None, None, "bad row", None, None, None])
+    out = encoder(prepare_batch(rows, 32))
+    assert out.column_names == ["idx", "text", "text_ids", "image_tokens", "is_truncated", SOURCE, ROW, REASON]
+    expected = loaded.vqgan.encode(torch.stack([torch.from_numpy(preprocess(c, 32)[0]) for c in cells])).numpy()
+    tokens = out["image_tokens"].to_pylist()
+    for k in (0, 1, 3, 4, 5):
+        assert tokens[k] == expected[k].tolist()
+    assert tokens[2] is None and out["text_ids"][2].as_py() is None and out[REASON][2].as_py() == "bad row"
+    ids, _ = loaded.tokenizer.encode_batch(["宽松T恤"])
+    assert out["text_ids"][0].as_py() == ids[0].tolist()
+    assert out.schema.field("image_tokens").type == pa.list_(pa.int16())
+
+
+def test_token_ids_in_range_and_truncation_flag(loaded, encoder):
+    n = 5
+    rows = read_rows([str(k) for k in range(n)], ["短"] + ["很长的文字" * 10] * (n - 1),
+                     [png(k) for k in range(n)], column="image")
+    out = encoder(prepare_batch(rows, 32))
+    tokens = np.array(out["image_tokens"].to_pylist())
+    assert tokens.shape == (n, 64) and tokens.min() >= 0 and tokens.max() < loaded.config.vqgan.n_embed
+    text_ids = np.array(out["text_ids"].to_pylist())
+    assert text_ids.shape == (n, 16) and text_ids.min() >= 0 and text_ids.max() < loaded.tokenizer.vocab_size
+    assert out["is_truncated"].to_pylist() == [False] + [True] * (n - 1)
+
+
+def test_max_batch_and_model_dir_give_the_same_tokens(tiny_model_dir, encoder):
+    rows = prepare_batch(read_rows([str(k) for k in range(7)], ["t"] * 7, [png(k) for k in range(7)],
+                                   column="image"), 32)
+    chunked = ImageEncoder(tiny_model_dir, max_batch=3)(rows)
+    assert chunked["image_tokens"].to_pylist() == encoder(rows)["image_tokens"].to_pylist()
+
+
+def test_all_rejected_and_empty_batches(encoder):
+    rows = prepare_batch(read_rows(["a", "b"], ["t", "t"], ["", None]), 32)
+    out = encoder(rows)
+    assert out.num_rows == 2 and out["image_tokens"].null_count == 2
+    assert out[REASON].to_pylist() == ["empty image", "missing image"]
+    empty = encoder(rows.slice(0, 0))
+    assert empty.num_rows == 0 and empty.schema == out.schema
+
+
+def test_wrong_pixel_size_is_a_bug_not_a_row(encoder):
+    rows = pa.table({"idx": ["a"], "text": ["t"], PIXELS: [b"\0" * 10], REASON: pa.array([None], pa.string())})
+    with pytest.raises(ValueError, match="pixels of 10 bytes"):
+        encoder(rows)
+
+
+def test_loaded_model_without_vqgan_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="VQGAN"):
+        ImageEncoder(load_model(tiny_model_dir, parts=()))

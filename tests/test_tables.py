@@ -1,0 +1,148 @@
+"""Tests of painter.io.tables: schema parsing, row-by-row TSV/Parquet reading with reasons, path expansion."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from painter.errors import InputError
+from painter.io import tables
+from painter.io.tables import REASON, REJECTED_SCHEMA, ROW, SOURCE, Column, parse_schema
+
+SCHEMA = parse_schema("idx:str:1,text:str:1,imgbase64:str:1")
+
+
+def read_all(path, schema=SCHEMA, **kwargs) -> dict[str, list]:
+    """Every chunk of one file, concatenated column by column."""
+    out: dict[str, list] = {}
+    for chunk in tables.iter_rows(str(path), schema, **kwargs):
+        for name, values in chunk.items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+def test_parse_schema_easynlp_style():
+    assert SCHEMA == [Column("idx", "str", 1), Column("text", "str", 1), Column("imgbase64", "str", 1)]
+    assert parse_schema(" idx , text:str ") == [Column("idx"), Column("text")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("idx,,text", "bad --input-schema entry ''"),
+    ("idx:str:1:x", "bad --input-schema entry 'idx:str:1:x'"),
+    ("idx:str:2", "only a count of 1 is supported, got 2"),
+    ("idx,text,idx", "names a column twice"),
+])
+def test_parse_schema_errors(spec, message):
+    with pytest.raises(InputError, match=message):
+        parse_schema(spec)
+
+
+# --- TSV ----------------------------------------------------------------------------------------
+
+def test_tsv_rows_keep_file_and_row_numbers_and_reasons(tmp_path):
+    path = tmp_path / "a.tsv"
+    path.write_bytes(b"1\tone\tAAAA\n"          # 1 good
+                     b"2\ttwo\n"                 # 2 too few fields
+                     b"\n"                       # 3 blank line inside the file
+                     b"3\tthree\tBBBB\textra\n"  # 4 too many fields
+                     b"4\t\xff\xfe\tCCCC\n"      # 5 not UTF-8
+                     b"5\tfive\tDDDD\r\n"        # 6 CRLF line ending
+                     b"6\t\t\n"                  # 7 empty cells are values, judged later
+                     b"\n\n")                    # trailing blank lines are not rows
+    rows = read_all(path)
+    assert rows[ROW] == [1, 2, 3, 4, 5, 6, 7]
+    assert set(rows[SOURCE]) == {str(path)}
+    assert rows[REASON] == [
+        None,
+        "expected 3 tab-separated fields (idx,text,imgbase64), got 2",
+        "empty line",
+        "expected 3 tab-separated fields (idx,text,imgbase64), got 4",
+        "not UTF-8 text (byte 2)",
+        None,
+        None,
+    ]
+    assert rows["idx"] == ["1", None, None, None, None, "5", "6"]
+    assert rows["imgbase64"][5] == "DDDD"  # the \r is not part of the cell
+    assert rows["text"][6] == "" and rows["imgbase64"][6] == ""
+
+
+def test_tsv_chunks_and_a_long_line(tmp_path):
+    path = tmp_path / "big.tsv"
+    long_cell = "A" * 3_000_000  # longer than any read buffer
+    path.write_text("".join(f"{i}\tt{i}\tB\n" for i in range(10)) + f"10\tlong\t{long_cell}\n")
+    chunks = list(tables.iter_rows(str(path), SCHEMA, chunk_rows=4))
+    assert [len(c["idx"]) for c in chunks] == [4, 4, 3]
+    assert chunks[-1]["imgbase64"][-1] == long_cell and chunks[-1][REASON][-1] is None
+
+
+def test_empty_tsv_has_no_rows(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("\n\n")
+    assert list(tables.iter_rows(str(path), SCHEMA)) == []
+
+
+def test_comma_separated_file_rejects_every_row(tmp_path):
+    path = tmp_path / "wrong.csv"
+    path.write_text("1,one,AAAA\n2,two,BBBB\n")
+    assert read_all(path)[REASON] == ["expected 3 tab-separated fields (idx,text,imgbase64), got 1"] * 2
+
+
+# --- Parquet ------------------------------------------------------------------------------------
+
+def test_parquet_rows_with_alternative_image_column(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"idx": ["a", "b", None], "text": ["x", None, "z"], "image": [b"\x89PNG", None, b"x"],
+                             "extra": [1, 2, 3]}), path)
+    rows = read_all(path, alternatives={"imgbase64": "image"}, chunk_rows=2)
+    assert rows[ROW] == [1, 2, 3] and rows[REASON] == [None, None, None]  # nulls are judged by the stage
+    assert rows["image"][0] == b"\x89PNG" and rows["extra"] == [1, 2, 3] and "imgbase64" not in rows
+
+
+def test_parquet_missing_column_rejects_every_row(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"idx": ["a", "b"], "imgbase64": ["AAAA", "BBBB"]}), path)
+    rows = read_all(path)
+    assert rows[REASON] == ["missing column 'text'"] * 2 and rows["text"] == [None, None]
+    pq.write_table(pa.table({"idx": ["a"], "text": ["t"]}), path)
+    assert read_all(path, alternatives={"imgbase64": "image"})[REASON] == ["missing column 'imgbase64'"]
+
+
+def test_unreadable_parquet_is_an_input_error(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"this is not parquet at all")
+    with pytest.raises(InputError, match=f"{path}: not a readable Parquet file"):
+        read_all(path)
+
+
+# --- paths --------------------------------------------------------------------------------------
+
+def test_expand_paths_files_globs_and_directories(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/a.tsv", "d/b.parquet", "d/sub/c.txt", "d/_rejected.tsv", "d/.hidden.tsv", "d/notes.md"):
+        (tmp_path / name).write_text("x")
+    found = tables.expand_paths([str(tmp_path / "d")])
+    assert [p.removeprefix(str(tmp_path) + "/") for p in found] == ["d/a.tsv", "d/b.parquet", "d/sub/c.txt"]
+    globbed = tables.expand_paths([str(tmp_path / "d" / "*.tsv")])  # a glob is not filtered by name
+    assert globbed == sorted(globbed) and {str(tmp_path / "d" / n) for n in ("a.tsv", "_rejected.tsv")} <= set(globbed)
+    assert str(tmp_path / "d" / "sub" / "c.txt") not in globbed
+    assert tables.expand_paths([str(tmp_path / "d" / "a.tsv")]) == [str(tmp_path / "d" / "a.tsv")]
+
+
+def test_expand_paths_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file or directory"):
+        tables.expand_paths([str(tmp_path / "missing.tsv")])
+    with pytest.raises(InputError, match="matches no input files"):
+        tables.expand_paths([str(tmp_path / "*.parquet")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="matches no input files"):
+        tables.expand_paths([str(tmp_path / "empty")])
+
+
+def test_is_parquet_and_rejected_table():
+    assert tables.is_parquet("s3://b/x.parquet") and not tables.is_parquet("x.tsv")
+    table = tables.rejected_table([None, 7], ["f.tsv", "f.tsv"], [1, 2], ["r1", "r2"], "tokenize")
+    assert table.schema == REJECTED_SCHEMA
+    assert table.to_pydict() == {"idx": [None, "7"], "source": ["f.tsv", "f.tsv"], "row": [1, 2],
+                                 "stage": ["tokenize", "tokenize"], "reason": ["r1", "r2"]}
