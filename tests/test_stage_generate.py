@@ -1,0 +1,181 @@
+"""The generate job on a real local Ray: counts, rejected prompts, safe partitions, reruns, S3."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from painter import cli
+from painter.errors import InputError
+from painter.io import output as out
+from painter.io.images import open_image
+from painter.stages import generate
+from painter.stages.generate import Options, run
+
+DATE = "2024-05-01"
+SUMMARY_KEYS = {"rows_in", "images_out", "rows_rejected", "skipped_already_done", "truncated_texts",
+                "images_per_second", "output", "contact_sheet"}
+
+
+def _tsv(path, rows) -> str:
+    path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _prompts(n: int) -> list[tuple[str, str, str]]:
+    return [(f"p{i}", f"宽松T恤 第{i}款", "shoes" if i % 2 else "hats") for i in range(n)]
+
+
+def _options(tiny_model_dir, inputs, output, **kwargs) -> Options:
+    defaults = dict(input=inputs, model=tiny_model_dir, output=output, run_date=DATE, contact_sheet=False,
+                    input_schema="idx:str:1,text:str:1,category:str:1")
+    return Options(**(defaults | kwargs))
+
+
+def _committed(output, storage_options=None) -> list[dict]:
+    return out.OutputTable(output, DATE, storage_options).read().to_pylist()
+
+
+def _pairs(rows) -> list[tuple[str, int]]:
+    return sorted((r["idx"], r["sample"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_through_the_cli(ray_session, tiny_model_dir, tmp_path, capsys):
+    hostile = ["../../etc", "a/b", "..", "", "\x01x", "\x00z", "y" * 400, "女装"]
+    good = [(f"g{i}", f"红色连衣裙 {i}", v) for i, v in enumerate(hostile)]
+    bad = [("", "没有编号", "c"), ("g9", "   ", "c"), ("g0", "重复的编号", "c"), ("only-one-field",)]
+    long_text = [("long", "长" * 80, "c")]
+    inputs = _tsv(tmp_path / "prompts.tsv", good + bad + long_text)
+    output = str(tmp_path / "out")
+    code = cli.main(["generate", "--input", inputs, "--input-schema", "idx:str:1,text:str:1,category:str:1",
+                     "--model", tiny_model_dir, "--output", output, "--samples", "2", "--run-date", DATE,
+                     "--partition-by", "category", "--max-error-rate", "0.5", "--gallery",
+                     "--tsv-output", str(tmp_path / "gen.tsv"), "--batch-size", "4"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["status"] == "succeeded" and SUMMARY_KEYS <= summary.keys()
+    assert summary["rows_in"] == 13 == summary["prompts_accepted"] + summary["rows_rejected"]
+    assert (summary["rows_rejected"], summary["images_out"], summary["truncated_texts"]) == (4, 18, 1)
+    assert summary["skipped_already_done"] == 0 and summary["images_per_second"] > 0
+
+    rejected = pq.read_table(summary["errors"]).to_pylist()
+    reasons = sorted(r["reason"].split(" (")[0] for r in rejected)
+    assert reasons == ["duplicate idx", "empty text", "expected 3 tab-separated fields", "missing idx"]
+    assert summary["errors"].startswith(os.path.join(output, "_rejected", f"run_date={DATE}"))
+
+    rows = _committed(output)
+    assert _pairs(rows) == sorted((i, s) for i in [g[0] for g in good] + ["long"] for s in range(2))
+    assert {r["category"] for r in rows} == {None if v == "" else v for v in hostile} | {"c"}
+    assert all(open_image(r["png"]).size == (32, 32) for r in rows)
+    assert {r["seed"] for r in rows} == {0} and all(r["created_at"] is not None for r in rows)
+    date_dir = os.path.join(output, f"run_date={DATE}")  # nothing escaped its folder:
+    for folder, _, files in os.walk(date_dir):
+        assert files == [] or (os.path.dirname(folder) == date_dir and "category=" in folder), folder
+    assert sorted(os.listdir(output)) == ["_rejected", "_runs", "_sheets", "_staging", f"run_date={DATE}"]
+    assert sorted(os.listdir(tmp_path)) == ["gen.tsv", "out", "prompts.tsv"]
+    assert os.path.exists(summary["contact_sheet"]) and os.path.exists(summary["gallery"])
+    assert summary["tsv_lines"] == 18 and not os.listdir(os.path.join(output, "_staging", f"run_date={DATE}"))
+
+    rerun = run(_options(tiny_model_dir, [inputs], output, samples=2, partition_by=["category"],
+                         max_error_rate=0.5))
+    assert (rerun["images_out"], rerun["skipped_already_done"]) == (0, 18)
+    assert _pairs(_committed(output)) == _pairs(rows)
+
+
+@pytest.mark.slow
+def test_images_do_not_depend_on_batch_size_or_run(ray_session, tiny_model_dir, tmp_path):
+    inputs = _tsv(tmp_path / "p.tsv", _prompts(5))
+    images = []
+    for batch_size in (1, 8):
+        output = str(tmp_path / f"out{batch_size}")
+        summary = run(_options(tiny_model_dir, [inputs], output, samples=2, batch_size=batch_size, seed=3))
+        assert summary["images_out"] == 10
+        images.append({(r["idx"], r["sample"]): r["png"] for r in _committed(output)})
+    assert images[0] == images[1] and len(set(images[0].values())) == 10
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_completed_by_the_rerun_exactly_once(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    inputs = _tsv(tmp_path / "p.tsv", _prompts(6))
+    output = str(tmp_path / "out")
+    options = _options(tiny_model_dir, [inputs], output, samples=2, batch_size=2, partition_by=["category"])
+    monkeypatch.setenv(generate.FAIL_AFTER_ENV, "2")
+    with pytest.raises(Exception, match=generate.FAIL_AFTER_ENV):
+        run(options)
+    assert _committed(output) == []  # nothing half-done is visible
+    monkeypatch.delenv(generate.FAIL_AFTER_ENV)
+
+    rerun = run(options)
+    assert rerun["recovered_from_staging"] == 4  # the two batches staged before the crash
+    assert rerun["images_out"] == 8 and rerun["skipped_already_done"] == 0
+    rows = _committed(output)
+    assert _pairs(rows) == sorted((f"p{i}", s) for i in range(6) for s in range(2))  # each exactly once
+
+    again = run(options)
+    assert (again["images_out"], again["skipped_already_done"], again["recovered_from_staging"]) == (0, 12, 0)
+    assert len(_committed(output)) == 12
+
+
+@pytest.mark.slow
+def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket):
+    bucket, storage_options = s3_bucket
+    local = _tsv(tmp_path / "p.tsv", _prompts(3))
+    table = pa.table({"idx": [100, 101], "text": ["蓝色牛仔裤", "白色衬衫"], "category": ["a/b", "hats"],
+                      "shop": [7, 8]})  # an integer idx, read as text
+    remote = out.OutputTable(f"s3://{bucket}/unused", DATE, storage_options)
+    with remote.fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
+        pq.write_table(table, f)
+    output = f"s3://{bucket}/gen"
+    summary = run(_options(tiny_model_dir, [local, f"s3://{bucket}/in/"], output, partition_by=["category"],
+                           storage_options=json.dumps(storage_options), contact_sheet=True))
+    assert summary["images_out"] == 5 and summary["rows_rejected"] == 0
+    assert "testing" not in json.dumps(summary)  # credentials never reach the summary
+    rows = _committed(output, storage_options)
+    assert _pairs(rows) == [("100", 0), ("101", 0), ("p0", 0), ("p1", 0), ("p2", 0)]
+    assert {r["shop"] for r in rows if r["idx"].startswith("10")} == {7, 8}  # Parquet columns pass through
+    keys = remote.fs.find(f"{bucket}/gen")
+    assert f"{bucket}/gen/run_date={DATE}/category=a%2Fb/_SUCCESS" in keys
+    assert f"{bucket}/gen/_sheets/run_date={DATE}/contact_sheet.png" in keys
+    assert not [k for k in keys if "/_staging/" in k]
+    # without --storage-options, credentials and endpoint come from the AWS environment of each process
+    # (here only the driver's: the shared Ray workers started before the moto fixture set it)
+    rerun = run(_options(tiny_model_dir, [local], output, partition_by=["category"]))
+    assert (rerun["images_out"], rerun["skipped_already_done"]) == (0, 3)
+
+
+@pytest.mark.slow
+def test_too_many_rejected_rows_fail_the_run_after_writing(ray_session, tiny_model_dir, tmp_path):
+    inputs = _tsv(tmp_path / "p.tsv", [("a", "好", "c"), ("b", "", "c")])
+    errors = str(tmp_path / "errors")
+    summary = run(_options(tiny_model_dir, [inputs], str(tmp_path / "out"), errors=errors, max_error_rate=0.0))
+    assert "above --max-error-rate" in summary["_failed"] and summary["images_out"] == 1
+    assert pq.read_table(os.path.join(errors, f"run_date={DATE}", "rejected.parquet")).num_rows == 1
+
+
+def test_bad_options_and_inputs_are_input_errors(ray_session, tiny_model_dir, tmp_path):
+    inputs = _tsv(tmp_path / "p.tsv", _prompts(2))
+    output = str(tmp_path / "out")
+    for kwargs, match in [({"run_date": "2024-02-30"}, "run-date"), ({"partition_by": ["nope"]}, "nope"),
+                          ({"partition_by": ["png"]}, "written by the job"), ({"top_p": 2.0}, "top_p"),
+                          ({"storage_options": "{not json"}, "not valid JSON"), ({"samples": 0}, "at least 1")]:
+        with pytest.raises(InputError, match=match):
+            run(_options(tiny_model_dir, [inputs], output, **kwargs))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="not a readable Parquet"):
+        run(_options(tiny_model_dir, [str(tmp_path / "broken.parquet")], output))
+
+
+def test_validation_and_expansion_without_ray():
+    rows = pa.table({"idx": [1, 2, 2, None, 3], "text": ["a", "b", "c", "d", " "], "seed": [9] * 5,
+                     "_source": ["f"] * 5, "_row": [1, 2, 3, 4, 5], "_reason": [None] * 5})
+    prompts = generate.validate_prompts(rows)
+    assert prompts.accepted.column("idx").to_pylist() == ["1", "2"] and prompts.dropped_columns == ["seed"]
+    assert [r["reason"] for r in prompts.rejected.to_pylist()] == [
+        "duplicate idx (first at f row 2)", "missing idx", "empty text"]
+    todo, skipped, recovered = generate.expand_samples(prompts.accepted, 3, {("1", 0)}, {("2", 2)})
+    assert list(zip(todo.column("idx").to_pylist(), todo.column("sample").to_pylist())) == [
+        ("1", 1), ("1", 2), ("2", 0), ("2", 1)]
+    assert (skipped, recovered) == (1, 1)
