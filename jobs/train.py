@@ -2,10 +2,12 @@
 
 Works with the package installed on the cluster or shipped with `--working-dir .` (repo root).
 """
+import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when shipped as working dir
+# Python puts this script's folder first on sys.path, where jobs/tokenize.py would shadow the
+# standard library's tokenize module (imported by logging); the repo root goes there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from painter.cli import main  # noqa: E402
 

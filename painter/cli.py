@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # not loaded by `import importlib`; the console script has no runpy to load it
 import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass
+
+# Ray 2.60 authenticates with a token by default; the mode must be in the environment before Ray is
+# imported (the stage modules import it), or a local start fails with InvalidAuthToken.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from painter.errors import PainterError
 from painter.options import add_arguments, from_args
@@ -34,6 +39,8 @@ COMMANDS = {
     "new-model": Command("painter.commands", "write a randomly initialised model directory from a preset"),
     "import-easynlp": Command("painter.commands", "import an EasyNLP pai-painter-*-zh directory"),
     "import-vqgan": Command("painter.commands", "import a taming-transformers VQGAN checkpoint"),
+    "make-corpus": Command("painter.stages.make_corpus", "write a synthetic Chinese-captioned image corpus (EasyNLP TSV)"),
+    "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True),
 }
 
 
@@ -69,7 +76,6 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)

@@ -153,7 +153,8 @@ def test_generate_submitted_to_a_ray_head(ray_head, tiny_model_dir, tmp_path):
     prompts.write_text("1\t红色圆形\n2\t蓝色方形\n3\t\n", encoding="utf-8")
     out = tmp_path / "generated"
     status, logs = _submit(ray_head, "python", "jobs/generate.py", "--input", str(prompts), "--model",
-                           tiny_model_dir, "--output", str(out), "--samples", "2", "--run-date", "2026-11-25")
+                           tiny_model_dir, "--output", str(out), "--samples", "2", "--run-date", "2026-11-25",
+                           "--max-error-rate", "0.5")
     assert status == "SUCCEEDED", logs[-3000:]
     summary = _last_json(logs)
     assert summary["job"] == "generate" and summary["images_out"] == 4 and summary["rows_rejected"] == 1
