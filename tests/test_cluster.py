@@ -130,11 +130,20 @@ def _wait_for_head(ray_bin: str, address: str, env: dict, head: subprocess.Popen
 
 
 def _submit(head: dict, *entrypoint: str) -> tuple[str, str]:
-    """Submit a job from the repository root, wait for it; (status, logs)."""
+    """Submit a job from the repository root, wait for it; (status, logs).
+
+    The head's job agent starts a little after the dashboard answers; until then a submission is
+    refused with "No available agent" (nothing runs), so that one answer is polled for, bounded.
+    """
     cmd = [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
            "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--", *entrypoint]
-    done = subprocess.run(cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    logs = done.stdout + done.stderr
+    deadline = time.time() + 90
+    while True:
+        done = subprocess.run(cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        logs = done.stdout + done.stderr
+        if "No available agent to submit job" not in logs or time.time() > deadline:
+            break
+        time.sleep(1)
     status = "SUCCEEDED" if done.returncode == 0 else "FAILED"
     return status, logs
 
