@@ -1,0 +1,239 @@
+"""The train job: Ray Train DDP fine-tuning of the GPT on token shards, resumable after failures.
+
+The driver (`run`) lists the shards, refuses any whose metadata does not fit the model (another
+VQGAN, vocab or lengths), sizes the run (steps per epoch from the row count), and starts a
+`TorchTrainer`; every worker runs `painter.stages.train_worker.train_loop` (painter.training's
+`train_step` over its split of the shards). Only token ids flow: the VQGAN is never loaded, its
+weights file is only copied along into every checkpoint.
+
+Where the model starts: `--init DIR` (a model directory; one without gpt.safetensors, as
+`import-vqgan` writes, starts the GPT from a seeded random init of its config), or `--preset NAME
+--vqgan DIR` (the preset's depth and width, a fresh GPT, on the VQGAN, vocab and lengths of DIR).
+
+Run layout, under `--run-dir` (default `<output>/_runs`): `<name>/checkpoint_*/` (each a full model
+directory plus `train_state.pt`: optimizer, schedule, step, epoch; the last two are kept),
+`<name>/metrics.jsonl` (one JSON line per logged step) and, with `--record-rows`,
+`<name>/rows/epoch<E>-rank<R>.txt`. A failed worker group restarts from the last checkpoint (up to
+`--max-failures` times). An existing run name is refused unless `--resume` is given, which
+continues it (e.g. to a larger `--max-steps`). The final model directory is copied to `--output`
+with `train.json` (options and summary).
+
+Test-only fault switch: `PAINTER_TEST_FAIL_AT_STEP=N` in the driver's environment makes the last
+rank raise once right after optimizer step N (a marker file in the run directory keeps the
+restarted worker from raising again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow.parquet as pq
+
+from painter.checkpoint import PRESETS, ModelConfig, load_model, preset_config
+from painter.errors import InputError, PainterError
+from painter.io import tables
+from painter.io.shards import ShardInfo, check_shards_fit
+from painter.models.gpt import GPTConfig
+from painter.options import option, to_dict
+from painter.stages.common import arrow_filesystem, cluster_has_gpus
+from painter.stages.train_worker import FAULT_ENV, copy_file, exists, train_loop
+from painter.training import TrainConfig
+
+MODEL_FILES = ("config.json", "vocab.txt", "gpt.safetensors", "vqgan.safetensors")
+
+
+@dataclass(kw_only=True)
+class Options:
+    data: list[str] = option(help="token shards: Parquet files, directories or globs (local or s3://)")
+    val_data: list[str] = option([], "validation token shards; their loss is measured after every epoch")
+    init: str | None = option(None, "model directory to fine-tune (one without GPT weights trains from scratch)")
+    preset: str | None = option(None, "train a fresh GPT of this shape instead of --init (needs --vqgan)",
+                                choices=tuple(PRESETS))
+    vqgan: str | None = option(None, "with --preset: model directory giving the VQGAN, vocab and lengths")
+    output: str = option(help="model directory to write the trained model to")
+    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
+    name: str = option("train", "run name under --run-dir; an existing one needs --resume")
+    resume: bool = option(False, "continue the run --name from its last checkpoint")
+    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
+                                         choices=(0, 1))
+    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
+    epochs: int = option(1, "passes over the training shards (unless --max-steps is given)")
+    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
+    batch_size: int = option(8, "rows per micro-batch per worker")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
+    weight_decay: float = option(0.01, "AdamW weight decay of Linear weights")
+    warmup_steps: int = option(100, "optimizer steps of linear lr warm-up")
+    grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
+    pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
+    shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
+    seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
+    log_every: int = option(10, "optimizer steps between logged metrics")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
+
+
+@dataclass
+class Start:
+    """Where training starts: the directory giving vocab and VQGAN, the model shape, GPT weights or not."""
+    source: str
+    config: ModelConfig
+    shard_info: ShardInfo
+    has_gpt: bool
+
+
+def resolve_start(o: Options) -> Start:
+    """The model to train, from --init or --preset/--vqgan, without loading any weights."""
+    if (o.init is None) == (o.preset is None):
+        raise InputError("give exactly one of --init MODEL_DIR or --preset NAME (with --vqgan MODEL_DIR)")
+    if o.preset is not None and o.vqgan is None:
+        raise InputError(f"--preset {o.preset} needs --vqgan MODEL_DIR: the VQGAN and vocab the shards were made with")
+    if o.init is not None and o.vqgan is not None:
+        raise InputError("--vqgan goes with --preset; --init already names the model's VQGAN")
+    source = load_model(o.init or o.vqgan, parts=())
+    if not source.vqgan_fingerprint:
+        raise InputError(f"{source.path}: its config.json records no VQGAN fingerprint, so shards cannot be checked")
+    config = source.config
+    if o.preset is not None:
+        shape, c = preset_config(o.preset).gpt, source.config.gpt
+        gpt = GPTConfig(img_vocab_size=c.img_vocab_size, text_vocab_size=c.text_vocab_size, text_len=c.text_len,
+                        img_len=c.img_len, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
+        config = ModelConfig(gpt, source.config.vqgan, name=o.preset)
+    has_gpt = o.init is not None and (bool(source.gpt_fingerprint)
+                                      or exists(posixpath.join(source.path, "gpt.safetensors")))
+    return Start(source.path, config, ShardInfo.for_model(source), has_gpt)
+
+
+def list_shards(paths: list[str]) -> list[str]:
+    """Shard files (as given: local paths or URLs) named by files, globs or directories.
+
+    Below a directory, folders named `_*` or `.*` are skipped (the tokenize job's `_rejected/`).
+    """
+    files = []
+    for path in paths:
+        root = tables.url_to_fs(path)[1].rstrip("/") + "/"
+        for file in tables.expand_paths([path], extensions=(".parquet",)):
+            stripped = tables.url_to_fs(file)[1]
+            below = stripped[len(root):] if stripped.startswith(root) else posixpath.basename(stripped)
+            if not any(part.startswith(("_", ".")) for part in below.split("/")[:-1]):
+                files.append(file)
+    protocols = {f.split("://", 1)[0] if "://" in f else "file" for f in files}
+    if len(protocols) > 1:
+        raise InputError(f"{', '.join(paths)}: shards of one option must be on one filesystem, not {sorted(protocols)}")
+    return files
+
+
+def read_shards(files: list[str], model_info: ShardInfo):
+    """A Ray Dataset over `files`, after refusing (naming the file) any shard that does not fit the model."""
+    import ray.data
+
+    filesystem, _ = arrow_filesystem(files[0])
+    stripped = [tables.url_to_fs(f)[1] for f in files]
+    for file, path in zip(files, stripped):
+        check_shards_fit(ShardInfo.from_schema(pq.read_schema(path, filesystem=filesystem), file), model_info, file)
+    return ray.data.read_parquet(stripped, filesystem=filesystem)
+
+
+def plan_steps(rows: int, o: Options) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps): each worker gets rows // workers rows, full batches only.
+
+    Every rank takes the same number of steps (DDP all-reduces in each); the lr schedule ends at the total.
+    """
+    per_step = o.batch_size * o.grad_accum
+    steps_per_epoch = rows // o.workers // per_step
+    if steps_per_epoch == 0:
+        raise InputError(f"{rows} training rows are too few for {o.workers} workers x batch {o.batch_size} "
+                         f"x grad_accum {o.grad_accum} (one optimizer step needs {per_step * o.workers} rows)")
+    return steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch
+
+
+def scaling_config(o: Options):
+    """Workers with fractional CPUs (one CPU stays free for reading shards); GPUs only if the cluster has them."""
+    import ray
+    from ray.train import ScalingConfig
+
+    resources = ray.cluster_resources()
+    gpus = o.gpus_per_worker if o.gpus_per_worker is not None else int(cluster_has_gpus())
+    if gpus and not cluster_has_gpus():
+        raise PainterError("--gpus-per-worker 1, but the Ray cluster has no GPUs (use --gpus-per-worker 0)")
+    cpus = o.cpus_per_worker
+    if cpus is None:
+        cpus = round(min(1.0, max(resources.get("CPU", 1) - 1, 0.5) / o.workers), 2)
+    per_worker = {"CPU": cpus} | ({"GPU": 1} if gpus else {})
+    return ScalingConfig(num_workers=o.workers, use_gpu=bool(gpus), resources_per_worker=per_worker)
+
+
+def run(o: Options) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    start = resolve_start(o)
+    scaling = scaling_config(o)
+    storage = o.run_dir or posixpath.join(o.output, "_runs")
+    run_path = posixpath.join(storage, o.name)
+    if exists(run_path) and not o.resume:
+        raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
+                         "or --name to start another")
+    if o.resume and not exists(run_path):
+        raise InputError(f"{run_path}: no run {o.name!r} to resume")
+    files, val_files = list_shards(o.data), list_shards(o.val_data)
+    datasets = {"train": read_shards(files, start.shard_info)}
+    if val_files:
+        datasets["val"] = read_shards(val_files, start.shard_info)
+    rows = datasets["train"].count()
+    steps_per_epoch, total = plan_steps(rows, o)
+    print(f"train: {len(files)} shards, {rows} rows, {o.workers} workers, {steps_per_epoch} steps/epoch, "
+          f"{total} steps{' (resuming)' if o.resume else ''} -> {run_path}", flush=True)
+    if not start.has_gpt:
+        print(f"train: {start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
+              f"(seed {o.seed})", flush=True)
+    loop_config = worker_config(o, start, run_path, steps_per_epoch, total)
+    # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if FAULT_ENV in os.environ:
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
+        run_config=RunConfig(name=o.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=o.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise PainterError(f"{run_path}: the run ended without a checkpoint")
+    m = result.metrics
+    summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
+               "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
+               "checkpoint": result.checkpoint.path, "output": o.output, "workers": o.workers,
+               "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path}
+    export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary})
+    return summary
+
+
+def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int) -> dict:
+    """Everything a worker needs, as plain values (it travels to every worker)."""
+    train = TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, total_steps=total,
+                        min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum)
+    return {"source": start.source, "model": start.config.to_dict(), "has_gpt": start.has_gpt, "train": train,
+            "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
+            "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
+            "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
+            "has_val": bool(o.val_data)}
+
+
+def export_model(checkpoint, output: str, manifest: dict) -> None:
+    """Copy the final checkpoint's model files to `output`, with `train.json` beside them."""
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    with checkpoint.as_directory() as local:
+        for name in MODEL_FILES:
+            if os.path.exists(os.path.join(local, name)):
+                copy_file(os.path.join(local, name), posixpath.join(output, name))
+    with fsspec.open(posixpath.join(output, "train.json"), "w") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False, default=str)

@@ -1,0 +1,239 @@
+"""The train job's worker side: what every Ray Train worker runs (`train_loop`), DDP over token shards.
+
+Owns `WorkerRun`: build or restore the GPT and AdamW (from `ray.train.get_checkpoint()`: a model
+directory plus `train_state.pt`), iterate this worker's split of the shards with a seeded per-epoch
+local shuffle, call `painter.training.train_step`, and when due log metrics (rank 0 prints them and
+appends them to `<run>/metrics.jsonl`), measure the validation loss, and report a checkpoint (rank 0
+passes it, every rank calls `ray.train.report`). Also the test-only fault switch (`FAULT_ENV`).
+The driver side, options and summary are in `painter.stages.train`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from painter.checkpoint import ModelConfig, load_model, save_model
+from painter.models.gpt import GPT
+from painter.runtime import autocast
+from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step
+
+FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
+STATE_FILE = "train_state.pt"
+
+
+def exists(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)
+
+
+def copy_file(src: str, dst: str) -> None:
+    with fsspec.open(src, "rb") as fin, fsspec.open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, length=16 << 20)
+
+
+def train_loop(cfg: dict) -> None:
+    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
+    WorkerRun(cfg).run()
+
+
+def _shard_collate():
+    """A Ray collate fn: an Arrow batch of token shards -> (text_ids (B, Tt), image_tokens (B, Ti), idx list)."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class ShardCollate(ArrowBatchCollateFn):
+        def __call__(self, table: pa.Table):
+            def column(name):  # list<int> column -> (B, L) tensor
+                values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                return torch.from_numpy(np.array(values).reshape(table.num_rows, -1))
+            return column("text_ids"), column("image_tokens"), table.column("idx").to_pylist()
+
+    return ShardCollate()
+
+
+class WorkerRun:
+    """One worker's session: model and optimizer (restored from the last checkpoint if any), the loop."""
+
+    def __init__(self, cfg: dict):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.config = ModelConfig.from_dict(cfg["model"])
+        self.tc: TrainConfig = cfg["train"]
+        self.tokenizer = load_model(cfg["source"], parts=()).tokenizer
+        self.gpt, self.state = self._restore(ray.train.get_checkpoint())
+        self.model = ray.train.torch.prepare_model(GPTLoss(self.gpt))  # DDP (gloo on CPU) when world > 1
+        self.optimizer = make_optimizer(self.gpt, self.tc)
+        if "optimizer" in self.state:
+            self.optimizer.load_state_dict(self.state.pop("optimizer"))
+        seed = cfg["seed"] * 1_000_003 + self.rank * 10_007 + self.state["step"]
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # pkeep corruption
+        self.rows_seen: list[str] = []
+        self.window_rows, self.window_start = 0, time.perf_counter()
+
+    def _restore(self, checkpoint) -> tuple[GPT, dict]:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                gpt = load_model(d, parts=("gpt",)).gpt
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            print(f"train: rank {self.rank} resumes at step {state['step']} from {checkpoint.path}", flush=True)
+            return gpt.train(), state
+        if self.cfg["has_gpt"]:
+            gpt = load_model(self.cfg["source"], parts=("gpt",)).gpt
+        else:
+            torch.manual_seed(self.cfg["seed"])
+            gpt = GPT(self.config.gpt)
+        return gpt.train(), {"step": 0, "first_loss": None, "val_loss": None, "tokens": 0, "seconds": 0.0,
+                             "metrics": {}}
+
+    def run(self) -> None:
+        import ray.train
+
+        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
+        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
+            ray.train.report(self.state["metrics"])
+            return
+        shard = ray.train.get_dataset_shard("train")
+        while self.state["step"] < total:
+            epoch, done = divmod(self.state["step"], spe)
+            batches = self._batches(shard, epoch, skip=done * self.tc.grad_accum)
+            for done in range(done + 1, spe + 1):
+                micro = [self._next(batches, epoch) for _ in range(self.tc.grad_accum)]
+                result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
+                                    self.config.gpt.img_vocab_size, self.generator)
+                self.state["step"] += 1
+                self.window_rows += result.rows
+                self._after_step(result, epoch, epoch_end=done == spe)
+                if self.state["step"] >= total:
+                    break
+            self._flush_rows(epoch)
+
+    def _batches(self, shard, epoch: int, skip: int):
+        """This worker's micro-batches of `epoch` (seeded local shuffle), the first `skip` left out."""
+        c, buffer = self.cfg, self.cfg["shuffle_buffer"]
+        batches = shard.iter_torch_batches(
+            batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
+            local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+            local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
+        for i, (text_ids, image_tokens, idx) in enumerate(batches):
+            if i < skip:
+                continue
+            if c["record_rows"]:
+                self.rows_seen += idx
+            yield text_ids.to(self.device, non_blocking=True), image_tokens.to(self.device, non_blocking=True)
+
+    def _next(self, batches, epoch: int):
+        try:
+            return next(batches)
+        except StopIteration:
+            raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
+                               f"{self.state['step'] + 1}; the shards were split unevenly") from None
+
+    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
+        """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
+        c, step = self.cfg, self.state["step"]
+        final = step == c["total_steps"]
+        log = step == 1 or step % c["log_every"] == 0 or final
+        checkpoint = step % c["checkpoint_every"] == 0 or final
+        validate = c["has_val"] and (epoch_end or final)
+        if log or checkpoint or validate:
+            metrics = self._metrics(result, epoch)
+            if validate:
+                self.state["val_loss"] = metrics["val_loss"] = self._validate()
+            self._report(metrics, checkpoint)
+        self._maybe_fail(step)
+
+    def _metrics(self, result, epoch: int) -> dict:
+        """Metrics of the step just done, averaged over ranks, and throughput since the last report."""
+        loss = result.loss.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        seconds = time.perf_counter() - self.window_start
+        tokens = self.window_rows * self.world * self.config.gpt.block_size
+        self.state["tokens"] += tokens
+        self.state["seconds"] += seconds
+        if self.state["step"] == 1:
+            self.state["first_loss"] = loss.item()
+        return {"step": self.state["step"], "epoch": epoch, "time": round(time.time(), 3), "loss": loss.item(),
+                "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_second": tokens / max(seconds, 1e-9),
+                "run_tokens_per_second": self.state["tokens"] / max(self.state["seconds"], 1e-9),
+                "first_loss": self.state["first_loss"], "val_loss": self.state["val_loss"]}
+
+    def _validate(self) -> float:
+        """Mean image-token loss over the validation shards (every rank its split, then all-reduced)."""
+        import ray.train
+
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # (loss * rows, rows)
+        self.gpt.eval()
+        with torch.no_grad():
+            for text_ids, image_tokens, _ in ray.train.get_dataset_shard("val").iter_torch_batches(
+                    batch_size=self.cfg["batch_size"], collate_fn=_shard_collate()):
+                with autocast(self.device):
+                    loss = self.gpt.loss(text_ids.to(self.device), image_tokens.to(self.device))
+                sums += torch.stack([loss.double() * text_ids.size(0), sums.new_tensor(text_ids.size(0))])
+        self.gpt.train()
+        if self.world > 1:
+            dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+    def _report(self, metrics: dict, checkpoint: bool) -> None:
+        import ray.train
+
+        self.state["metrics"] = metrics
+        if self.rank == 0:
+            line = json.dumps(metrics)
+            print(f"train: {line}", flush=True)
+            with fsspec.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a", auto_mkdir=True) as f:
+                f.write(line + "\n")
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
+                self._save(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        self.window_rows, self.window_start = 0, time.perf_counter()
+
+    def _save(self, directory: str) -> None:
+        """A full model directory (the source's VQGAN copied, never loaded) plus train_state.pt."""
+        for name in ("config.json", "vqgan.safetensors"):  # config.json first: it carries the VQGAN fingerprint
+            if exists(posixpath.join(self.cfg["source"], name)):
+                copy_file(posixpath.join(self.cfg["source"], name), os.path.join(directory, name))
+        save_model(directory, self.config, self.tokenizer, gpt=self.gpt)
+        state = dict(self.state) | {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.state["step"], "total_steps": self.tc.total_steps,
+                          "lr": self.state["metrics"].get("lr")},
+            "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
+        torch.save(state, os.path.join(directory, STATE_FILE))
+
+    def _maybe_fail(self, step: int) -> None:
+        """The test-only fault switch: raise once, on the last rank, right after step N."""
+        fail_at = os.environ.get(FAULT_ENV)
+        if not fail_at or int(fail_at) != step or self.rank != self.world - 1:
+            return
+        marker = posixpath.join(self.cfg["run_path"], f"_fault_injected_at_step_{step}")
+        if exists(marker):
+            return
+        with fsspec.open(marker, "w") as f:
+            f.write("injected\n")
+        raise RuntimeError(f"{FAULT_ENV}={fail_at}: injected worker failure after step {step}")
+
+    def _flush_rows(self, epoch: int) -> None:
+        if self.cfg["record_rows"] and self.rows_seen:
+            path = posixpath.join(self.cfg["run_path"], "rows", f"epoch{epoch}-rank{self.rank}.txt")
+            with fsspec.open(path, "a", auto_mkdir=True) as f:
+                f.write("\n".join(self.rows_seen) + "\n")
+            self.rows_seen = []

@@ -1,0 +1,130 @@
+"""Unit tests of painter.training: optimizer groups, lr schedule, pkeep corruption, train_step."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from painter.checkpoint import preset_config
+from painter.models.gpt import GPT
+from painter.training import (GPTLoss, TrainConfig, corrupt_tokens, lr_at, make_optimizer, param_groups,
+                              train_step)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and steadiest on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset_config("tiny").gpt)
+
+
+def _batch(gpt: GPT, rows: int, seed: int = 0):
+    """A learnable batch: every image token is a function of the row's first text id."""
+    g = torch.Generator().manual_seed(seed)
+    c = gpt.config
+    text = torch.randint(0, 500, (rows, c.text_len), generator=g)  # (B, Tt)
+    positions = torch.arange(c.img_len)  # (Ti,)
+    image = (text[:, :1] * 7 + positions) % c.img_vocab_size  # (B, Ti)
+    return text, image
+
+
+def test_weight_decay_groups_cover_every_parameter_once(gpt):
+    decay, no_decay = param_groups(gpt, 0.1)
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert not decay_names & no_decay_names
+    assert decay_names | no_decay_names == set(names.values())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "head.weight" in decay_names and "blocks.0.attn.key.weight" in decay_names
+    assert "blocks.0.mlp.0.weight" in decay_names
+    for name in ("pos_emb", "tok_emb.weight", "ln_f.weight", "ln_f.bias", "blocks.0.ln1.weight",
+                 "blocks.0.attn.key.bias", "blocks.1.mlp.2.bias"):
+        assert name in no_decay_names
+
+
+def test_lr_schedule_warmup_and_cosine_endpoints():
+    config = TrainConfig(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(1e-4)
+    assert lr_at(4, config) == pytest.approx(5e-4)
+    assert lr_at(9, config) == pytest.approx(1e-3)  # warm-up ends at the peak
+    assert lr_at(10, config) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(60, config) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way
+    assert lr_at(110, config) == pytest.approx(1e-4)  # ends at min_lr_ratio * lr
+    assert lr_at(500, config) == pytest.approx(1e-4)  # and stays there
+    lrs = [lr_at(s, config) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, TrainConfig(lr=2e-4, warmup_steps=0, total_steps=5)) == pytest.approx(2e-4)
+
+
+def test_pkeep_one_keeps_tokens_and_zero_replaces_all():
+    codes = torch.arange(64).repeat(8, 1) % 256 + 1000  # (8, 64), all outside the vocab on purpose
+    assert torch.equal(corrupt_tokens(codes, 1.0, 256), codes)
+    g = torch.Generator().manual_seed(0)
+    replaced = corrupt_tokens(codes, 0.0, 256, g)
+    assert replaced.shape == codes.shape and replaced.dtype == codes.dtype
+    assert (replaced < 256).all() and (replaced >= 0).all()
+    half = corrupt_tokens(codes, 0.5, 256, torch.Generator().manual_seed(1))
+    kept = (half == codes).float().mean().item()
+    assert 0.35 < kept < 0.65
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(gpt):
+    config = TrainConfig(lr=3e-3, warmup_steps=2, total_steps=30, weight_decay=0.0)
+    model = GPTLoss(gpt)
+    optimizer = make_optimizer(model, config)
+    batch = _batch(gpt, 8)
+    losses = [train_step(model, optimizer, [batch], config, s, gpt.config.img_vocab_size).loss.item()
+              for s in range(30)]
+    assert losses[0] == pytest.approx(math.log(gpt.config.img_vocab_size), rel=0.05)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradient_accumulation_equals_one_full_batch(gpt):
+    config_full = TrainConfig(lr=1e-3, grad_clip=1.0, total_steps=10)
+    config_accum = TrainConfig(lr=1e-3, grad_clip=1.0, total_steps=10, grad_accum=2)
+    full, accum = GPTLoss(gpt), GPTLoss(copy.deepcopy(gpt))
+    text, image = _batch(gpt, 8)
+    r_full = train_step(full, make_optimizer(full, config_full), [(text, image)], config_full, 0, 256)
+    halves = [(text[:4], image[:4]), (text[4:], image[4:])]
+    r_accum = train_step(accum, make_optimizer(accum, config_accum), halves, config_accum, 0, 256)
+    assert r_accum.loss.item() == pytest.approx(r_full.loss.item(), rel=1e-5)
+    assert r_accum.grad_norm.item() == pytest.approx(r_full.grad_norm.item(), rel=1e-4)
+    assert r_accum.rows == r_full.rows == 8
+    for (name, a), b in zip(full.named_parameters(), accum.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grad_clip_bounds_the_update_and_reports_the_unclipped_norm(gpt):
+    config = TrainConfig(lr=1e-3, grad_clip=1e-3, total_steps=10)
+    model = GPTLoss(gpt)
+    result = train_step(model, make_optimizer(model, config), [_batch(gpt, 4)], config, 0, 256)
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    assert result.grad_norm.item() > 1e-3
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_pkeep_corrupts_inputs_but_scores_clean_targets(gpt):
+    """With pkeep=0 the inputs are noise, yet the loss is measured against the clean codes."""
+    model = GPTLoss(gpt)
+    text, image = _batch(gpt, 4)
+    noisy = corrupt_tokens(image, 0.0, 256, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, clean = gpt.loss(text, noisy, image), gpt.loss(text, image)
+    config = TrainConfig(pkeep=0.0, total_steps=10)
+    result = train_step(model, make_optimizer(model, config), [(text, image)], config, 0, 256,
+                        generator=torch.Generator().manual_seed(0))
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert result.loss.item() != pytest.approx(clean.item(), rel=1e-6)
