@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo bundled-model test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -14,11 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Until the trained demo model ships, the demo generates from a freshly initialised tiny model:
-# the pictures are noise, but every stage of the nightly job runs (local Ray, local files).
+# The demo: synthetic corpus -> tokenize -> train a fresh GPT -> generate -> evaluate, all through
+# the real Ray jobs on a local Ray, reusing the bundled model's VQGAN (a few minutes on 2 cores).
 demo: setup
-	$(VENV)/bin/painter new-model --preset tiny --output $(OUT)/model
-	$(VENV)/bin/painter generate --input examples/prompts.tsv --model $(OUT)/model --output $(OUT)/generated --samples 2
+	$(VENV)/bin/painter demo --output $(OUT)
+
+# How the bundled model (painter/assets/demo-model) was made: the same demo, with VQ training first
+# and a longer GPT run. Takes about half an hour on 2 cores.
+BUNDLE_OUT ?= out/bundle
+bundled-model: setup
+	$(VENV)/bin/painter demo --output $(BUNDLE_OUT) $(BUNDLE_ARGS)
+	rm -rf painter/assets/demo-model && mkdir -p painter/assets/demo-model
+	cp $(BUNDLE_OUT)/model/config.json $(BUNDLE_OUT)/model/vocab.txt $(BUNDLE_OUT)/model/*.safetensors painter/assets/demo-model/
 
 test: setup
 	$(PY) -m pytest -q tests

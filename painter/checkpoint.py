@@ -81,6 +81,12 @@ PRESETS = {
         GPTConfig(img_vocab_size=512, text_len=16, img_len=64, n_layer=4, n_head=4, n_embd=128),
         VQGANConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                     z_channels=64, embed_dim=64, n_embed=512), "small"),
+    # The bundled demo model's shape: 32x32 images as 8x8 tokens from 512 codes, a 4-layer GPT over a
+    # small vocab holding only the synthetic captions' characters (see painter.synthetic).
+    "demo": lambda: ModelConfig(
+        GPTConfig(img_vocab_size=512, text_vocab_size=64, text_len=16, img_len=64, n_layer=4, n_head=4, n_embd=128),
+        VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                    z_channels=32, embed_dim=32, n_embed=512), "demo"),
 }
 
 
@@ -235,8 +241,21 @@ def models_home() -> str:
     return os.environ.get("PAINTER_HOME", os.path.join(os.path.expanduser("~"), ".cache", "painter", "models"))
 
 
+BUNDLED = "bundled"  # the small model that ships in the package (painter/assets/demo-model)
+
+
+def bundled_model_dir() -> str:
+    """The model directory shipped in the package: trained on the synthetic task by `make bundled-model`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo-model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: the bundled model is missing from this install; `make bundled-model` builds it")
+    return path
+
+
 def resolve_model_dir(name_or_path: str) -> str:
-    """A zoo name resolves under the models home; nothing is ever downloaded."""
+    """`bundled` is the packaged model; a zoo name resolves under the models home; nothing is downloaded."""
+    if name_or_path == BUNDLED:
+        return bundled_model_dir()
     if name_or_path in ZOO_NAMES:
         path = os.path.join(models_home(), name_or_path)
         if not os.path.exists(os.path.join(path, "config.json")):

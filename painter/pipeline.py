@@ -9,7 +9,7 @@ import base64
 
 from PIL import Image
 
-from painter.checkpoint import load_model
+from painter.checkpoint import BUNDLED, load_model
 from painter.generator import GenerationConfig, Generator
 from painter.io.images import open_image
 from painter.runtime import pick_device
@@ -49,9 +49,8 @@ class TextToImagePipeline:
 
 
 def pipeline(task: str, model_dir: str | None = None, device=None) -> TextToImagePipeline:
-    """A text-to-image callable on `model_dir` (a path, `s3://` prefix or model-zoo name)."""
+    """A text-to-image callable on `model_dir` (a path, `s3://` prefix, model-zoo name, or None for the
+    bundled model, which draws the synthetic task's captions, e.g. "白色背景中间的一个大的红色圆形")."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    if model_dir is None:
-        raise ValueError("pipeline needs model_dir: a model directory or a model-zoo name")
-    return TextToImagePipeline(model_dir, device=device)
+    return TextToImagePipeline(model_dir or BUNDLED, device=device)

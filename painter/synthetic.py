@@ -36,7 +36,7 @@ ATTRIBUTES = ("shape", "colour", "background", "size", "position")
 MAX_CAPTION_CHARS = 16
 # Geometry in fractions of the image width: a circle's radius per size, the other shapes'
 # circumradius relative to it, each position's centre x, and the jitter ranges.
-RADIUS = {"大": 0.2, "小": 0.13}
+RADIUS = {"大": 0.22, "小": 0.16}
 CIRCUMRADIUS = {"圆形": 1.0, "正方形": 1.25, "三角形": 1.3, "星形": 1.3}
 STAR_INNER = 0.5  # inner over outer radius of the five-pointed star
 CENTRE_X = {"左": 0.34, "中": 0.5, "右": 0.66}
@@ -152,6 +152,23 @@ def _rows(n: int, seed: int, held_out: Iterable[str] = (), stream: int = 0):
 def sample_scenes(n: int, seed: int, held_out: Iterable[str] = ()) -> list[Scene]:
     """The scenes of rows 0..n-1 of `write_corpus(..., seed=seed, held_out=held_out)`."""
     return [scene for scene, _ in _rows(n, seed, held_out)]
+
+
+def caption_vocab() -> list[str]:
+    """A vocab.txt's tokens for a model that only ever reads captions: BERT's specials, then every
+    character the captions use (one token each, as the WordPiece tokenizer splits CJK)."""
+    chars = sorted({ch for scene in all_scenes() for ch in caption(scene)})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]
+
+
+def hold_out_captions(count: int, seed: int) -> list[str]:
+    """`count` whole captions chosen by `seed`, to leave out of a training corpus so evaluation can
+    ask for scenes the model never saw (each attribute value still appears in other scenes)."""
+    scenes = all_scenes()
+    if not 0 <= count < len(scenes):
+        raise ValueError(f"can hold out 0 to {len(scenes) - 1} captions, not {count}")
+    order = np.random.default_rng([int(seed), 3]).permutation(len(scenes))[:count]
+    return sorted(caption(scenes[i]) for i in order)
 
 
 def hold_out(pairs: int, seed: int) -> list[str]:

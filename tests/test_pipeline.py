@@ -90,9 +90,25 @@ def test_images_gives_pil_images(painter):
         assert [im.tobytes() for im in row] == [decode_png(b).tobytes() for b in result["gen_imgbase64"]]
 
 
-def test_unknown_task_and_missing_model(tiny_model_dir):
+def test_unknown_task_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="text2image_generation"):
         pipeline("image2text_generation", tiny_model_dir)
-    with pytest.raises(ValueError):
-        pipeline("text2image_generation")
+
+
+def test_no_model_dir_means_the_bundled_model():
+    """pipeline() with no model uses the model shipped in the package (or says how to build it)."""
+    from painter.checkpoint import bundled_model_dir
+    from painter.errors import CheckpointError
+
+    try:
+        bundled = bundled_model_dir()
+    except CheckpointError as e:
+        assert "make bundled-model" in str(e)
+        with pytest.raises(CheckpointError, match="bundled"):
+            pipeline("text2image_generation")
+        return
+    pipe = pipeline("text2image_generation")
+    assert pipe.model.path == bundled
+    image = pipe.images("白色背景中间的一个大的红色圆形", top_k=1)[0][0]
+    assert image.size == (pipe.model.config.image_size,) * 2
 

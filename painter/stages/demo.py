@@ -1,0 +1,128 @@
+"""`painter demo`: the whole system end to end on the synthetic task, through the real Ray jobs.
+
+corpus (Pillow scenes with Chinese captions, some captions held out) -> [train-vq] -> tokenize ->
+train (a fresh GPT) -> generate (a contact sheet of held-out captions) -> evaluate (caption accuracy
+by the pixel judge, with chance levels). Every step is the same job a user runs by hand, called
+in-process on one Ray session; the summary names each step's output and the scores.
+
+Without `--train-vq-steps` the demo reuses a VQGAN (the bundled model's by default) so it fits in a
+few minutes on 2 cores; `make bundled-model` runs it with VQ training and more steps to make the
+model that ships in the package.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+
+import fsspec
+
+from painter import synthetic
+from painter.checkpoint import bundled_model_dir, new_model
+from painter.errors import InputError
+from painter.options import option
+from painter.text import TextTokenizer
+
+
+@dataclass(kw_only=True)
+class Options:
+    output: str = option("out/demo", "folder for every step's output (corpus, tokens, model, images, scores)")
+    rows: int = option(6000, "images in the synthetic training corpus")
+    size: int = option(32, "image size of the corpus (the model's VQGAN size)")
+    hold_out: int = option(60, "whole captions kept out of the corpus; evaluation draws from them")
+    base_model: str | None = option(None, "model directory whose VQGAN and vocab to use (default: the bundled model)")
+    train_vq_steps: int = option(0, "train a fresh VQGAN for this many steps first (0: reuse the base model's)")
+    preset: str = option("demo", "shape of the GPT trained from scratch")
+    steps: int = option(1500, "GPT optimizer steps")
+    batch_size: int = option(64, "GPT training batch size per worker")
+    lr: float = option(1e-3, "GPT peak learning rate")
+    workers: int = option(1, "Ray Train workers for the GPT")
+    captions: int = option(200, "held-out captions generated and judged by the evaluation")
+    top_k: int = option(4, "top-k of generation and evaluation (1 is greedy)")
+    seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
+
+
+def _step(name: str, options, log: dict) -> dict:
+    """Run one job in-process (as `painter <name>` would) and keep its summary."""
+    from painter.cli import run_command
+
+    start = time.time()
+    print(f"[demo] {name} ...", flush=True)
+    summary = run_command(name, options)
+    failed = summary.get("_failed")
+    log[name] = {"seconds": round(time.time() - start, 1), **summary}
+    if failed:
+        raise InputError(f"demo step {name} failed: {failed}")
+    print(f"[demo] {name} done in {log[name]['seconds']} s", flush=True)
+    return summary
+
+
+def _write_prompts(path: str, captions: list[str]) -> str:
+    with fsspec.open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(captions):
+            f.write(f"p{i:04d}\t{text}\n")
+    return path
+
+
+def _corpus(o: Options, out: str) -> tuple[str, str]:
+    """The training corpus (held-out captions excluded) and the held-out caption file."""
+    held_out = synthetic.hold_out_captions(o.hold_out, o.seed)
+    corpus = posixpath.join(out, "corpus")
+    synthetic.write_corpus(corpus, o.rows, shards=4, size=o.size, seed=o.seed, held_out=held_out)
+    held_out_path = posixpath.join(corpus, "_held_out.txt")
+    with fsspec.open(held_out_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(held_out) + "\n")
+    return corpus, held_out_path
+
+
+def _vqgan_model(o: Options, out: str, corpus: str, log: dict) -> str:
+    """The model directory whose VQGAN tokenizes the corpus: trained now, given, or bundled."""
+    if o.train_vq_steps <= 0:
+        return o.base_model or bundled_model_dir()
+    from painter.stages import train_vq
+
+    vocab = posixpath.join(out, "caption_vocab.txt")
+    TextTokenizer(synthetic.caption_vocab()).save(vocab)
+    start = new_model(o.preset, posixpath.join(out, "vq-start"), seed=o.seed, vocab=vocab)
+    vq_out = posixpath.join(out, "vq-model")
+    _step("train-vq", train_vq.Options(input=[corpus], model=start, output=vq_out, max_steps=o.train_vq_steps,
+                                       seed=o.seed, name=f"vq-{int(time.time())}"), log)
+    return vq_out
+
+
+def run(o: Options) -> dict:
+    from painter.stages import evaluate, generate, tokenize, train
+
+    out = os.path.abspath(o.output) if "://" not in o.output else o.output
+    log: dict = {}
+    start = time.time()
+    corpus, held_out = _corpus(o, out)
+    print(f"[demo] corpus: {o.rows} images in {corpus}, {o.hold_out} captions held out", flush=True)
+    base = _vqgan_model(o, out, corpus, log)
+    tokens, model = posixpath.join(out, "tokens"), posixpath.join(out, "model")
+    _step("tokenize", tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), log)
+    _step("train", train.Options(
+        data=[tokens], preset=o.preset, vqgan=base, output=model, run_dir=posixpath.join(out, "runs"),
+        name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
+        lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1), log_every=100,
+        seed=o.seed), log)
+    prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
+    _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
+                                       samples=2, top_k=o.top_k, seed=o.seed), log)
+    scores = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
+                                                top_k=o.top_k, seed=o.seed, output=posixpath.join(out, "eval")), log)
+    return {
+        "model": model, "contact_sheet": log["generate"].get("contact_sheet"),
+        "evaluation_sheet": scores.get("contact_sheet"),
+        "caption_accuracy": {k: scores.get(k) for k in ("colour_shape", "all", "shape", "colour",
+                                                         "background", "size", "position")},
+        "chance": scores.get("chance"), "final_loss": log["train"].get("final_loss"),
+        "seconds_by_step": {name: step["seconds"] for name, step in log.items()},
+        "demo_seconds": round(time.time() - start, 1),
+    }
+
+
+def _lines(path: str) -> list[str]:
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
