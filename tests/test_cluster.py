@@ -86,8 +86,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` on loopback, dashboard included; stopped by signalling that process."""
+    """`ray start --head --block` on loopback, dashboard included; stopped by signalling that process.
+
+    Every port a node's agents bind gets a free one: the suite's in-process Ray already holds the
+    defaults (the dashboard agent's 52365 above all), and a head whose job agent cannot bind refuses
+    every submission with "No available agent".
+    """
     port = _free_port()
+    agent_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
@@ -96,7 +104,7 @@ def ray_head():
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--port=0", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
     try:
