@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Any
+
+from painter.errors import InputError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
@@ -72,3 +75,19 @@ def from_args(cls, namespace: argparse.Namespace):
 def to_dict(options) -> dict:
     """JSON-ready dict of an options dataclass, for run manifests."""
     return dataclasses.asdict(options)
+
+
+def parse_storage_options(text: str | None) -> dict:
+    """`--storage-options`: a JSON object of fsspec/s3fs options, or {} when not given.
+
+    The text may hold credentials, so an error reports where it is malformed, never what it says.
+    """
+    if not text:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--storage-options is not valid JSON (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(parsed, dict):
+        raise InputError("--storage-options must be a JSON object")
+    return parsed

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from painter.checkpoint import PRESETS
 from painter.models.gpt import GPT, GPTConfig, KVCache, attention_mask_keys

@@ -37,7 +37,7 @@ class Options:
     steps: int = option(1500, "GPT optimizer steps")
     batch_size: int = option(64, "GPT training batch size per worker")
     lr: float = option(1e-3, "GPT peak learning rate")
-    workers: int = option(1, "Ray Train workers for the GPT")
+    workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
     top_k: int = option(4, "top-k of generation and evaluation (1 is greedy)")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
@@ -86,8 +86,10 @@ def _vqgan_model(o: Options, out: str, corpus: str, log: dict) -> str:
     TextTokenizer(synthetic.caption_vocab()).save(vocab)
     start = new_model(o.preset, posixpath.join(out, "vq-start"), seed=o.seed, vocab=vocab)
     vq_out = posixpath.join(out, "vq-model")
-    _step("train-vq", train_vq.Options(input=[corpus], model=start, output=vq_out, max_steps=o.train_vq_steps,
-                                       seed=o.seed, name=f"vq-{int(time.time())}"), log)
+    _step("train-vq", train_vq.Options(
+        input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
+        workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
+        checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}"), log)
     return vq_out
 
 

@@ -53,7 +53,7 @@ from painter.io import output as out
 from painter.io import sheet
 from painter.io import tables
 from painter.io.images import IMAGE_FORMATS, ImageRejected, fit_square, image_bytes, load_image, to_model_input
-from painter.options import option
+from painter.options import option, parse_storage_options
 from painter.runtime import pick_device
 
 STAGE = "evaluate"
@@ -127,18 +127,6 @@ class Rejected:
 
 def _say(message: str) -> None:
     print(f"evaluate: {message}", file=sys.stderr, flush=True)
-
-
-def _storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as e:  # the text may hold secrets: report the position only
-        raise InputError(f"--storage-options is not valid JSON (line {e.lineno}, column {e.colno})") from None
-    if not isinstance(parsed, dict):
-        raise InputError("--storage-options must be a JSON object")
-    return parsed
 
 
 def check(options: Options) -> None:
@@ -308,7 +296,7 @@ def read_captions(options: Options, storage: dict) -> list[str]:
 
 
 def _generate(options: Options, model, device) -> tuple[list[Candidate], dict]:
-    captions = read_captions(options, _storage_options(options.storage_options))
+    captions = read_captions(options, parse_storage_options(options.storage_options))
     try:
         config = GenerationConfig(seed=options.seed, temperature=options.temperature,
                                   top_k=options.top_k or None, top_p=options.top_p)
@@ -463,7 +451,7 @@ def _sheet(judged: list[tuple[Candidate, ev.Verdict]], options: Options) -> tupl
 def evaluate(options: Options) -> dict:
     """The whole evaluation in this process (see the module docstring); the run's summary."""
     check(options)
-    storage = _storage_options(options.storage_options)
+    storage = parse_storage_options(options.storage_options)
     device = pick_device(options.device)
     rejected = Rejected()
     started = time.time()

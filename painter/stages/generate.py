@@ -43,7 +43,7 @@ from painter.io import output as out
 from painter.io import sheet
 from painter.io.images import IMAGE_FORMATS
 from painter.io.tables import REASON, ROW, SOURCE, rejected_table
-from painter.options import option, to_dict
+from painter.options import option, parse_storage_options, to_dict
 from painter.stages.common import actor_resources, cluster_has_gpus, join, read_input
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -88,18 +88,6 @@ class Prompts:
     rejected: pa.Table  # REJECTED_SCHEMA
     rows_in: int
     dropped_columns: list[str]
-
-
-def _storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as e:  # the text may hold secrets: report the position only
-        raise InputError(f"--storage-options is not valid JSON (line {e.lineno}, column {e.colno})") from None
-    if not isinstance(parsed, dict):
-        raise InputError("--storage-options must be a JSON object")
-    return parsed
 
 
 def _generation_config(options: Options) -> GenerationConfig:
@@ -320,7 +308,7 @@ def resolve(options: Options) -> Settings:
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
-    return Settings(_storage_options(options.storage_options), _generation_config(options),
+    return Settings(parse_storage_options(options.storage_options), _generation_config(options),
                     out.check_run_date(options.run_date or date.today().isoformat()),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch)

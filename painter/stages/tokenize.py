@@ -16,7 +16,6 @@ later ones are rejected with "duplicate idx (first at FILE:ROW)". Shard rows are
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
-from painter.options import option
+from painter.options import option, parse_storage_options
 from painter.stages.common import (actor_resources, arrow_filesystem, join, painter_error_from, read_input,
                                    write_rejected)
 
@@ -64,18 +63,6 @@ class Options:
 
 def _log(message: str) -> None:
     print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
-
-
-def parse_storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"--storage-options is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise InputError("--storage-options must be a JSON object")
-    return value
 
 
 def _check_options(options: Options) -> None:
