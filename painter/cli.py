@@ -35,6 +35,7 @@ class Command:
 COMMANDS = {
     "tokenize": Command("painter.stages.tokenize", "encode TSV/Parquet image corpora into VQGAN token shards", True),
     "train": Command("painter.stages.train", "fine-tune the GPT on token shards with Ray Train (DDP)", True),
+    "train-vq": Command("painter.stages.train_vq", "train the VQGAN of a model directory on an image corpus (stage 1)", True),
     "generate": Command("painter.stages.generate", "generate images for a table of texts into partitioned output", True),
     "new-model": Command("painter.commands", "write a randomly initialised model directory from a preset"),
     "import-easynlp": Command("painter.commands", "import an EasyNLP pai-painter-*-zh directory"),

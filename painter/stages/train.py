@@ -170,18 +170,9 @@ def scaling_config(o: Options):
 
 
 def run(o: Options) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     start = resolve_start(o)
     scaling = scaling_config(o)
-    storage = o.run_dir or posixpath.join(o.output, "_runs")
-    run_path = posixpath.join(storage, o.name)
-    if exists(run_path) and not o.resume:
-        raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
-                         "or --name to start another")
-    if o.resume and not exists(run_path):
-        raise InputError(f"{run_path}: no run {o.name!r} to resume")
+    storage, run_path = run_location(o)
     files, val_files = list_shards(o.data), list_shards(o.val_data)
     datasets = {"train": read_shards(files, start.shard_info)}
     if val_files:
@@ -194,19 +185,7 @@ def run(o: Options) -> dict:
         print(f"train: {start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})", flush=True)
     loop_config = worker_config(o, start, run_path, steps_per_epoch, total)
-    # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
-        run_config=RunConfig(name=o.name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=o.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": env}))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise PainterError(f"{run_path}: the run ended without a checkpoint")
+    result = fit(train_loop, loop_config, datasets, scaling, o, storage)
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
                "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
@@ -214,6 +193,45 @@ def run(o: Options) -> dict:
                "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path}
     export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary})
     return summary
+
+
+def run_location(o) -> tuple[str, str]:
+    """(storage path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
+
+    An existing run is refused unless `o.resume`, and `o.resume` needs one (a reused name would
+    otherwise silently resume, or do nothing).
+    """
+    storage = o.run_dir or posixpath.join(o.output, "_runs")
+    run_path = posixpath.join(storage, o.name)
+    if exists(run_path) and not o.resume:
+        raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
+                         "or --name to start another")
+    if o.resume and not exists(run_path):
+        raise InputError(f"{run_path}: no run {o.name!r} to resume")
+    return storage, run_path
+
+
+def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
+    """Run `loop` on a TorchTrainer as run `o.name` under `storage` (`o.max_failures` restarts from
+    the last checkpoint, the last two checkpoints kept, the test fault switch passed on); the Result.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if FAULT_ENV in os.environ:
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
+        run_config=RunConfig(name=o.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=o.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise PainterError(f"{posixpath.join(storage, o.name)}: the run ended without a checkpoint")
+    return result
 
 
 def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int) -> dict:

@@ -1,0 +1,279 @@
+"""The train-vq job (stage 1): Ray Train DDP training of a model directory's VQGAN on an image corpus.
+
+Pipeline:
+  check      Ray Data over the whole corpus (read_input -> decode on CPU tasks), keeping only the
+             small (idx, file, row, reason) columns: counts the rows, writes the rejected ones to
+             `<output>/_rejected/` (replaced on every run) and fails early above `--max-error-rate`.
+  hold out   the first `--eval-images` good rows by (file, row) (at most a fifth of them) are kept
+             out of training and decoded once (`eval`); their reconstruction error, PSNR and code use
+             are measured with the starting weights and after the last step.
+  train      the other good rows stream from Ray Data CPU tasks (decode -> uint8 (S, S, 3) pixels) to
+             the workers every epoch; each runs `painter.stages.train_vq_worker.train_loop`
+             (`painter.vq_training.train_step` over its split: L1 + L2 + codebook loss, dead-code
+             restarts every `--restart-every` steps, an optional PatchGAN term with `--gan-weight`).
+  export     the final checkpoint's model directory is copied to `--output` with `train.json`.
+Images are decoded once by the check and once per epoch by the training stream (nothing the size of
+the corpus's pixels is ever held), plus once for the held-out rows.
+
+The output directory holds the input model's config, vocab and GPT (copied; a GPT fine-tuned on the
+old VQGAN's codes is no longer matched to the new one) and the trained VQGAN, whose new fingerprint
+is in its config.json: token shards made with the old VQGAN are refused by `painter train`, as they
+should be; tokenize the corpus again with the output directory.
+
+The learning rate defaults to what suits the start: 2e-3 with `--from-scratch` (a prototype trained
+the `tiny` VQGAN with it: Adam, batch 32, restarts every 100 steps), 1e-4 when starting from the
+model's weights, where 2e-3 would wreck a pretrained 256-px VQGAN in a few steps.
+
+Runs, checkpoints, `metrics.jsonl`, `--resume` and the recovery of a failed worker group are the GPT
+train job's (`painter.stages.train`): the same run layout under `--run-dir` (default
+`<output>/_runs`), the same rules for names, and the same test-only fault switch
+(`PAINTER_TEST_FAIL_AT_STEP`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from painter.checkpoint import load_model
+from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS
+from painter.errors import CheckpointError, ErrorRateExceeded, InputError
+from painter.io import tables
+from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
+from painter.io.tables import REASON, ROW, SOURCE
+from painter.options import option, parse_storage_options, to_dict
+from painter.stages.common import join, painter_error_from, read_input, write_rejected
+from painter.stages.tokenize import DEFAULT_SCHEMA
+from painter.stages.train import export_model, fit, plan_steps, run_location, scaling_config
+from painter.stages.train_vq_worker import train_loop
+from painter.stages.train_worker import exists
+from painter.vq_training import VQTrainConfig
+
+STAGE = "train-vq"
+SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4
+
+
+@dataclass(kw_only=True)
+class Options:
+    input: list[str] = option(help="TSV/Parquet image corpus: files, globs, directories or s3:// prefixes")
+    model: str = option(help="model directory (or zoo name) whose VQGAN to train; its weights are the start "
+                             "unless --from-scratch")
+    output: str = option(help="model directory to write: the input's config, vocab and GPT with the trained VQGAN")
+    input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name imgbase64 (text is not needed)")
+    from_scratch: bool = option(False, "start from a seeded random VQGAN of the model's config, not its weights")
+    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
+    name: str = option("train-vq", "run name under --run-dir; an existing one needs --resume")
+    resume: bool = option(False, "continue the run --name from its last checkpoint")
+    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
+                                         choices=(0, 1))
+    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
+    epochs: int = option(1, "passes over the training images (unless --max-steps is given)")
+    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
+    batch_size: int = option(32, "images per batch per worker")
+    lr: float | None = option(None, f"peak learning rate (default: {SCRATCH_LR:g} when training from scratch, "
+                                    f"what suits a small VQGAN; {FINE_TUNE_LR:g} when starting from the model's weights)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
+    warmup_steps: int = option(0, "optimizer steps of linear lr warm-up")
+    grad_clip: float = option(1.0, "clip the VQGAN's global grad norm to this (0: no clipping)")
+    restart_every: int = option(100, "optimizer steps between dead-code restarts (codes unused since the last "
+                                     "restart take random encoder outputs); 0: never")
+    gan_weight: float = option(0.0, "weight of the PatchGAN hinge term (0: no discriminator)")
+    gan_start: int = option(0, "optimizer steps before the GAN term starts")
+    eval_images: int = option(256, "good rows held out to measure reconstruction (at most a fifth of them; 0: none)")
+    shuffle_buffer: int = option(256, "images in each worker's local shuffle buffer (reshuffled every epoch)")
+    seed: int = option(0, "seed of the init, the shuffles and the restarts")
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
+    log_every: int = option(10, "optimizer steps between logged metrics")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
+    max_error_rate: float = option(0.01, "fail before training, after writing the rejected rows, when a larger "
+                                         "fraction of the rows is rejected")
+    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output paths")
+
+    @property
+    def grad_accum(self) -> int:  # `painter.stages.train.plan_steps` sizes runs by it; no accumulation here
+        return 1
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (SCRATCH_LR if self.from_scratch else FINE_TUNE_LR)
+
+
+def _log(message: str) -> None:
+    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+
+
+def _check_options(o: Options) -> None:
+    names = [c.name for c in tables.parse_schema(o.input_schema)]
+    if BASE64_COLUMN not in names:
+        raise InputError(f"--input-schema {o.input_schema!r} names no {BASE64_COLUMN!r} column")
+    if min(o.batch_size, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
+        raise InputError("--batch-size, --workers, --max-pixels and --max-steps must be positive")
+    if min(o.eval_images, o.restart_every, o.gan_start, o.warmup_steps, o.shuffle_buffer) < 0 or o.gan_weight < 0:
+        raise InputError("--eval-images, --restart-every, --gan-start, --gan-weight, --warmup-steps and "
+                         "--shuffle-buffer must not be negative")
+    if not 0 <= o.max_error_rate <= 1:
+        raise InputError(f"--max-error-rate must be between 0 and 1, got {o.max_error_rate}")
+    if o.peak_lr <= 0:
+        raise InputError(f"--lr must be positive, got {o.lr}")
+
+
+# --- the Ray Data side ---------------------------------------------------------------------------
+
+
+def _image_column(batch: pa.Table) -> tuple[str, bool]:
+    if BASE64_COLUMN in batch.column_names:
+        return BASE64_COLUMN, True
+    return BINARY_COLUMN, False  # Parquet read with the `image` alternative
+
+
+def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
+                   eval_keys: frozenset = frozenset()) -> pa.Table:
+    """Rows read by `read_input` -> decoded images, on a Ray Data CPU task. Never raises for bad data.
+
+    keep="check": every row's (idx, _source, _row, _reason), the images decoded but not returned;
+    keep="train": `pixels` (uint8 (size, size, 3) bytes) of the good rows not in `eval_keys`;
+    keep="eval":  `pixels` of the good rows in `eval_keys` (only those are decoded).
+    Keys are (file, row) pairs.
+    """
+    column, is_base64 = _image_column(batch)
+    cells, reasons = batch[column].to_pylist(), batch[REASON].to_pylist()
+    sources, rows = batch[SOURCE].to_pylist(), batch[ROW].to_pylist()
+    pixels = []
+    for i in range(batch.num_rows):
+        if reasons[i] is not None:
+            continue
+        if keep != "check" and ((sources[i], rows[i]) in eval_keys) != (keep == "eval"):
+            continue
+        array, reasons[i] = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels)
+        if array is not None and keep != "check":
+            pixels.append(array.tobytes())
+    if keep != "check":
+        return pa.table({PIXELS: pa.array(pixels, pa.binary())})
+    idx = batch["idx"].to_pylist() if "idx" in batch.column_names else [None] * batch.num_rows
+    return pa.table({"idx": pa.array([None if v is None else str(v) for v in idx], pa.string()),
+                     SOURCE: batch[SOURCE].cast(pa.string()), ROW: batch[ROW].cast(pa.int64()),
+                     REASON: pa.array(reasons, pa.string())})
+
+
+def image_dataset(o: Options, storage: dict, size: int, keep: str, eval_keys: frozenset = frozenset(),
+                  paths: list[str] | None = None) -> ray.data.Dataset:
+    """The lazy read -> decode graph of `prepare_images` (reading at 0.25 CPU, decoding at 0.5: unfused)."""
+    rows = read_input(paths or o.input, o.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
+                      num_cpus=0.25)
+    return rows.map_batches(prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                            fn_kwargs={"size": size, "max_pixels": o.max_pixels, "keep": keep,
+                                       "eval_keys": eval_keys})
+
+
+def check_corpus(o: Options, storage: dict, size: int, errors: str) -> pa.Table:
+    """Decode every row once; write the rejected rows to `errors` (replacing what is there); the keys table."""
+    checked = image_dataset(o, storage, size, "check").materialize()
+    parts = [t for t in ray.get(checked.to_arrow_refs()) if t.num_rows]
+    keys = pa.concat_tables(parts) if parts else pa.table(
+        {"idx": pa.array([], pa.string()), SOURCE: pa.array([], pa.string()), ROW: pa.array([], pa.int64()),
+         REASON: pa.array([], pa.string())})
+    fs, root = tables.url_to_fs(errors, storage)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    if pc.sum(pc.is_valid(keys[REASON])).as_py():
+        write_rejected(checked, errors, STAGE, storage)
+    return keys
+
+
+def held_out_keys(keys: pa.Table, eval_images: int) -> list[tuple[str, int]]:
+    """The first `eval_images` good rows by (file, row), at most a fifth of the good rows."""
+    good = keys.filter(pc.is_null(keys[REASON])).sort_by([(SOURCE, "ascending"), (ROW, "ascending")])
+    n = min(eval_images, good.num_rows // 5)
+    return list(zip(good[SOURCE].to_pylist()[:n], good[ROW].to_pylist()[:n]))
+
+
+def _first_rejection(keys: pa.Table) -> str:
+    bad = keys.filter(pc.is_valid(keys[REASON])).sort_by([(SOURCE, "ascending"), (ROW, "ascending")])
+    return f"{bad[SOURCE][0].as_py()} row {bad[ROW][0].as_py()}: {bad[REASON][0].as_py()}"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def run(o: Options) -> dict:
+    """Train the VQGAN; the summary has the losses, held-out reconstruction and code use, and row counts."""
+    start_time = time.time()
+    _check_options(o)
+    storage = parse_storage_options(o.storage_options)
+    source = load_model(o.model, parts=())
+    if not o.from_scratch and not source.vqgan_fingerprint and not exists(join(source.path, "vqgan.safetensors")):
+        raise CheckpointError(f"{source.path}: no VQGAN weights to start from (pass --from-scratch)")
+    if tables.url_to_fs(source.path)[1].rstrip("/") == tables.url_to_fs(o.output)[1].rstrip("/"):
+        raise InputError(f"--output {o.output} is the --model directory; write the trained model elsewhere")
+    scaling = scaling_config(o)
+    storage_path, run_path = run_location(o)
+    size = source.config.vqgan.resolution
+    errors = join(o.output, "_rejected")
+    _log(f"checking {', '.join(o.input)}: decoding every image at {size}x{size}")
+    try:
+        keys = check_corpus(o, storage, size, errors)
+    except Exception as e:
+        raise (painter_error_from(e) or e) from None
+    rows_in, rows_rejected = keys.num_rows, pc.sum(pc.is_valid(keys[REASON])).as_py() or 0
+    good = rows_in - rows_rejected
+    if rows_in == 0:
+        raise InputError(f"{', '.join(o.input)}: no rows to read")
+    if good == 0:
+        raise InputError(f"{', '.join(o.input)}: no usable images (all {rows_in} rows rejected; first at "
+                         f"{_first_rejection(keys)}); rejected rows are in {errors}")
+    if rows_rejected / rows_in > o.max_error_rate:
+        raise ErrorRateExceeded(f"{rows_rejected} of {rows_in} rows rejected ({rows_rejected / rows_in:.2%}) > "
+                                f"--max-error-rate {o.max_error_rate:g}; see {errors}")
+    held_out = held_out_keys(keys, o.eval_images)
+    eval_keys = frozenset(held_out)
+    train_rows = good - len(held_out)
+    steps_per_epoch, total = plan_steps(train_rows, o)
+    datasets = {"train": image_dataset(o, storage, size, "train", eval_keys)}
+    if held_out:
+        eval_files = sorted({s for s, _ in held_out})
+        datasets["eval"] = image_dataset(o, storage, size, "eval", eval_keys, paths=eval_files).materialize()
+    _log(f"{rows_in} rows, {rows_rejected} rejected, {len(held_out)} held out, {train_rows} to train on; "
+         f"{o.workers} workers, {steps_per_epoch} steps/epoch, {total} steps{' (resuming)' if o.resume else ''} "
+         f"-> {run_path}")
+    train = VQTrainConfig(lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
+                          grad_clip=o.grad_clip, restart_every=o.restart_every, gan_weight=o.gan_weight,
+                          gan_start=o.gan_start)
+    loop_config = {"source": source.path, "model": source.config.to_dict(), "from_scratch": o.from_scratch,
+                   "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                   "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
+                   "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
+                   "has_eval": bool(held_out)}
+    result = fit(train_loop, loop_config, datasets, scaling, o, storage_path)
+    m = result.metrics
+    summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
+    summary |= {"checkpoint": result.checkpoint.path, "previous_vqgan": source.vqgan_fingerprint}
+    export_model(result.checkpoint, o.output, {"options": to_dict(o) | {"lr": o.peak_lr}, "summary": summary})
+    summary["vqgan"] = load_model(o.output, parts=()).vqgan_fingerprint
+    summary["seconds"] = round(time.time() - start_time, 3)
+    return summary
+
+
+def _summary(o: Options, m: dict, rows_in: int, rows_rejected: int, train_rows: int, steps_per_epoch: int,
+             run_path: str, errors: str) -> dict:
+    final, start = m.get("eval") or {}, m.get("start_eval") or {}
+    measured = bool(final.get("images"))
+    return {
+        "steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3),
+        "first_loss": m["first_loss"], "final_loss": m["loss"],
+        # held-out images when there are any, else the last logging window of training
+        "reconstruction_l1": final["l1"] if measured else m["l1"], "psnr": final.get("psnr"),
+        "codebook_usage": final["codebook_usage"] if measured else m["codebook_usage"],
+        "perplexity": final["perplexity"] if measured else m["perplexity"],
+        "start_reconstruction_l1": start.get("l1"), "start_psnr": start.get("psnr"),
+        "start_codebook_usage": start.get("codebook_usage"), "eval_images": final.get("images", 0),
+        "train_l1": m["l1"], "train_codebook_usage": m["codebook_usage"], "train_perplexity": m["perplexity"],
+        "codes_restarted": m["codes_restarted"], "images_per_second": m["run_images_per_second"],
+        "rows_in": rows_in, "rows_rejected": rows_rejected, "rows": train_rows, "errors": errors,
+        "steps_per_epoch": steps_per_epoch, "workers": o.workers, "lr": o.peak_lr, "output": o.output, "run": run_path,
+    }

@@ -1,0 +1,224 @@
+"""The train-vq job's worker side: what every Ray Train worker runs (`train_loop`), DDP over decoded images.
+
+`VQWorkerRun` is the GPT job's `painter.stages.train_worker.WorkerRun` with the VQGAN in place of the
+GPT: it keeps that class's reporting (rank 0 prints the metrics and appends them to
+`<run>/metrics.jsonl`; every rank calls `ray.train.report`, rank 0 with the checkpoint), its
+checkpoint layout (a full model directory plus `train_state.pt`) and its test-only fault switch, and
+replaces what is model-specific: restoring the VQGAN (and discriminator) and Adam, the pixel batches
+(uint8 (B, H, W, 3) rows from Ray Data, turned into [-1, 1] floats on the worker's device), the
+step (`painter.vq_training.train_step`: reconstruction + codebook loss, dead-code restarts, optional
+GAN), the metrics (loss, L1, codebook usage and perplexity over the logging window, lr) and the
+held-out reconstruction measurement (`painter.evaluate.ReconstructionMeter` on every rank's part of
+the `eval` dataset, summed over ranks) before the first step and after the last.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from painter.checkpoint import ModelConfig, load_model, save_model
+from painter.encoder import PIXELS
+from painter.evaluate import ReconstructionMeter
+from painter.models.vqgan import VQGAN
+from painter.stages.train_worker import STATE_FILE, WorkerRun, copy_file, exists
+from painter.vq_training import (CodeCounter, PatchDiscriminator, VQTrainConfig, make_optimizers, train_step,
+                                 usage_from_counts)
+
+
+def train_loop(cfg: dict) -> None:
+    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
+    VQWorkerRun(cfg).run()
+
+
+def _pixel_collate(size: int):
+    """A Ray collate fn: an Arrow batch with a `pixels` binary column -> uint8 tensor (B, size, size, 3)."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class PixelCollate(ArrowBatchCollateFn):
+        def __call__(self, table: pa.Table) -> torch.Tensor:
+            cells = table.column(PIXELS).to_pylist()
+            data = np.frombuffer(b"".join(cells), dtype=np.uint8)
+            return torch.from_numpy(data.reshape(len(cells), size, size, 3).copy())
+
+    return PixelCollate()
+
+
+def to_images(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] on `device`: x / 127.5 - 1, as
+    `painter.io.images.to_model_input` (converted after the copy, so only bytes cross to a GPU)."""
+    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return (x / 127.5 - 1.0).contiguous()
+
+
+class VQWorkerRun(WorkerRun):
+    """One worker's session: VQGAN, discriminator and optimizers (restored from the last checkpoint if any)."""
+
+    def __init__(self, cfg: dict):  # replaces WorkerRun.__init__ (which builds a GPT)
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.config = ModelConfig.from_dict(cfg["model"])
+        self.tc: VQTrainConfig = cfg["train"]
+        self.size = self.config.vqgan.resolution
+        self.tokenizer = load_model(cfg["source"], parts=()).tokenizer
+        self.vqgan, self.disc, self.state = self._restore(ray.train.get_checkpoint())
+        self.model = ray.train.torch.prepare_model(self.vqgan)  # DDP (gloo on CPU) when world > 1
+        self.discriminator = None
+        if self.disc is not None:
+            self.discriminator = ray.train.torch.prepare_model(self.disc)
+        self.optimizer, self.disc_optimizer = make_optimizers(self.vqgan, self.tc, self.disc)
+        self.counter = CodeCounter(self.config.vqgan.n_embed, self.device)
+        saved = self.state.pop("saved", None)
+        if saved:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.disc_optimizer is not None and saved.get("disc_optimizer"):
+                self.disc_optimizer.load_state_dict(saved["disc_optimizer"])
+            self.counter.load_state_dict(saved["counter"])
+        self.window_rows, self.window_start = 0, time.perf_counter()
+
+    def _restore(self, checkpoint) -> tuple[VQGAN, PatchDiscriminator | None, dict]:
+        c = self.cfg
+        disc = PatchDiscriminator.for_resolution(self.size) if self.tc.gan_weight > 0 else None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                vqgan = load_model(d, parts=("vqgan",)).vqgan
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            if disc is not None and state.get("discriminator"):
+                disc.load_state_dict(state["discriminator"])
+            state["saved"] = {k: state.pop(k) for k in ("optimizer", "disc_optimizer", "counter") if k in state}
+            state.pop("discriminator", None)
+            print(f"train-vq: rank {self.rank} resumes at step {state['step']} from {checkpoint.path}", flush=True)
+            return vqgan.train(), disc, state
+        if c["from_scratch"]:
+            torch.manual_seed(c["seed"])
+            vqgan = VQGAN(self.config.vqgan)
+        else:
+            vqgan = load_model(c["source"], parts=("vqgan",)).vqgan
+        if disc is not None:
+            torch.manual_seed(c["seed"] + 1)
+            disc = PatchDiscriminator.for_resolution(self.size)
+        return vqgan.train(), disc, {"step": 0, "first_loss": None, "images": 0, "seconds": 0.0,
+                                     "codes_restarted": 0, "start_eval": None, "metrics": {}}
+
+    def run(self) -> None:
+        import ray.train
+
+        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
+        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
+            ray.train.report(self.state["metrics"])
+            return
+        if self.cfg["has_eval"] and self.state["start_eval"] is None:
+            self.state["start_eval"] = self._evaluate()  # the starting weights, before any step
+        shard = ray.train.get_dataset_shard("train")
+        while self.state["step"] < total:
+            epoch, done = divmod(self.state["step"], spe)
+            batches = self._batches(shard, epoch, skip=done)
+            for done in range(done + 1, spe + 1):
+                images = self._next(batches, epoch)
+                result = train_step(self.model, self.optimizer, images, self.tc, self.state["step"], self.counter,
+                                    discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
+                                    seed=self.cfg["seed"])
+                self.state["step"] += 1
+                self.state["codes_restarted"] += result.restarted
+                self.window_rows += result.rows
+                self._after_step(result, epoch, epoch_end=done == spe)
+                if self.state["step"] >= total:
+                    break
+
+    def _batches(self, shard, epoch: int, skip: int):
+        """This worker's image batches of `epoch` (seeded local shuffle), the first `skip` left out."""
+        c, buffer = self.cfg, self.cfg["shuffle_buffer"]
+        batches = shard.iter_torch_batches(
+            batch_size=c["batch_size"], drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
+            local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+            local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
+        for i, pixels in enumerate(batches):
+            if i >= skip:
+                yield to_images(pixels, self.device)
+
+    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
+        """Log and checkpoint when due (every rank takes the same branches), then the fault switch."""
+        c, step = self.cfg, self.state["step"]
+        final = step == c["total_steps"]
+        log = step == 1 or step % c["log_every"] == 0 or final
+        checkpoint = step % c["checkpoint_every"] == 0 or final
+        if log or checkpoint:
+            metrics = self._metrics(result, epoch)
+            if final and c["has_eval"]:
+                metrics |= {"eval": self._evaluate()}
+            self._report(metrics, checkpoint)
+        self._maybe_fail(step)
+
+    def _metrics(self, result, epoch: int) -> dict:
+        """The step's losses averaged over ranks, codebook use over the window, throughput since the last report."""
+        zero = torch.zeros((), device=self.device)
+        values = torch.stack([result.loss, result.l1, result.l2, result.codebook, result.grad_norm,
+                              zero if result.gan is None else result.gan,
+                              zero if result.disc_loss is None else result.disc_loss]).float()
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        loss, l1, l2, codebook, grad_norm, gan, disc = values.tolist()
+        usage = self.counter.window_usage()  # every rank: it all-reduces
+        seconds = time.perf_counter() - self.window_start
+        images = self.window_rows * self.world
+        self.state["images"] += images
+        self.state["seconds"] += seconds
+        if self.state["step"] == 1:
+            self.state["first_loss"] = loss
+        metrics = {"step": self.state["step"], "epoch": epoch, "time": round(time.time(), 3), "loss": loss,
+                   "l1": l1, "l2": l2, "codebook_loss": codebook, "codebook_usage": usage["codebook_usage"],
+                   "perplexity": usage["perplexity"], "codes_used": usage["codes_used"], "lr": result.lr,
+                   "grad_norm": grad_norm, "codes_restarted": self.state["codes_restarted"],
+                   "images_per_second": images / max(seconds, 1e-9),
+                   "run_images_per_second": self.state["images"] / max(self.state["seconds"], 1e-9),
+                   "first_loss": self.state["first_loss"], "start_eval": self.state["start_eval"]}
+        if result.gan is not None:
+            metrics |= {"gan_loss": gan, "disc_loss": disc}
+        return metrics
+
+    def _evaluate(self) -> dict:
+        """Reconstruction L1/L2/PSNR and codebook use of the current VQGAN on the held-out images (all ranks)."""
+        import ray.train
+
+        meter = ReconstructionMeter(self.config.vqgan.n_embed)
+        self.vqgan.eval()
+        for pixels in ray.train.get_dataset_shard("eval").iter_torch_batches(
+                batch_size=self.cfg["batch_size"], collate_fn=_pixel_collate(self.size)):
+            meter.update(self.vqgan, to_images(pixels, self.device))
+        self.vqgan.train()
+        sums = torch.tensor([meter.abs_sum, meter.sq_sum, meter.values, sum(meter.psnr), len(meter.psnr)],
+                            dtype=torch.float64, device=self.device)
+        counts = torch.as_tensor(meter.counts, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        abs_sum, sq_sum, values, psnr, images = sums.tolist()
+        if not images:
+            return {"images": 0}
+        usage = usage_from_counts(counts)
+        return {"images": int(images), "l1": abs_sum / values, "l2": sq_sum / values, "psnr": psnr / images,
+                "codebook_usage": usage["codebook_usage"], "perplexity": usage["perplexity"],
+                "codes_used": usage["codes_used"]}
+
+    def _save(self, directory: str) -> None:
+        """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
+        for name in ("config.json", "gpt.safetensors"):  # config.json first: it carries the GPT fingerprint
+            if exists(posixpath.join(self.cfg["source"], name)):
+                copy_file(posixpath.join(self.cfg["source"], name), os.path.join(directory, name))
+        save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)
+        state = dict(self.state) | {
+            "optimizer": self.optimizer.state_dict(), "counter": self.counter.state_dict(),
+            "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
+        if self.disc is not None:
+            state |= {"discriminator": self.disc.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict()}
+        torch.save(state, os.path.join(directory, STATE_FILE))
