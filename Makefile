@@ -22,7 +22,7 @@ demo: setup
 # How the bundled model (painter/assets/demo-model) was made: the same demo, with VQ training first
 # and a longer GPT run. Takes about half an hour on 2 cores.
 BUNDLE_OUT ?= out/bundle
-BUNDLE_ARGS ?= --rows 8000 --train-vq-steps 2500 --steps 3000 --workers 2 --batch-size 32
+BUNDLE_ARGS ?= --rows 8000 --train-vq-steps 2500 --steps 3000 --workers 2 --batch-size 32 --top-k 4
 bundled-model: setup
 	$(VENV)/bin/painter demo --output $(BUNDLE_OUT) $(BUNDLE_ARGS)
 	rm -rf painter/assets/demo-model && mkdir -p painter/assets/demo-model

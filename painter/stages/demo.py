@@ -39,7 +39,7 @@ class Options:
     lr: float = option(1e-3, "GPT peak learning rate")
     workers: int = option(2, "Ray Train workers (DDP ranks) for the GPT and the VQGAN")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
-    top_k: int = option(4, "top-k of generation and evaluation (1 is greedy)")
+    top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
@@ -111,13 +111,14 @@ def run(o: Options) -> dict:
         seed=o.seed), log)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
-                                       samples=2, top_k=o.top_k, seed=o.seed), log)
-    scores = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
+                                       samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed), log)
+    evaluation = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
                                                 top_k=o.top_k, seed=o.seed, output=posixpath.join(out, "eval")), log)
+    scores = evaluation.get("caption_accuracy", {})
     return {
         "model": model, "contact_sheet": log["generate"].get("contact_sheet"),
-        "evaluation_sheet": scores.get("contact_sheet"),
-        "caption_accuracy": {k: scores.get(k) for k in ("colour_shape", "all", "shape", "colour",
+        "evaluation_sheet": evaluation.get("contact_sheet"),
+        "caption_accuracy": {k: scores.get(k) for k in ("n", "colour_shape", "all", "shape", "colour",
                                                          "background", "size", "position")},
         "chance": scores.get("chance"), "final_loss": log["train"].get("final_loss"),
         "seconds_by_step": {name: step["seconds"] for name, step in log.items()},

@@ -1,0 +1,79 @@
+"""The synthetic task learns for real: a briefly trained small GPT draws what its captions say.
+
+The GPT is trained here with the project's own training step (no Ray, to keep the suite fast) on
+image codes from the bundled model's VQGAN, then judged on held-out captions by the pixel judge.
+The demo command itself (all the Ray jobs chained, minutes long) is what `make demo` runs; its
+figures are in the README.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from painter import synthetic
+from painter.checkpoint import bundled_model_dir, load_model
+from painter.evaluate import caption_accuracy
+from painter.io.images import to_model_input
+from painter.models.gpt import GPT, GPTConfig
+from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model(bundled_model_dir())
+
+
+def _codes(vqgan, scenes: list, size: int) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    pixels = np.stack([np.asarray(synthetic.render(s, size, rng)) for s in scenes])
+    with torch.inference_mode():
+        return torch.cat([vqgan.encode(torch.from_numpy(to_model_input(pixels[i:i + 256])))
+                          for i in range(0, len(scenes), 256)])
+
+
+def _train_small_gpt(bundled, steps: int, held_out: list[str]) -> GPT:
+    torch.manual_seed(0)
+    scenes = synthetic.sample_scenes(2000, seed=0, held_out=held_out)
+    codes = _codes(bundled.vqgan, scenes, bundled.config.image_size)
+    ids, _ = bundled.tokenizer.encode_batch([synthetic.caption(s) for s in scenes])
+    text_ids = torch.from_numpy(ids).long()
+    c = bundled.config.gpt
+    gpt = GPT(GPTConfig(img_vocab_size=c.img_vocab_size, text_vocab_size=c.text_vocab_size, text_len=c.text_len,
+                        img_len=c.img_len, n_layer=2, n_head=4, n_embd=64))
+    config = TrainConfig(lr=2e-3, weight_decay=0.01, warmup_steps=20, total_steps=steps)
+    optimizer = make_optimizer(gpt, config)
+    model, g = GPTLoss(gpt), torch.Generator().manual_seed(0)
+    for step in range(steps):
+        rows = torch.randint(0, len(scenes), (64,), generator=g)
+        train_step(model, optimizer, [(text_ids[rows], codes[rows])], config, step, c.img_vocab_size)
+    return gpt.eval()
+
+
+@pytest.mark.slow
+def test_briefly_trained_small_gpt_follows_captions_far_above_chance():
+    torch.set_num_threads(1)
+    fresh = load_model(bundled_model_dir(), parts=("vqgan",))  # the bundled VQGAN and vocab, a new GPT
+    held_out = synthetic.hold_out_captions(60, seed=0)
+    fresh.gpt = _train_small_gpt(fresh, steps=400, held_out=held_out)
+    captions = synthetic.captions_for_eval(60, seed=1, held_out=held_out)
+    trained = caption_accuracy(fresh, captions, seed=0, top_k=1)
+    chance = trained["chance"]
+    # Brief training learns the layout first (background, position), then colour; shape comes last
+    # (the bundled model's longer run gets it, see test_bundled_model_draws_what_its_captions_say).
+    assert trained["background"] >= 0.9 > 2 * chance["background"], trained
+    assert trained["position"] >= 0.9 > 2 * chance["position"], trained
+    assert trained["colour"] >= 0.4 > 3 * chance["colour"], trained
+
+
+def test_bundled_model_draws_what_its_captions_say(bundled):
+    captions = synthetic.captions_for_eval(40, seed=2)
+    scores = caption_accuracy(bundled, captions, seed=0, top_k=1)
+    assert scores["colour"] >= 0.95 and scores["background"] >= 0.95, scores
+    assert scores["colour_shape"] >= 0.6 > 20 * scores["chance"]["colour_shape"], scores
+
+
+def test_random_weights_are_near_chance(tiny_model_dir):
+    captions = synthetic.captions_for_eval(24, seed=3)
+    scores = caption_accuracy(tiny_model_dir, captions, seed=0, top_k=4)
+    assert scores["colour_shape"] <= 0.15, scores
