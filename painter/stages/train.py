@@ -46,7 +46,25 @@ MODEL_FILES = ("config.json", "vocab.txt", "gpt.safetensors", "vqgan.safetensors
 
 
 @dataclass(kw_only=True)
-class Options:
+class RunOptions:
+    """Options of a Ray Train run that every training job shares: where runs live, resuming, resources,
+    length, schedule end, checkpoints, logging and fault tolerance (`run_location`, `fit`, `scaling_config`
+    and `plan_steps` read them)."""
+    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
+    resume: bool = option(False, "continue the run --name from its last checkpoint")
+    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
+                                         choices=(0, 1))
+    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
+    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
+    log_every: int = option(10, "optimizer steps between logged metrics")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+
+
+@dataclass(kw_only=True)
+class Options(RunOptions):
     data: list[str] = option(help="token shards: Parquet files, directories or globs (local or s3://)")
     val_data: list[str] = option([], "validation token shards; their loss is measured after every epoch")
     init: str | None = option(None, "model directory to fine-tune (one without GPT weights trains from scratch)")
@@ -54,28 +72,17 @@ class Options:
                                 choices=tuple(PRESETS))
     vqgan: str | None = option(None, "with --preset: model directory giving the VQGAN, vocab and lengths")
     output: str = option(help="model directory to write the trained model to")
-    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
     name: str = option("train", "run name under --run-dir; an existing one needs --resume")
-    resume: bool = option(False, "continue the run --name from its last checkpoint")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
-                                         choices=(0, 1))
-    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
     epochs: int = option(1, "passes over the training shards (unless --max-steps is given)")
-    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
     batch_size: int = option(8, "rows per micro-batch per worker")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
     weight_decay: float = option(0.01, "AdamW weight decay of Linear weights")
     warmup_steps: int = option(100, "optimizer steps of linear lr warm-up")
     grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
     pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
     seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
-    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "optimizer steps between logged metrics")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
     record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
 
 

@@ -48,7 +48,7 @@ from painter.io.tables import REASON, ROW, SOURCE
 from painter.options import option, parse_storage_options, to_dict
 from painter.stages.common import join, painter_error_from, read_input, write_rejected
 from painter.stages.tokenize import DEFAULT_SCHEMA
-from painter.stages.train import export_model, fit, plan_steps, run_location, scaling_config
+from painter.stages.train import RunOptions, export_model, fit, plan_steps, run_location, scaling_config
 from painter.stages.train_vq_worker import train_loop
 from painter.stages.train_worker import exists
 from painter.vq_training import VQTrainConfig
@@ -58,26 +58,18 @@ SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4
 
 
 @dataclass(kw_only=True)
-class Options:
+class Options(RunOptions):
     input: list[str] = option(help="TSV/Parquet image corpus: files, globs, directories or s3:// prefixes")
     model: str = option(help="model directory (or zoo name) whose VQGAN to train; its weights are the start "
                              "unless --from-scratch")
     output: str = option(help="model directory to write: the input's config, vocab and GPT with the trained VQGAN")
     input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name imgbase64 (text is not needed)")
     from_scratch: bool = option(False, "start from a seeded random VQGAN of the model's config, not its weights")
-    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
     name: str = option("train-vq", "run name under --run-dir; an existing one needs --resume")
-    resume: bool = option(False, "continue the run --name from its last checkpoint")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
-                                         choices=(0, 1))
-    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
     epochs: int = option(1, "passes over the training images (unless --max-steps is given)")
-    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
     batch_size: int = option(32, "images per batch per worker")
     lr: float | None = option(None, f"peak learning rate (default: {SCRATCH_LR:g} when training from scratch, "
                                     f"what suits a small VQGAN; {FINE_TUNE_LR:g} when starting from the model's weights)")
-    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
     warmup_steps: int = option(0, "optimizer steps of linear lr warm-up")
     grad_clip: float = option(1.0, "clip the VQGAN's global grad norm to this (0: no clipping)")
     restart_every: int = option(100, "optimizer steps between dead-code restarts (codes unused since the last "
@@ -87,9 +79,6 @@ class Options:
     eval_images: int = option(256, "good rows held out to measure reconstruction (at most a fifth of them; 0: none)")
     shuffle_buffer: int = option(256, "images in each worker's local shuffle buffer (reshuffled every epoch)")
     seed: int = option(0, "seed of the init, the shuffles and the restarts")
-    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "optimizer steps between logged metrics")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
     max_error_rate: float = option(0.01, "fail before training, after writing the rejected rows, when a larger "
                                          "fraction of the rows is rejected")
