@@ -149,7 +149,8 @@ def test_fine_tunes_an_imported_easynlp_model(ray_session, tiny_model_dir, tmp_p
     data = write_shards(imported, str(tmp_path / "shards"), shards=2, rows=8)
     val = write_shards(imported, str(tmp_path / "val"), shards=1, rows=8)
     s = run(options(imported, data, str(tmp_path / "model"), val_data=[val], workers=1, max_steps=3,
-                    checkpoint_every=2, log_every=1))
+                    checkpoint_every=2, log_every=1, threads_per_worker=2))
+    assert s["threads"] == 2 and {m["threads"] for m in metrics_lines(s)} == {2}  # not Ray's one per CPU
     assert s["steps"] == 3 and s["steps_per_epoch"] == 2 and s["epochs"] == 1.5  # --max-steps runs into epoch 2
     val_losses = [(m["step"], m["val_loss"]) for m in metrics_lines(s)]
     assert [step for step, _ in val_losses] == [1, 2, 3] and val_losses[0][1] is None
@@ -192,6 +193,8 @@ def test_bad_starting_points_and_resources_are_refused(ray_session, tiny_model_d
         run(Options(data=[str(tmp_path / "*.parquet")], init=tiny_model_dir, output=out))
     with pytest.raises(InputError, match="too few for 2 workers x batch 512"):
         run(Options(data=[shards], init=tiny_model_dir, output=out, workers=2, batch_size=512))
+    with pytest.raises(InputError, match="--threads-per-worker must be >= 1, got 0"):
+        run(Options(data=[shards], init=tiny_model_dir, output=out, threads_per_worker=0))
     if not ray_session.cluster_resources().get("GPU"):
         with pytest.raises(PainterError, match="--gpus-per-worker 1, but the Ray cluster has no GPUs"):
             run(Options(data=[shards], init=tiny_model_dir, output=out, gpus_per_worker=1))

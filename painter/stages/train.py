@@ -56,6 +56,9 @@ class RunOptions:
     gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
                                          choices=(0, 1))
     cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
+    threads_per_worker: int | None = option(None, "torch threads in each worker (default: Ray's, one per whole CPU "
+                                            "the worker asks for); one worker with every core's thread beats "
+                                            "DDP over single-thread workers for small models on one machine")
     max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
     min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
     checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
@@ -169,6 +172,8 @@ def scaling_config(o: Options):
     gpus = o.gpus_per_worker if o.gpus_per_worker is not None else int(cluster_has_gpus())
     if gpus and not cluster_has_gpus():
         raise PainterError("--gpus-per-worker 1, but the Ray cluster has no GPUs (use --gpus-per-worker 0)")
+    if o.threads_per_worker is not None and o.threads_per_worker < 1:
+        raise InputError(f"--threads-per-worker must be >= 1, got {o.threads_per_worker}")
     cpus = o.cpus_per_worker
     if cpus is None:
         cpus = round(min(1.0, max(resources.get("CPU", 1) - 1, 0.5) / o.workers), 2)
@@ -196,7 +201,7 @@ def run(o: Options) -> dict:
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
                "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
-               "checkpoint": result.checkpoint.path, "output": o.output, "workers": o.workers,
+               "checkpoint": result.checkpoint.path, "output": o.output, "workers": o.workers, "threads": m.get("threads"),
                "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path}
     export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary})
     return summary
@@ -229,6 +234,8 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if FAULT_ENV in os.environ:
         env[FAULT_ENV] = os.environ[FAULT_ENV]
+    if o.threads_per_worker is not None:
+        env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
         run_config=RunConfig(name=o.name, storage_path=storage,

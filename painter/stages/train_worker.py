@@ -170,7 +170,8 @@ class WorkerRun:
         return {"step": self.state["step"], "epoch": epoch, "time": round(time.time(), 3), "loss": loss.item(),
                 "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_second": tokens / max(seconds, 1e-9),
                 "run_tokens_per_second": self.state["tokens"] / max(self.state["seconds"], 1e-9),
-                "first_loss": self.state["first_loss"], "val_loss": self.state["val_loss"]}
+                "first_loss": self.state["first_loss"], "val_loss": self.state["val_loss"],
+                "threads": torch.get_num_threads()}
 
     def _validate(self) -> float:
         """Mean image-token loss over the validation shards (every rank its split, then all-reduced)."""
