@@ -34,10 +34,11 @@ class Options:
     base_model: str | None = option(None, "model directory whose VQGAN and vocab to use (default: the bundled model)")
     train_vq_steps: int = option(0, "train a fresh VQGAN for this many steps first (0: reuse the base model's)")
     preset: str = option("demo", "shape of the GPT trained from scratch")
-    steps: int = option(800, "GPT optimizer steps")
-    batch_size: int = option(32, "GPT training batch size per worker")
-    lr: float = option(1e-3, "GPT peak learning rate")
-    workers: int = option(2, "Ray Train workers (DDP ranks) for the GPT and the VQGAN")
+    steps: int = option(1000, "GPT optimizer steps")
+    batch_size: int = option(64, "GPT training batch size per worker")
+    lr: float = option(5e-3, "GPT peak learning rate (high: the demo has minutes, not hours)")
+    workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN; each gets an equal "
+                             "share of this machine's cores as torch threads")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
     top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
@@ -56,6 +57,11 @@ def _step(name: str, options, log: dict) -> dict:
         raise InputError(f"demo step {name} failed: {failed}")
     print(f"[demo] {name} done in {log[name]['seconds']} s", flush=True)
     return summary
+
+
+def _threads(o: Options) -> int:
+    """Torch threads per worker: this machine's cores shared evenly (the demo runs on a local Ray)."""
+    return max(1, (os.cpu_count() or 1) // max(1, o.workers))
 
 
 def _write_prompts(path: str, captions: list[str]) -> str:
@@ -89,7 +95,8 @@ def _vqgan_model(o: Options, out: str, corpus: str, log: dict) -> str:
     _step("train-vq", train_vq.Options(
         input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
         workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
-        checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}"), log)
+        checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}",
+        threads_per_worker=_threads(o)), log)
     return vq_out
 
 
@@ -108,7 +115,7 @@ def run(o: Options) -> dict:
         data=[tokens], preset=o.preset, vqgan=base, output=model, run_dir=posixpath.join(out, "runs"),
         name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
         lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1), log_every=100,
-        seed=o.seed), log)
+        seed=o.seed, threads_per_worker=_threads(o)), log)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
                                        samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed), log)
