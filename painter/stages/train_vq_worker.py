@@ -14,7 +14,6 @@ the `eval` dataset, summed over ranks) before the first step and after the last.
 from __future__ import annotations
 
 import os
-import posixpath
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from painter.checkpoint import ModelConfig, load_model, save_model
 from painter.encoder import PIXELS
 from painter.evaluate import ReconstructionMeter
 from painter.models.vqgan import VQGAN
-from painter.stages.train_worker import STATE_FILE, WorkerRun, copy_file, exists
+from painter.stages.train_worker import STATE_FILE, WorkerRun, copy_source_files
 from painter.vq_training import (CodeCounter, PatchDiscriminator, VQTrainConfig, make_optimizers, train_step,
                                  usage_from_counts)
 
@@ -212,9 +211,7 @@ class VQWorkerRun(WorkerRun):
 
     def _save(self, directory: str) -> None:
         """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
-        for name in ("config.json", "gpt.safetensors"):  # config.json first: it carries the GPT fingerprint
-            if exists(posixpath.join(self.cfg["source"], name)):
-                copy_file(posixpath.join(self.cfg["source"], name), os.path.join(directory, name))
+        copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"))
         save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(), "counter": self.counter.state_dict(),

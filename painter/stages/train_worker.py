@@ -41,6 +41,14 @@ def copy_file(src: str, dst: str) -> None:
         shutil.copyfileobj(fin, fout, length=16 << 20)
 
 
+def copy_source_files(source: str, directory: str, names: tuple[str, ...]) -> None:
+    """Copy those of `names` that `source` has into the local checkpoint `directory`, in order (the part
+    not being trained travels as bytes, never loaded; config.json goes first since it carries its fingerprint)."""
+    for name in names:
+        if exists(posixpath.join(source, name)):
+            copy_file(posixpath.join(source, name), os.path.join(directory, name))
+
+
 def train_loop(cfg: dict) -> None:
     """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
     WorkerRun(cfg).run()
@@ -209,9 +217,7 @@ class WorkerRun:
 
     def _save(self, directory: str) -> None:
         """A full model directory (the source's VQGAN copied, never loaded) plus train_state.pt."""
-        for name in ("config.json", "vqgan.safetensors"):  # config.json first: it carries the VQGAN fingerprint
-            if exists(posixpath.join(self.cfg["source"], name)):
-                copy_file(posixpath.join(self.cfg["source"], name), os.path.join(directory, name))
+        copy_source_files(self.cfg["source"], directory, ("config.json", "vqgan.safetensors"))
         save_model(directory, self.config, self.tokenizer, gpt=self.gpt)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(),
