@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from painter.checkpoint import load_model, new_model
+from painter.checkpoint import ModelConfig, load_model, new_model
 from painter.errors import InputError, PainterError
 from painter.io.shards import ShardInfo, shard_table
 from painter.stages.train import FAULT_ENV, Options, list_shards, resolve_start, run
@@ -208,7 +208,19 @@ def test_preset_takes_its_shape_and_the_vqgan_dirs_vocab_and_lengths(tiny_model_
     assert start.config.gpt.img_vocab_size == 256 and start.config.gpt.text_len == tiny.config.gpt.text_len
     assert start.config.vqgan == tiny.config.vqgan and start.config.name == "small"
     assert start.shard_info == ShardInfo.for_model(tiny) and not start.has_gpt
+    assert start.config.gpt.resid_pdrop == 0.0
     assert resolve_start(Options(data=["unused"], init=tiny_model_dir, output="unused")).has_gpt
+
+
+def test_dropout_shapes_a_fresh_gpt_only(tiny_model_dir):
+    start = resolve_start(Options(data=["unused"], preset="tiny", vqgan=tiny_model_dir, output="unused", dropout=0.1))
+    gpt = start.config.gpt
+    assert (gpt.embd_pdrop, gpt.resid_pdrop, gpt.attn_pdrop) == (0.1, 0.1, 0.0)
+    assert ModelConfig.from_dict(start.config.to_dict()).gpt == gpt  # stored in the checkpoint's config
+    with pytest.raises(InputError, match="--dropout goes with --preset"):
+        resolve_start(Options(data=["unused"], init=tiny_model_dir, output="unused", dropout=0.1))
+    with pytest.raises(InputError, match=r"--dropout must be in \[0, 1\), got 1.0"):
+        resolve_start(Options(data=["unused"], preset="tiny", vqgan=tiny_model_dir, output="unused", dropout=1.0))
 
 
 def test_the_cli_builds_these_options():

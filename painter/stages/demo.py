@@ -37,6 +37,7 @@ class Options:
     steps: int = option(1000, "GPT optimizer steps")
     batch_size: int = option(64, "GPT training batch size per worker")
     lr: float = option(5e-3, "GPT peak learning rate (high: the demo has minutes, not hours)")
+    dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
     workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN; each gets an equal "
                              "share of this machine's cores as torch threads")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
@@ -114,8 +115,8 @@ def run(o: Options) -> dict:
     _step("train", train.Options(
         data=[tokens], preset=o.preset, vqgan=base, output=model, run_dir=posixpath.join(out, "runs"),
         name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
-        lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1), log_every=100,
-        seed=o.seed, threads_per_worker=_threads(o)), log)
+        lr=o.lr, dropout=o.dropout, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
+        log_every=100, seed=o.seed, threads_per_worker=_threads(o)), log)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
                                        samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed), log)
