@@ -72,7 +72,15 @@ def test_bundled_model_draws_what_its_captions_say(bundled):
     captions = synthetic.captions_for_eval(40, seed=2)
     scores = caption_accuracy(bundled, captions, seed=0, top_k=1)
     assert scores["colour"] >= 0.95 and scores["background"] >= 0.95, scores
-    assert scores["colour_shape"] >= 0.6 > 20 * scores["chance"]["colour_shape"], scores
+    assert scores["colour_shape"] >= 0.85 > 20 * scores["chance"]["colour_shape"], scores
+
+
+def test_bundled_model_draws_captions_it_never_saw(bundled):
+    """Whole captions held out of its corpus (the README's 200-caption figure is 0.955; 0.90 on these 40)."""
+    with open(os.path.join(bundled_model_dir(), "held_out_captions.txt"), encoding="utf-8") as f:
+        held_out = f.read().split()
+    scores = caption_accuracy(bundled, synthetic.captions_for_eval(40, seed=2, held_out=held_out), seed=0, top_k=1)
+    assert len(held_out) == 60 and scores["colour_shape"] >= 0.85, scores
 
 
 def test_random_weights_are_near_chance(tiny_model_dir):
@@ -89,10 +97,11 @@ def test_demo_command_chains_every_job_on_a_local_ray(ray_session, tmp_path):
 
     out = tmp_path / "demo"
     s = run_command("demo", demo.Options(output=str(out), rows=256, hold_out=20, steps=8, batch_size=16,
-                                         captions=8, preset="demo"))
+                                         captions=8, preset="demo", dropout=0.1))
     assert "_failed" not in s, s
     assert list(s["seconds_by_step"]) == ["tokenize", "train", "generate", "evaluate"]
-    assert load_model(s["model"]).config.gpt.n_layer == 4  # the demo preset, trained from scratch
+    gpt = load_model(s["model"]).config.gpt
+    assert gpt.n_layer == 4 and gpt.resid_pdrop == 0.1  # the demo preset, trained from scratch with dropout
     assert os.path.isfile(s["contact_sheet"]) and os.path.isfile(s["evaluation_sheet"])
     scores = s["caption_accuracy"]
     assert scores["n"] == 8 and all(0.0 <= scores[k] <= 1.0 for k in ("colour_shape", "colour", "shape"))
