@@ -102,9 +102,16 @@ def test_gradient_accumulation_equals_one_full_batch(gpt):
     assert r_accum.loss.item() == pytest.approx(r_full.loss.item(), rel=1e-5)
     assert r_accum.grad_norm.item() == pytest.approx(r_full.grad_norm.item(), rel=1e-4)
     assert r_accum.rows == r_full.rows == 8
+    compared = total = 0
     for (name, a), b in zip(full.named_parameters(), accum.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        # Adam's first step moves a weight by lr * g / (|g| + 1e-8): a gradient of rounding-noise size
+        # (~1e-9, summed in another order) moves it by a noisy fraction of lr, so compare the weights
+        # whose gradients are well above that (or exactly 0: embedding rows of unused ids stay put).
+        well_defined = (a.grad.abs() > 1e-6) | (a.grad == 0)
+        torch.testing.assert_close(a[well_defined], b[well_defined], rtol=1e-4, atol=1e-6, msg=name)
+        compared, total = compared + int(well_defined.sum()), total + a.numel()
+    assert compared > 0.99 * total
 
 
 def test_grad_clip_bounds_the_update_and_reports_the_unclipped_norm(gpt):
