@@ -22,11 +22,11 @@ demo: setup
 # How the bundled model (painter/assets/demo-model) was made, in two stages of the same demo with settings
 # pinned here (not the demo's defaults). Stage 1 trains the VQGAN (its short GPT run is discarded; the
 # VQGAN does not depend on it): about 27 minutes on 2 cores, skipped when its output exists. Stage 2
-# trains the GPT over that VQGAN on a larger corpus, longer, with dropout: about 35 minutes.
+# trains the GPT over that VQGAN on a larger corpus, longer, with dropout: about 45 minutes.
 BUNDLE_OUT ?= out/bundle
 BUNDLE_VQ_ARGS ?= --rows 8000 --train-vq-steps 2500 --workers 2 --steps 100
 BUNDLE_GPT_ARGS ?= --rows 16000 --steps 6000 --lr 1e-3 --dropout 0.1 --workers 1 --batch-size 64 --top-k 1
-$(BUNDLE_OUT)/vq/vq-model/config.json:
+$(BUNDLE_OUT)/vq/vq-model/config.json: | setup
 	$(VENV)/bin/painter demo --output $(BUNDLE_OUT)/vq $(BUNDLE_VQ_ARGS)
 
 bundled-model: setup $(BUNDLE_OUT)/vq/vq-model/config.json
