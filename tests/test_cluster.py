@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -84,20 +85,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# What a Kubernetes secret exposed as an environment variable of the Ray pods looks like to a job:
+# the head starts with it (and without any AWS_* credential), jobs name it with env:NAME.
+STORAGE_ENV = "PAINTER_STORAGE_OPTIONS"
+PLANTED = {"key": f"PLANTEDKEY{uuid.uuid4().hex[:12].upper()}", "secret": f"planted-secret-{uuid.uuid4().hex}"}
+
+
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(s3_server):
     """`ray start --head --block` on loopback, dashboard included; stopped by signalling that process.
 
     Every port a node's agents bind gets a free one: the suite's in-process Ray already holds the
     defaults (the dashboard agent's 52365 above all), and a head whose job agent cannot bind refuses
     every submission with "No available agent".
+    The head's environment holds moto's endpoint and the planted credentials only as the JSON in
+    STORAGE_ENV: the AWS_* variables the s3_server fixture sets in this process are removed.
     """
     port = _free_port()
     agent_ports = [f"--{name}={_free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port")]
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            STORAGE_ENV: json.dumps({"endpoint_url": s3_server["endpoint_url"], **PLANTED})}
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(Path(temp_dir) / "head.log", "w")
@@ -109,7 +120,7 @@ def ray_head():
     address = f"http://127.0.0.1:{port}"
     try:
         _wait_for_head(ray_bin, address, env, head)
-        yield {"address": address, "env": env, "ray": ray_bin}
+        yield {"address": address, "env": env, "ray": ray_bin, "temp_dir": temp_dir}
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -137,14 +148,15 @@ def _wait_for_head(ray_bin: str, address: str, env: dict, head: subprocess.Popen
     raise TimeoutError(f"Ray head at {address} did not come up in 90 s")
 
 
-def _submit(head: dict, *entrypoint: str) -> tuple[str, str]:
+def _submit(head: dict, *entrypoint: str, submission_id: str | None = None) -> tuple[str, str]:
     """Submit a job from the repository root, wait for it; (status, logs).
 
     The head's job agent starts a little after the dashboard answers; until then a submission is
     refused with "No available agent" (nothing runs), so that one answer is polled for, bounded.
     """
+    named = ["--submission-id", submission_id] if submission_id else []
     cmd = [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-           "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--", *entrypoint]
+           "--runtime-env", str(CLUSTER / "runtime_env.yaml"), *named, "--", *entrypoint]
     deadline = time.time() + 90
     while True:
         done = subprocess.run(cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -212,3 +224,62 @@ def test_failed_submitted_job_exits_non_zero_with_reason_last(ray_head, tmp_path
     summary = _last_json(logs)
     assert summary["status"] == "failed"
     assert "missing.tsv" in summary["error"] or "no-model" in summary["error"]
+
+
+def _ray_job(head: dict, *args: str) -> str:
+    done = subprocess.run([head["ray"], "job", *args, "--address", head["address"]], env=head["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def _tsv_corpus(colours: list[str]) -> bytes:
+    import base64
+    import io
+
+    from PIL import Image
+
+    rows = []
+    for i, colour in enumerate(colours):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 48), colour).save(buf, format="PNG")
+        rows.append(f"{i}\t{colour}\t{base64.b64encode(buf.getvalue()).decode()}")
+    return ("\n".join(rows) + "\n").encode()
+
+
+@pytest.mark.slow
+def test_storage_options_from_the_heads_environment(ray_head, tiny_model_dir, s3_bucket):
+    """`--storage-options env:NAME` with NAME set in the head's environment: the job reads and writes
+    moto's S3 with it (the head has no other way to reach that endpoint, nor any AWS_* credential),
+    while neither `ray job logs`, `ray job list` nor any file under the head's temp dir (Ray's own logs,
+    the driver's log) holds the secret: only the source `env:NAME` travels on the command line. With
+    the endpoint alone inline (no credentials), the same job fails: the credentials came from NAME."""
+    import s3fs
+
+    bucket, server = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server["endpoint_url"]}, key="testing", secret="testing",
+                           skip_instance_cache=True)
+    fs.pipe(f"{bucket}/corpus/part-0.tsv", _tsv_corpus(["red", "green", "blue"]))
+    job_id = f"secrets-{uuid.uuid4().hex[:8]}"
+    status, logs = _submit(ray_head, "python", "jobs/tokenize.py", "--input", f"s3://{bucket}/corpus/", "--model",
+                           tiny_model_dir, "--output", f"s3://{bucket}/tokens", "--storage-options",
+                           f"env:{STORAGE_ENV}", submission_id=job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    summary = _last_json(logs)
+    assert (summary["rows_in"], summary["rows_out"], summary["rows_rejected"]) == (3, 3, 0)
+    assert any(key.endswith(".parquet") for key in fs.find(f"{bucket}/tokens"))
+
+    job_list, job_logs = _ray_job(ray_head, "list"), _ray_job(ray_head, "logs", job_id)
+    assert f"env:{STORAGE_ENV}" in job_list and job_id in job_list  # the entrypoint is there, with the source only
+    head_files = [p for p in Path(ray_head["temp_dir"]).rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(p.name.startswith(f"job-driver-{job_id}") for p in head_files)
+    for name, value in PLANTED.items():
+        for where, text in [("ray job submit", logs), ("ray job logs", job_logs), ("ray job list", job_list)]:
+            assert value not in text, f"the planted {name} is in {where}"
+        leaked = [str(p) for p in head_files if value.encode() in p.read_bytes()]
+        assert not leaked, f"the planted {name} is in {leaked}"
+
+    inline = json.dumps({"endpoint_url": server["endpoint_url"]})
+    status, logs = _submit(ray_head, "python", "jobs/tokenize.py", "--input", f"s3://{bucket}/corpus/", "--model",
+                           tiny_model_dir, "--output", f"s3://{bucket}/tokens-2", "--storage-options", inline)
+    assert status == "FAILED" and _last_json(logs)["status"] == "failed", logs[-3000:]

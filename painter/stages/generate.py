@@ -338,7 +338,7 @@ def run(options: Options) -> dict:
     _progress(f"{prompts.rows_in} rows read, {prompts.rejected.num_rows} rejected; {skipped} images already "
               f"committed, {recovered} recovered from staging, {todo.num_rows} to generate")
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    record = to_dict(options) | {"storage_options": "<not recorded>", "run_date": run_date,
+    record = to_dict(options) | {"run_date": run_date,  # to_dict records --storage-options' source only
                                  "micro_batch": settings.micro_batch, "batch_size": settings.batch_size}
     table.start_run(run_id, signature, record)
     staged, seconds = generate_staged(todo, settings.batch_size, options.actors, dict(
