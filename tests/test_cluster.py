@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shlex
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from painter.cli import build_parser
+from painter.options import credential_keys
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -58,6 +60,42 @@ def test_rayjob_entrypoint_names_a_script_and_options_it_accepts(name, entrypoin
     assert local.is_file(), f"{name}: {script} does not exist in the repository"
     job = local.stem
     build_parser().parse_args([job, *argv[2:]])  # argparse exits on an unknown or malformed option
+
+
+def _pod_specs(rayjob: dict) -> list[dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in cluster["workerGroupSpecs"])]
+
+
+def _secret_reference_in(pod: dict, source: str) -> bool:
+    """True when `source` (env:NAME or @PATH) names a Kubernetes secret of this pod: NAME set from a
+    secretKeyRef, or PATH in a folder where a secret volume is mounted."""
+    container = pod["containers"][0]
+    if source.startswith("env:"):
+        return any(e["name"] == source[4:] and "secretKeyRef" in e.get("valueFrom", {}) for e in container.get("env", []))
+    secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+    return any(m["name"] in secrets and posixpath.dirname(source[1:]) == m["mountPath"].rstrip("/")
+               for m in container.get("volumeMounts", []))
+
+
+def test_rayjobs_take_storage_options_from_kubernetes_secrets():
+    """Every --storage-options of a RayJob names a secret of every Ray pod (an env var or a mounted
+    file); the manifests show both ways; no runtime env (shown by `ray job list`) holds a credential."""
+    sources = []
+    for path in sorted((CLUSTER / "kuberay").glob("rayjob-*.yaml")):
+        for doc in _yaml_docs(path):
+            argv = shlex.split(doc["spec"]["entrypoint"])
+            assert not credential_keys(yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}")), path.name
+            if "--storage-options" not in argv:
+                continue
+            source = argv[argv.index("--storage-options") + 1]
+            assert source.startswith(("env:", "@")), f"{path.name}: --storage-options {source!r} is not a reference"
+            for pod in _pod_specs(doc):
+                assert _secret_reference_in(pod, source), f"{path.name}: a pod has no secret behind {source}"
+            sources.append(source[0])
+    assert sorted(set(sources)) == ["@", "e"]
+    assert not credential_keys(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
 
 
 def test_cluster_placeholders_are_marked():

@@ -120,7 +120,7 @@ def test_a_killed_run_is_completed_by_the_rerun_exactly_once(ray_session, tiny_m
 
 
 @pytest.mark.slow
-def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket):
+def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket, monkeypatch):
     bucket, storage_options = s3_bucket
     local = _tsv(tmp_path / "p.tsv", _prompts(3))
     table = pa.table({"idx": [100, 101], "text": ["蓝色牛仔裤", "白色衬衫"], "category": ["a/b", "hats"],
@@ -129,8 +129,9 @@ def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_b
     with remote.fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
         pq.write_table(table, f)
     output = f"s3://{bucket}/gen"
+    monkeypatch.setenv("PAINTER_TEST_S3", json.dumps(storage_options))  # credentials are refused inline
     summary = run(_options(tiny_model_dir, [local, f"s3://{bucket}/in/"], output, partition_by=["category"],
-                           storage_options=json.dumps(storage_options), contact_sheet=True))
+                           storage_options="env:PAINTER_TEST_S3", contact_sheet=True))
     assert summary["images_out"] == 5 and summary["rows_rejected"] == 0
     assert "testing" not in json.dumps(summary)  # credentials never reach the summary
     rows = _committed(output, storage_options)
