@@ -114,7 +114,7 @@ class DecodeEngine:
         prefill, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(prefill):
             self._prefill()
-        with torch.cuda.graph(step, pool=prefill.pool()):
+        with torch.cuda.graph(step):
             self._decode_step()
         return prefill, step
 
