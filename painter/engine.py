@@ -102,8 +102,9 @@ class DecodeEngine:
     # -- running ----------------------------------------------------------------------------------
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
-        """One graph for the prefill, one for a decode step (the torch.cuda.graphs recipe: warm up on
-        a side stream, then capture). Warm-up writes only buffers that every run rewrites first."""
+        """One graph for the prefill, one for a decode step (the torch.cuda.graphs recipe: warm up on a
+        side stream, then capture on that same stream, so cuBLAS handles and workspaces already exist
+        for it). Warm-up writes only buffers that every run rewrites before reading."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -112,9 +113,9 @@ class DecodeEngine:
                 self._decode_step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         prefill, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(prefill):
+        with torch.cuda.graph(prefill, stream=stream):
             self._prefill()
-        with torch.cuda.graph(step):
+        with torch.cuda.graph(step, stream=stream):
             self._decode_step()
         return prefill, step
 
