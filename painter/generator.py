@@ -77,11 +77,12 @@ class Generator:
 
     Adds `seed`, `model` (fingerprint), `is_truncated` and the encoded image under a column named
     after the image format (`png` by default). `micro_batch` fixes the shape the model computes in
-    (see the module docstring); `encode_threads` sizes the image-encoding pool (0: encode inline).
+    (see the module docstring); `encode_threads` sizes the image-encoding pool (0: encode inline);
+    `compile_sampler` is `DecodeEngine`'s (same images; measured by benchmarks/gpu.sh).
     """
 
     def __init__(self, model: str | LoadedModel, config: GenerationConfig | None = None, device=None, *,
-                 micro_batch: int | None = None, encode_threads: int | None = None):
+                 micro_batch: int | None = None, encode_threads: int | None = None, compile_sampler: bool = False):
         self.device = pick_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         if self.model.gpt is None or self.model.vqgan is None:
@@ -94,13 +95,15 @@ class Generator:
         self.gpt = inference_copy(self.model.gpt, self.dtype)
         self.vqgan = inference_copy(self.model.vqgan, self.dtype, channels_last=self.device.type == "cuda")
         self._engine: DecodeEngine | None = None  # built (and on CUDA captured) on first use
+        self.compile_sampler = compile_sampler
         threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
 
     @property
     def engine(self) -> DecodeEngine:
         if self._engine is None:
-            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch)
+            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch,
+                                        compile_sampler=self.compile_sampler)
         return self._engine
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

@@ -72,6 +72,14 @@ def test_graph_replay_equals_eager_token_for_token():
                 assert torch.equal(codes, reference_generate(model, text_ids, keys, sampling)), name
 
 
+def test_compiled_sampler_gives_the_same_tokens_inside_the_graph():
+    model = sharp_model(seed=4).cuda().to(torch.bfloat16)
+    text_ids, keys = text_batch(model, 6, seed=5).cuda(), keys_for(6, seed=6).cuda()
+    sampling = SAMPLINGS["top_k+top_p"]
+    compiled = DecodeEngine(model, sampling, 6, compile_sampler=True)
+    assert torch.equal(compiled(text_ids, keys), DecodeEngine(model, sampling, 6)(text_ids, keys))
+
+
 def test_each_step_is_one_replay_without_host_synchronisation():
     model = sharp_model(seed=2).cuda()
     engine = DecodeEngine(model, SAMPLINGS["top_k+top_p"], 4)
