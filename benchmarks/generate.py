@@ -36,7 +36,6 @@ import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -200,8 +199,9 @@ def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None
     flops = flops_per_image(generator)
     total = flops["gpt"] + flops["vqgan"]
     out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops}
-    for label, (rate, per_image) in {"end_to_end": (rates["end_to_end"], total), "gpt_only": (rates["gpt"], flops["gpt"]),
-                                     "vqgan_only": (rates["vqgan"], flops["vqgan"])}.items():
+    sides = {"end_to_end": (rates["end_to_end"], total), "gpt_only": (rates["gpt"], flops["gpt"]),
+             "vqgan_only": (rates["vqgan"], flops["vqgan"])}
+    for label, (rate, per_image) in sides.items():
         achieved = rate * per_image / 1e12
         out[f"{label}_tflops"] = round(achieved, 3)
         out[f"{label}_fraction_of_peak"] = round(achieved / peak_tflops, 5) if peak_tflops else None
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="the micro-batch: rows per model call")
     parser.add_argument("--rows", type=int, default=None, help="rows per measurement (default: two micro-batches)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: what the job's CPU actors run with)")

@@ -2,7 +2,8 @@
 
 It owns one loaded model and runs tokenize-text -> static-shape decoding (`painter.engine`, CUDA
 graphs on a GPU) -> batched VQGAN decode -> image encoding. Precision: bf16 weights on CUDA (a
-converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says. It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
+converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says.
+It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
 `painter.pipeline` calls it directly.
 
 Reproducibility: a row's randomness comes from (seed, idx, sample), and the model always computes
