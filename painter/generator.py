@@ -108,8 +108,9 @@ class Generator:
         return self._engine
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Host array -> device tensor; on CUDA from pinned memory, without waiting for the GPU."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        """Host int array -> int64 device tensor; on CUDA from pinned memory, without waiting for the GPU
+        (int64 already on the host: a copy that also converts would stage through pageable memory)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)

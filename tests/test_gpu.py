@@ -95,6 +95,20 @@ def test_each_step_is_one_replay_without_host_synchronisation():
     assert torch.equal(codes, first)
 
 
+def test_generator_queues_a_micro_batch_without_waiting_for_the_gpu():
+    """Host inputs go up from pinned memory and the codes stay on the device: the host can queue the
+    next micro-batch while the GPU works (the overlap the Generator's loop relies on)."""
+    generator = Generator(tiny_model(), GenerationConfig(seed=1), "cuda", micro_batch=4)
+    texts, idxs, samples = [r[1] for r in ROWS[:4]], [r[0] for r in ROWS[:4]], [r[2] for r in ROWS[:4]]
+    first, _ = generator.codes(texts, idxs, samples)  # builds and captures the engine
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        codes, _ = generator.codes(texts, idxs, samples)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(codes, first)
+
+
 def test_images_are_the_same_across_micro_batch_counts():
     loaded = tiny_model()
     generator = Generator(loaded, GenerationConfig(seed=7), "cuda", micro_batch=4)
