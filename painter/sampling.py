@@ -61,16 +61,34 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
-    """(B, size) uniforms in (0, 1), a pure function of (key, step, code); keys (B,) from `row_key`."""
+def _step_key(step: int | torch.Tensor, device) -> torch.Tensor:
+    """The step's 32-bit lane: a python int or an int64 tensor already on the device (no host sync)."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    return _fmix32((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32)
+
+
+def uniform_noise_at(keys: torch.Tensor, step: int | torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(B, n) uniforms in (0, 1) for the codes (B, n) int64 of each row: a pure function of
+    (key, step, code), so drawing them for a few candidate codes gives exactly the values that
+    `uniform_noise` draws for those codes. `step` is an int or a (1,)/0-dim int64 device tensor."""
     low, high = keys & _MASK32, keys >> 32  # (B,), (B,): the key's two lanes
-    step_key = _fmix32(torch.tensor((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32, device=keys.device))
-    base = _fmix32(low ^ step_key)  # (B,)
-    codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
-    h = _fmix32((base[:, None] + codes[None, :] * 0x632BE5AB) & _MASK32)  # (B, V)
+    base = _fmix32(low ^ _step_key(step, keys.device).reshape(-1))  # (B,)
+    h = _fmix32((base[:, None] + codes * 0x632BE5AB) & _MASK32)  # (B, n)
     h = _fmix32(h ^ _fmix32(high ^ 0x2545F491)[:, None])
     h = _fmix32(h ^ low[:, None])
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """(B, size) uniforms in (0, 1), a pure function of (key, step, code); keys (B,) from `row_key`."""
+    codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
+    return uniform_noise_at(keys, step, codes.expand(keys.size(0), size))
+
+
+def _outside_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, n) bool over descending logits: True past the smallest prefix holding probability top_p."""
+    probs = sorted_logits.softmax(dim=-1)
+    return probs.cumsum(dim=-1) - probs >= top_p  # keeps at least one
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -80,21 +98,47 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keeps at least one
+        drop_sorted = _outside_nucleus(sorted_logits, top_p)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
 def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: SamplingConfig) -> torch.Tensor:
-    """Pick one image code per row from logits (B, V_img) -> (B,) int64."""
+    """Pick one image code per row from logits (B, V_img) -> (B,) int64: the reference's sampler,
+    with noise for every code. `sample_codes` picks the same codes drawing noise for the candidates only."""
     logits = logits.float()
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(keys, step, logits.size(-1))))
     return (logits + gumbel).argmax(dim=-1)
+
+
+def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor,
+                 sampling: SamplingConfig) -> torch.Tensor:
+    """The codes `choose_codes` picks, (B,) int64, with noise hashed for the top-k candidates only.
+
+    Gumbel-max over the candidates: the top-k codes (or, without top-k, the whole vocabulary, sorted
+    when top-p needs it), top-p applied to their sorted logits, noise from `uniform_noise_at` for
+    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). Device-side only, no
+    branching on tensor values: it runs inside a captured CUDA graph with `step` a device tensor.
+    """
+    logits = logits.float()  # (B, V)
+    if sampling.is_greedy:
+        return logits.argmax(dim=-1)
+    scaled = logits / sampling.temperature
+    B, V = scaled.shape
+    if sampling.top_k is not None and sampling.top_k < V:
+        values, codes = torch.topk(scaled, sampling.top_k, dim=-1)  # (B, k) descending
+    elif sampling.top_p is not None and sampling.top_p < 1.0:
+        values, codes = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+    else:
+        values, codes = scaled, torch.arange(V, device=scaled.device).expand(B, V)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        values = values.masked_fill(_outside_nucleus(values, sampling.top_p), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise_at(keys, step, codes)))  # (B, k)
+    return codes.gather(-1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
 
 
 @torch.inference_mode()
