@@ -90,8 +90,8 @@ class Options(RunOptions):
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
     seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
     record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
-    compile: bool | None = option(None, "torch.compile the GPT for its training steps, or --no-compile (default: "
-                                        "on a GPU only; a CPU spends longer compiling than it saves)")
+    compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "
+                                        "a CPU spends longer compiling than it saves)")
 
 
 @dataclass
