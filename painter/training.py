@@ -98,33 +98,41 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-def prefetch_to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
-                       depth: int = 2) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The same tuples of tensors, in order, on `device`; on CUDA each is pinned and copied `depth` batches
-    ahead on a side stream (non_blocking), so the copies overlap the steps instead of stalling them.
+def prefetch_to_device(batches: Iterable[tuple], device: torch.device, depth: int = 2) -> Iterator[tuple]:
+    """The same tuples, in order, their tensors on `device` (other items, e.g. row ids, pass as they are).
 
-    Elsewhere (CPU) the tensors are moved with `.to(device)` as they come (a no-op for CPU tensors).
+    On CUDA each tensor is pinned and copied `depth` batches ahead on a side stream (non_blocking), so the
+    copies overlap the steps instead of stalling them. Elsewhere (CPU) the tensors are moved with
+    `.to(device)` as the batches come, nothing read ahead (a no-op for CPU tensors).
     """
     device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
-            yield tuple(t.to(device) for t in batch)
+            yield _map_tensors(batch, lambda t: t.to(device))
         return
     stream = torch.cuda.Stream(device)
-    ahead: collections.deque = collections.deque()
+    ahead: collections.deque = collections.deque()  # (batch on the device, event after its copies)
     source = iter(batches)
     while True:
         while len(ahead) < depth and (batch := next(source, None)) is not None:
             with torch.cuda.stream(stream):
-                ahead.append(tuple(t.pin_memory().to(device, non_blocking=True) for t in batch))
+                moved = _map_tensors(batch, lambda t: t.pin_memory().to(device, non_blocking=True))
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            ahead.append((moved, copied))
         if not ahead:
             return
+        batch, copied = ahead.popleft()
         current = torch.cuda.current_stream(device)
-        current.wait_stream(stream)  # the copies of this batch (and those queued before it) are done
-        batch = ahead.popleft()
-        for t in batch:
-            t.record_stream(current)  # its memory is in use on the compute stream until the step ends
+        current.wait_event(copied)  # the step's kernels start after this batch's copies, not the later ones
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                item.record_stream(current)  # in use on the compute stream from here on (for the allocator)
         yield batch
+
+
+def _map_tensors(batch: tuple, fn) -> tuple:
+    return tuple(fn(item) if isinstance(item, torch.Tensor) else item for item in batch)
 
 
 def corrupt_tokens(codes: torch.Tensor, pkeep: float, vocab_size: int,

@@ -152,7 +152,7 @@ def test_fused_adamw_and_compile_are_chosen_per_device(gpt):
 
 
 def test_prefetcher_yields_the_same_batches_in_order(gpt):
-    batches = [_batch(gpt, 3, seed) for seed in range(5)]
+    batches = [(*_batch(gpt, 3, seed), [f"row-{seed}"]) for seed in range(5)]  # row ids pass through as they are
     taken = []
 
     def source():
@@ -166,7 +166,7 @@ def test_prefetcher_yields_the_same_batches_in_order(gpt):
     out = [first, *prefetched]
     assert len(out) == len(batches)
     for got, want in zip(out, batches):
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
     assert list(prefetch_to_device(iter([]), "cpu")) == []
 
 

@@ -141,16 +141,18 @@ class WorkerRun:
             batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
             local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
             local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
-        for i, (text_ids, image_tokens, idx) in enumerate(batches):
-            if i < skip:
-                continue
-            if c["record_rows"]:
-                self.rows_seen += idx
-            yield text_ids, image_tokens
+        for i, batch in enumerate(batches):  # (text_ids, image_tokens, idx list)
+            if i >= skip:
+                yield batch
 
     def _next(self, batches, epoch: int):
+        """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
+        (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
         try:
-            return next(batches)
+            text_ids, image_tokens, idx = next(batches)
+            if self.cfg["record_rows"]:
+                self.rows_seen += idx
+            return text_ids, image_tokens
         except StopIteration:
             raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
                                f"{self.state['step'] + 1}; the shards were split unevenly") from None
