@@ -5,8 +5,9 @@ training step's tokens/s and model FLOPs utilisation (MFU), each against the dev
     `painter.vq_encode.encode_codes`, the tokenize job's own loop (pinned uint8 copies, channels_last,
     bf16 autocast on CUDA; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
     counted by torch's FlopCounterMode (convolutions, attention, the nearest-code search), so the
-    roofline is peak / FLOPs. The breakdown: input copy, encoder network and code search timed apart,
-    and the same loop with cuDNN's autotuner on.
+    roofline is peak / FLOPs. The breakdown: input copy, encoder network and code search timed apart;
+    on CUDA the same loop in NCHW instead of channels_last (torch's CUDA GroupNorm is NCHW-only), with
+    cuDNN's autotuner on, and (last, if the time budget allows) with the encoder network compiled.
 (b) train: `painter.training.train_step` (bf16 autocast, fused AdamW on CUDA, SDPA attention) for the
     `base` and `large` GPT shapes, batches fed from host memory through `prefetch_to_device` as in the
     train job, at the largest batch that fits (halving from --max-batch on CUDA out-of-memory), eager
@@ -55,7 +56,7 @@ TINY_SEQUENCE = {"img_vocab_size": 256, "text_vocab_size": 512, "text_len": 16, 
 TINY_VQGAN = {"resolution": 32, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (),
               "z_channels": 32, "embed_dim": 32, "n_embed": 256}
 TARGETS = {"encoder_images_per_second": 3000.0, "train_mfu": 0.45}  # issue 18's goals on an H100/H200
-COMPILE_RESERVE_S = {"base": 45.0, "large": 75.0}  # budget a compiled run needs to start (compile + steps)
+COMPILE_RESERVE_S = {"base": 45.0, "large": 75.0, "encoder": 40.0}  # budget a compiled run needs to start
 
 
 def sync(device: torch.device) -> None:
@@ -117,14 +118,27 @@ def bench_encoder(device: torch.device, tiny: bool, peak: float | None, repeats:
         out |= {"roofline_images_per_second": round(peak * 1e12 / flops, 1),
                 "fraction_of_peak": round(rate * flops / (peak * 1e12), 4),
                 "target_images_per_second": TARGETS["encoder_images_per_second"]}
-    if device.type == "cuda":  # what cuDNN's autotuner would add (the job leaves torch's global default)
-        torch.backends.cudnn.benchmark = True
-        encode_codes(vqgan, pixels, device, batch)
-        out["images_per_second_cudnn_benchmark"] = round(
-            batch / timed(lambda: encode_codes(vqgan, pixels, device, batch), device, repeats), 1)
-        torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        out["variants_images_per_second"] = encoder_variants(vqgan, pixels, device, repeats)
     del vqgan
     release(device)
+    return out
+
+
+def encoder_variants(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, repeats: int) -> dict:
+    """Images/s of the same loop with cuDNN's autotuner on (the job leaves torch's global default), and
+    in NCHW instead of channels_last, with and without the autotuner."""
+    out, batch = {}, len(pixels)
+    for layout in ("channels_last", "nchw"):
+        channels_last = layout == "channels_last"
+        prepare_vqgan(vqgan, device, channels_last)
+        for autotune in (False, True):
+            if not channels_last or autotune:  # channels_last without the autotuner is the main figure
+                torch.backends.cudnn.benchmark = autotune
+                encode_codes(vqgan, pixels, device, batch, channels_last)  # warm-up (and autotuning)
+                seconds = timed(lambda: encode_codes(vqgan, pixels, device, batch, channels_last), device, repeats)
+                out[layout + ("_cudnn_benchmark" if autotune else "")] = round(batch / seconds, 1)
+    torch.backends.cudnn.benchmark = False
     return out
 
 
@@ -138,6 +152,25 @@ def encoder_breakdown(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, re
                  "encoder_network": lambda: vqgan.encode_latents(x),
                  "nearest_code_search": lambda: vqgan.quantize.codes_from_latents(latents)}
         return {name: round(timed(fn, device, repeats) * 1000, 2) for name, fn in parts.items()}
+
+
+def bench_compiled_encoder(device: torch.device, tiny: bool, repeats: int) -> dict:
+    """Images/s of the encode loop with the VQGAN's encoder network under `torch.compile` (not the job's
+    path: it tells whether compiling it, fusing GroupNorm and swish, is worth adding)."""
+    config = VQGANConfig(**TINY_VQGAN) if tiny else VQGANConfig()
+    batch = default_max_batch(device) or 16
+    with torch.device(device):
+        vqgan = prepare_vqgan(VQGAN(config), device)
+    vqgan.encoder = torch.compile(vqgan.encoder, dynamic=False)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, config.resolution, config.resolution, 3),
+                                               dtype=np.uint8)
+    start = time.perf_counter()
+    encode_codes(vqgan, pixels, device, batch)  # compiles
+    compile_seconds = time.perf_counter() - start
+    seconds = timed(lambda: encode_codes(vqgan, pixels, device, batch), device, repeats)
+    del vqgan
+    release(device)
+    return {"images_per_second": round(batch / seconds, 1), "compile_seconds": round(compile_seconds, 1)}
 
 
 def gpt_config(shape: str, tiny: bool) -> GPTConfig:
@@ -302,6 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
               "encoder": bench_encoder(device, args.tiny, peak, repeats=args.steps)}
     result["train"] = {shape: bench_train(shape, device, args.tiny, peak, args, started + budget)
                        for shape in GPT_SHAPES}
+    if not use_compile(device, args.compile):
+        result["encoder"]["compiled"] = {"skipped": f"compile off on {device.type} (--compile to force)"}
+    elif time.perf_counter() + COMPILE_RESERVE_S["encoder"] * (0.1 if args.tiny else 1) > started + budget:
+        result["encoder"]["compiled"] = {"skipped": "time budget"}
+    else:
+        result["encoder"]["compiled"] = bench_compiled_encoder(device, args.tiny, args.steps)
     result["seconds"] = round(time.perf_counter() - started, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_train.json"), "w") as f:

@@ -6,6 +6,8 @@ copied from pinned memory without blocking (4x fewer bytes than floats) and scal
 permuted view already channels_last; the VQGAN's convolutions run channels_last under bf16 autocast;
 the codes stay on the device until one copy back at the end. On CPU: fp32 on
 `painter.io.images.to_model_input`'s contiguous floats, so the tokens are exactly the reference's.
+`channels_last=False` keeps CUDA in NCHW: torch's CUDA GroupNorm works on NCHW only, so every norm of
+the channels_last VQGAN converts its input; `benchmarks/gpu_train.py` times both layouts.
 `painter.encoder.ImageEncoder` (the tokenize job) and `benchmarks/gpu_train.py` both run it; it needs
 only torch and numpy (no Ray, no fsspec).
 """
@@ -29,26 +31,28 @@ def default_max_batch(device: torch.device) -> int | None:
     return DEFAULT_MAX_BATCH.get(torch.device(device).type)
 
 
-def prepare_vqgan(vqgan: VQGAN, device: torch.device) -> VQGAN:
-    """The VQGAN in eval mode on `device`, its weights channels_last on CUDA (cuDNN's fast NHWC kernels)."""
+def prepare_vqgan(vqgan: VQGAN, device: torch.device, channels_last: bool = True) -> VQGAN:
+    """The VQGAN in eval mode on `device`; its weights channels_last on CUDA (cuDNN's NHWC kernels) unless not."""
     device = torch.device(device)
     vqgan = vqgan.to(device).eval()
-    if device.type == "cuda":
-        vqgan.to(memory_format=torch.channels_last)
-    return vqgan
+    layout = torch.channels_last if device.type == "cuda" and channels_last else torch.contiguous_format
+    return vqgan.to(memory_format=layout)
 
 
-def model_input(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+def model_input(pixels: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """uint8 (b, H, W, 3) -> float32 (b, 3, H, W) in [-1, 1] (x / 127.5 - 1) on `device`.
 
-    CUDA: the uint8 array goes over as it is (pinned, non_blocking), its permuted view has channels_last
-    strides, and it is scaled there. CPU: `to_model_input`, contiguous NCHW.
+    CUDA: the uint8 array goes over as it is (from pinned memory, non_blocking), its permuted view has
+    channels_last strides (made contiguous if not `channels_last`), and it is scaled there.
+    CPU: `to_model_input`, contiguous NCHW.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return torch.from_numpy(to_model_input(pixels)).to(device)
-    host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).pin_memory()  # (b, H, W, 3)
-    return scale_channels_last(host.to(device, non_blocking=True))
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)  # (b, H, W, 3)
+    host.numpy()[...] = pixels  # the one host copy, straight into pinned memory
+    x = scale_channels_last(host.to(device, non_blocking=True))
+    return x if channels_last else x.contiguous()
 
 
 def scale_channels_last(pixels: torch.Tensor) -> torch.Tensor:
@@ -58,18 +62,18 @@ def scale_channels_last(pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_codes(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, max_batch: int | None = None
-                 ) -> np.ndarray:
+def encode_codes(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, max_batch: int | None = None,
+                 channels_last: bool = True) -> np.ndarray:
     """uint8 (B, H, W, 3) -> VQGAN codes (B, h*w) as int64, `max_batch` images per call (None: all).
 
-    `vqgan` is on `device` (see `prepare_vqgan`). bf16 autocast on CUDA, fp32 on CPU; the nearest-code
-    search is fp32 on both (`VectorQuantizer.codes_from_latents`).
+    `vqgan` is on `device`, prepared with the same `channels_last` (see `prepare_vqgan`). bf16 autocast
+    on CUDA, fp32 on CPU; the nearest-code search is fp32 on both (`VectorQuantizer.codes_from_latents`).
     """
     device = torch.device(device)
     step = max_batch or max(1, len(pixels))
     out = []
     for start in range(0, len(pixels), step):
-        x = model_input(pixels[start:start + step], device)  # (b, 3, H, W)
+        x = model_input(pixels[start:start + step], device, channels_last)  # (b, 3, H, W)
         with autocast(device):
             out.append(vqgan.encode(x))  # (b, h*w), left on the device until the end
     if not out:
