@@ -51,7 +51,8 @@ from painter.vq_encode import default_max_batch, encode_codes, model_input, prep
 GPT_SHAPES = {"base": {"n_layer": 12, "n_head": 12, "n_embd": 768},
               "large": {"n_layer": 24, "n_head": 16, "n_embd": 1024}}
 # --tiny: the same two runs at CPU-test sizes (the tiny preset's VQGAN; small GPTs over short sequences).
-TINY_GPT_SHAPES = {"base": {"n_layer": 2, "n_head": 2, "n_embd": 64}, "large": {"n_layer": 3, "n_head": 2, "n_embd": 96}}
+TINY_GPT_SHAPES = {"base": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+                   "large": {"n_layer": 3, "n_head": 2, "n_embd": 96}}
 TINY_SEQUENCE = {"img_vocab_size": 256, "text_vocab_size": 512, "text_len": 16, "img_len": 64}
 TINY_VQGAN = {"resolution": 32, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (),
               "z_channels": 32, "embed_dim": 32, "n_embed": 256}
