@@ -7,7 +7,12 @@ Choices the reference leaves open:
   * transparency (LA, PA, RGBA, P or RGB with a transparent colour) is composited on white;
   * 16-bit greyscale (I;16*, I) is scaled to 8 bits (value / 257), not clipped;
   * the EXIF orientation is applied before resizing;
-  * CMYK goes through Pillow's plain conversion (no ICC colour management).
+  * CMYK goes through Pillow's plain conversion (no ICC colour management);
+  * a JPEG whose shorter side is at least 4x `size` is decoded at a reduced scale (Pillow's `draft`:
+    libjpeg's DCT scaling by 1/2, 1/4 or 1/8), never below 2x `size` (`DRAFT_GAP`, Pillow's own
+    `thumbnail` default), before the bicubic resize. Decoding gets several times cheaper and the pixels
+    differ from a full-size decode by under one level on average (0.4 on photo-like test images, 3 at
+    most); smaller JPEGs and other formats decode exactly as before.
 A row's image either converts or gets a one-line reason (`preprocess` returns (array, None) or
 (None, reason)) so callers reject the row instead of failing a batch. The pixel limit is checked
 on the header (`Image.open` reads no pixel data) before anything is decoded; Pillow's own
@@ -20,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 
@@ -29,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 DEFAULT_MAX_PIXELS = 40_000_000
+DRAFT_GAP = 2  # a reduced JPEG decode keeps its shorter side >= DRAFT_GAP x the target size
 _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_= \t\r\n\v\f]")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
@@ -93,8 +100,19 @@ def _broken(error: Exception) -> ImageRejected:
     return ImageRejected(f"corrupt image ({type(error).__name__}: {error})")
 
 
-def _decode(image: Image.Image) -> None:
+def _draft(image: Image.Image, size: int) -> None:
+    """Ask a JPEG decoder for its smallest DCT scale whose shorter side is still >= DRAFT_GAP x `size`."""
+    width, height = image.size
+    scale = DRAFT_GAP * size / min(width, height)
+    if image.format == "JPEG" and scale <= 0.5:
+        image.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+
+
+def _decode(image: Image.Image, size: int | None = None) -> None:
+    """Decode the pixels (at a reduced JPEG scale when `size` allows, see `_draft`); ImageRejected if broken."""
     try:
+        if size is not None:
+            _draft(image, size)
         image.load()
     except Exception as e:
         raise _broken(e) from None
@@ -116,10 +134,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageRejected(f"unsupported image mode {image.mode} ({e})") from None
 
 
-def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Image file bytes -> decoded RGB image with its EXIF orientation applied; ImageRejected if not."""
+def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, size: int | None = None) -> Image.Image:
+    """Image file bytes -> decoded RGB image with its EXIF orientation applied; ImageRejected if not.
+
+    With `size` (the side it will be fitted to), a large JPEG may decode at a reduced scale (`_draft`).
+    """
     image = _open(data, max_pixels)
-    _decode(image)
+    _decode(image, size)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as e:  # a malformed EXIF block
@@ -164,7 +185,7 @@ def prepare_pixels(cell, size: int, *, is_base64: bool = True, max_pixels: int =
                    ) -> tuple[np.ndarray | None, str | None]:
     """One row's image cell -> (uint8 (size, size, 3), None) or (None, reason). Never raises for bad data."""
     try:
-        return fit_square(load_image(image_bytes(cell, is_base64), max_pixels), size), None
+        return fit_square(load_image(image_bytes(cell, is_base64), max_pixels, size), size), None
     except ImageRejected as e:
         return None, str(e)
 

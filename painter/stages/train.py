@@ -90,6 +90,8 @@ class Options(RunOptions):
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
     seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
     record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
+    compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "
+                                        "a CPU spends longer compiling than it saves)")
 
 
 @dataclass
@@ -259,7 +261,8 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
 def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int) -> dict:
     """Everything a worker needs, as plain values (it travels to every worker)."""
     train = TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, total_steps=total,
-                        min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum)
+                        min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum,
+                        compile=o.compile)
     return {"source": start.source, "model": start.config.to_dict(), "has_gpt": start.has_gpt, "train": train,
             "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
             "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
