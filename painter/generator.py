@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from painter.checkpoint import LoadedModel, load_model
-from painter.io.images import IMAGE_FORMATS, encode_image, uint8_from_tensor
+from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, encode_image, uint8_from_tensor
 from painter.runtime import autocast, pick_device
 from painter.sampling import SamplingConfig, generate, row_keys
 
@@ -43,10 +43,13 @@ class GenerationConfig:
     top_k: int | None = 100
     top_p: float | None = None
     image_format: str = "png"
+    pixel_rounding: str = "round"  # or "truncate", as EasyNLP (painter.io.images)
 
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format {self.image_format!r} is not one of {IMAGE_FORMATS}")
+        if self.pixel_rounding not in PIXEL_ROUNDING:
+            raise ValueError(f"pixel rounding {self.pixel_rounding!r} is not one of {PIXEL_ROUNDING}")
         self.sampling  # validates temperature, top_k and top_p now rather than on the first batch
 
     @property
@@ -94,7 +97,7 @@ class Generator:
         """(B, img_len) codes -> (B, H, W, 3) uint8, decoding the given rows in one call."""
         with autocast(self.device):
             images = self.model.vqgan.decode(codes)
-        return uint8_from_tensor(images)
+        return uint8_from_tensor(images, self.config.pixel_rounding)
 
     def _encode(self, pixels: np.ndarray) -> list[bytes]:
         return [encode_image(p, self.config.image_format) for p in pixels]
