@@ -15,6 +15,7 @@ Model shapes come from the model directory; a shape key that contradicts it is r
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from painter.errors import InputError
@@ -195,10 +196,21 @@ def split_tables(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (EasyNLP's commands use ./relative paths; Ray Train's storage and Ray's
+    workers need absolute ones); URLs as they are."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path) + ("/" if path.endswith("/") else "")
+
+
 def run(o) -> dict:
     """Run `o.mode` (see the module docstring); the summary of the jobs it ran."""
     from painter import easynlp_modes
 
     params = check_flags(o)
+    o = dataclasses.replace(o, tables=",".join(absolute(t) for t in split_tables(o.tables)),
+                            checkpoint_dir=absolute(o.checkpoint_dir), outputs=absolute(o.outputs),
+                            resume_from_checkpoint=absolute(o.resume_from_checkpoint))
     return {"train": easynlp_modes.train, "evaluate": easynlp_modes.evaluate,
             "predict": easynlp_modes.predict}[o.mode](o, params)

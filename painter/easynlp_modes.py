@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from painter.checkpoint import load_model, resolve_model_dir
-from painter.easynlp import check_model_shape, painter_schema, split_tables
+from painter.easynlp import absolute, check_model_shape, painter_schema, split_tables
 from painter.errors import InputError
 from painter.io import tables
 from painter.io.easynlp_tsv import check_columns, write_easynlp_tsv
@@ -52,7 +52,7 @@ def _start_model(o, params: dict) -> str:
     if not start:
         raise InputError("--mode train needs a model to fine-tune: pretrain_model_name_or_path in "
                          "--user_defined_parameters, or --resume_from_checkpoint")
-    return resolve_model_dir(start)  # here, on the driver: Ray workers may not share its PAINTER_HOME
+    return absolute(resolve_model_dir(start))  # here, on the driver: Ray workers may not share its PAINTER_HOME
 
 
 def train(o, params: dict) -> dict:

@@ -239,3 +239,18 @@ def test_tokenize_preprocessing_with_the_reference_resize():
     assert np.abs(ours.astype(int) - _smallest_max_size_center_crop(pixels, 64).astype(int)).max() <= 1
     default, _ = prepare_pixels(cell, 64)
     assert not np.array_equal(default, ours)  # the default stays painter's antialiased bicubic
+
+
+def test_evaluate_reads_every_image_of_a_predict_tsv(tmp_path):
+    from painter.stages.evaluate import Rejected, _table_rows
+
+    table = pa.table({"idx": ["a", "a", "b"], "text": ["红", "红", "蓝"], "sample": [0, 1, 0],
+                      "png": [png("red"), png("maroon"), png("blue")]})
+    path = str(tmp_path / "gen.tsv")
+    write_easynlp_tsv(table, path, "png")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("c\t绿\t['not base64!']\n")
+    rejected = Rejected()
+    rows = list(_table_rows([path], "idx:str:1,text:str:1,gen_imgbase64:str:1", {}, True, 0, rejected))
+    assert [(r[0], r[4]) for r in rows] == [("a", png("red")), ("a", png("maroon")), ("b", png("blue"))]
+    assert [(r[0], r[3].split(" (")[0]) for r in rejected.rows] == [("c", "not an EasyNLP gen_imgbase64 cell")]
