@@ -60,7 +60,7 @@ class EasyNLPFlags:
     """The text2image flags of EasyNLP's `easynlp` command, spelled and defaulted as there."""
     mode: str = _flag("train", "train, evaluate or predict", "mode", choices=MODES)
     app_name: str = _flag(APP_NAME, "must be text2image_generation", "app_name")
-    tables: str | None = _flag(None, "input TSV/Parquet files, comma-separated: train,valid (train); valid "
+    tables: str | None = _flag(None, "input TSV/Parquet files separated by commas: train,valid (train); valid "
                                "(evaluate); the prompts (predict)", "tables")
     input_schema: str | None = _flag(None, "TSV columns, e.g. idx:str:1,text:str:1,imgbase64:str:1", "input_schema")
     first_sequence: str = _flag("text", "the text column", "first_sequence")
@@ -90,7 +90,7 @@ class EasyNLPFlags:
                             "-1 or 0: one", "worker_gpu")
     use_amp: bool = _flag(False, "accepted: painter always computes in bf16 autocast on GPUs and fp32 on CPUs",
                           "use_amp")
-    user_defined_parameters: str | None = _flag(None, "whitespace-separated key=value: " + ", ".join(KEYS),
+    user_defined_parameters: str | None = _flag(None, "key=value pairs separated by spaces: " + ", ".join(KEYS),
                                                 "user_defined_parameters")
 
 

@@ -54,8 +54,8 @@ class Options:
     batch_size: int = option(64, "images per VQGAN batch")
     actors: int | None = option(None, "encoder actors (default: one per GPU, else half the CPUs)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
-    resize: str = option("pil", "pil: EXIF-rotated, alpha on white, antialiased bicubic (the default: no aliasing "
-                                "when shrinking photos); easynlp: EasyNLP/taming's plain RGB and OpenCV-bilinear "
+    resize: str = option("pil", "pil: EXIF rotation, alpha on white, antialiased bicubic (the default: no aliasing "
+                                "when shrinking photos); easynlp: EasyNLP/taming's plain RGB and OpenCV bilinear "
                                 "SmallestMaxSize, to encode exactly the tokens the reference would",
                          choices=RESIZE_MODES)
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output "
