@@ -166,12 +166,13 @@ def predict(o, params: dict) -> dict:
         start = time.time()
         summary = generate_job.run(options)
         generated = read_generated(options.output, run_date)
+    texts = {}
     if generated.num_rows:
         check_columns(generated.column_names, o.output_schema, o.append_cols)
-        texts = [easynlp_text(model.tokenizer, t) for t in generated.column("text").to_pylist()]
-        generated = generated.set_column(generated.column_names.index("text"), "text", pa.array(texts, pa.string()))
+        rows = zip(generated.column("idx").to_pylist(), generated.column("text").to_pylist())
+        texts = {idx: easynlp_text(model.tokenizer, text) for idx, text in rows}
     lines = write_easynlp_tsv(generated, o.outputs, options.image_format, output_schema=o.output_schema,
-                              append_cols=o.append_cols, order=input_order(o))
+                              append_cols=o.append_cols, order=input_order(o), output_text=texts)
     failed = summary.pop("_failed", None)
     result = {"mode": "predict", "outputs": o.outputs, "lines": lines, "model": o.checkpoint_dir,
               "rows_in": summary["rows_in"], "rows_rejected": summary["rows_rejected"], "errors": summary["errors"],

@@ -60,6 +60,9 @@ def test_predict_tsv_is_easynlps_format(tmp_path):
     assert decoded == [(0, 0, 128), (0, 0, 255)]  # samples in order
     assert parse_images_cell(cell) == [png("navy"), png("blue")]
     assert ast.literal_eval(rows[1][0]) == [base64.b64encode(png("red")).decode()]  # a list even for one image
+    write_easynlp_tsv(table, path, "png", append_cols="text", output_text={"a": "red"})
+    rows = [line.split("\t") for line in open(path, encoding="utf-8").read().splitlines()]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("a", "red", "红色"), ("b", "蓝 色", "蓝 色")]  # sorted by idx
     with pytest.raises(InputError, match="--append_cols 'nope'"):
         write_easynlp_tsv(table, path, "png", append_cols="nope")
     with pytest.raises(InputError, match="--output_schema 'score'"):

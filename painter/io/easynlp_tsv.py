@@ -70,8 +70,10 @@ def check_columns(table_columns: list[str], output_schema: str, append_cols: str
 
 
 def easynlp_lines(table: pa.Table, image_column: str, output_schema: str = DEFAULT_OUTPUT_SCHEMA,
-                  append_cols: str | None = None, order: list[str] | None = None) -> list[str]:
-    """One line per idx (see the module docstring), without the trailing newline."""
+                  append_cols: str | None = None, order: list[str] | None = None,
+                  output_text: dict[str, str] | None = None) -> list[str]:
+    """One line per idx (see the module docstring), without the trailing newline. `output_text` gives the
+    output `text` column per idx where it differs from the input's (appended columns stay the input's)."""
     check_columns(table.column_names, output_schema, append_cols)
     outputs, appended = _names(output_schema), _names(append_cols)
     rows: dict[str, dict] = {}
@@ -84,7 +86,7 @@ def easynlp_lines(table: pa.Table, image_column: str, output_schema: str = DEFAU
     ranks = {idx: i for i, idx in enumerate(order or [])}
     for idx in sorted(rows, key=lambda i: (ranks.get(i, len(ranks)), i)):
         row = rows[idx]
-        values = {"idx": idx, "text": row["text"],
+        values = {"idx": idx, "text": (output_text or {}).get(idx, row["text"]),
                   IMAGES_COLUMN: images_cell([image for _, image in sorted(images[idx], key=lambda p: p[0])])}
         cells = [values[name] for name in outputs] + [row[name] for name in appended]
         lines.append("\t".join(_cell(c) for c in cells))
@@ -93,10 +95,10 @@ def easynlp_lines(table: pa.Table, image_column: str, output_schema: str = DEFAU
 
 def write_easynlp_tsv(table: pa.Table, path: str, image_column: str, storage_options: dict | None = None, *,
                       output_schema: str = DEFAULT_OUTPUT_SCHEMA, append_cols: str | None = None,
-                      order: list[str] | None = None) -> int:
+                      order: list[str] | None = None, output_text: dict[str, str] | None = None) -> int:
     """Write `table` (rows idx, text, sample, image bytes, pass-through columns) to `path` in EasyNLP's
     predict format; a temp file beside it is moved into place. Returns the number of lines (inputs)."""
-    lines = easynlp_lines(table, image_column, output_schema, append_cols, order)
+    lines = easynlp_lines(table, image_column, output_schema, append_cols, order, output_text)
     fs, stripped = url_to_fs(path, storage_options)
     head, tail = posixpath.split(stripped)
     if head:
