@@ -143,12 +143,11 @@ def input_order(o) -> list[str]:
 
 
 def _generate_options(o, params: dict, output: str, errors: str, run_date: str):
-    extra = {"precision": "fp32"} if "precision" in generate_job.Options.__dataclass_fields__ else {}
     return generate_job.Options(
         input=split_tables(o.tables), model=o.checkpoint_dir, output=output, errors=errors,
         input_schema=painter_schema(o, needs_image=False), samples=params.get("max_generated_num", 1),
         seed=o.random_seed, micro_batch=o.micro_batch_size, run_date=run_date, contact_sheet=False,
-        pixel_rounding=PIXEL_ROUNDING, **extra)
+        pixel_rounding=PIXEL_ROUNDING)
 
 
 def predict(o, params: dict) -> dict:
