@@ -40,6 +40,8 @@ COMMANDS = {
     "new-model": Command("painter.commands", "write a randomly initialised model directory from a preset"),
     "import-easynlp": Command("painter.commands", "import an EasyNLP pai-painter-*-zh directory"),
     "import-vqgan": Command("painter.commands", "import a taming-transformers VQGAN checkpoint"),
+    "export-easynlp": Command("painter.commands", "export a model directory in EasyNLP's pai-painter layout"),
+    "easynlp": Command("painter.easynlp", "EasyNLP text2image command lines (--mode train|evaluate|predict), unchanged", True),
     "demo": Command("painter.stages.demo", "the whole system on the synthetic task: corpus, tokenize, train, generate, evaluate", True),
     "make-corpus": Command("painter.stages.make_corpus", "write a synthetic Chinese-captioned image corpus (EasyNLP TSV)"),
     "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True),

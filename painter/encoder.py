@@ -52,7 +52,7 @@ def _image_column(table: pa.Table) -> tuple[str, bool]:
     raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
 
 
-def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "pil") -> pa.Table:
     """Rows read by `painter.io.tables` -> `PREPARED_SCHEMA` rows: uint8 (size, size, 3) pixels as bytes.
 
     A row keeps the reason it was read with; otherwise it is rejected for a missing or empty idx or
@@ -67,7 +67,7 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         reason = reasons[i] or _text_reason("idx", idx[i]) or _text_reason("text", text[i])
         array = None
         if reason is None:
-            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels)
+            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels, resize=resize)
         pixels.append(None if array is None else array.tobytes())
         reasons[i] = reason
     return pa.table({

@@ -30,7 +30,7 @@ import torch
 
 from painter.checkpoint import LoadedModel, load_model
 from painter.engine import DecodeEngine
-from painter.io.images import IMAGE_FORMATS, encode_image
+from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, encode_image, uint8_on_device
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
 from painter.sampling import SamplingConfig, row_keys
 
@@ -56,11 +56,14 @@ class GenerationConfig:
     top_p: float | None = None
     image_format: str = "png"
     precision: str | None = None  # "fp32" or "bf16"; None: bf16 on CUDA, fp32 on CPU
+    pixel_rounding: str = "round"  # or "truncate", as EasyNLP (painter.io.images)
 
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format {self.image_format!r} is not one of {IMAGE_FORMATS}")
         check_precision(self.precision)
+        if self.pixel_rounding not in PIXEL_ROUNDING:
+            raise ValueError(f"pixel rounding {self.pixel_rounding!r} is not one of {PIXEL_ROUNDING}")
         self.sampling  # validates temperature, top_k and top_p now rather than on the first batch
 
     @property
@@ -125,9 +128,8 @@ class Generator:
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, img_len) codes -> (B, H, W, 3) uint8 on the device, rounded as `uint8_from_tensor` does."""
-        images = self.vqgan.decode(codes)  # (B, 3, H, W) in [-1, 1], more or less
-        return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        """(B, img_len) codes -> (B, H, W, 3) uint8 on the device, as `config.pixel_rounding` says."""
+        return uint8_on_device(self.vqgan.decode(codes), self.config.pixel_rounding)  # decode: (B, 3, H, W)
 
     def pixels(self, codes: torch.Tensor) -> np.ndarray:
         """(B, img_len) codes -> (B, H, W, 3) uint8, decoding the given rows in one call."""

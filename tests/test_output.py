@@ -1,6 +1,7 @@
 """The output table: safe partition paths, staging, the `_SUCCESS` commit, crash recovery, EasyNLP TSV."""
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -163,7 +164,7 @@ def test_write_atomic_replaces_and_leaves_no_temp_files(tmp_path):
     assert open(path, "rb").read() == b"two" and os.listdir(tmp_path / "a") == ["_SUCCESS"]
 
 
-def test_easynlp_tsv_has_one_decodable_image_a_line(tmp_path):
+def test_easynlp_tsv_has_one_line_per_idx_with_a_list_of_images(tmp_path):
     table = out.OutputTable(str(tmp_path / "out"), "2024-05-01")
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), "red").save(buffer, format="PNG")
@@ -171,12 +172,13 @@ def test_easynlp_tsv_has_one_decodable_image_a_line(tmp_path):
     rows = rows.set_column(1, "text", pa.array(["宽松\tT恤\n", "宽松\tT恤\n"]))
     table.commit(table.stage(rows, "run1", [], SIG), "run1")
     path = str(tmp_path / "gen.tsv")
-    assert out.write_easynlp_tsv(table, path, "png") == 2
+    assert out.write_easynlp_tsv(table, path, "png") == 1  # EasyNLP's predict format: a line per input
     lines = open(path, encoding="utf-8").read().splitlines()
-    assert len(lines) == 2
-    idx, text, image = lines[0].split("\t")
+    assert len(lines) == 1
+    idx, text, images = lines[0].split("\t")
     assert (idx, text) == ("1", "宽松 T恤 ")
-    assert Image.open(io.BytesIO(base64.urlsafe_b64decode(image))).size == (4, 4)
+    assert images.startswith("['iVBOR") and len(ast.literal_eval(images)) == 2
+    assert all(Image.open(io.BytesIO(base64.urlsafe_b64decode(i))).size == (4, 4) for i in ast.literal_eval(images))
 
 
 def test_output_table_on_s3(s3_bucket):

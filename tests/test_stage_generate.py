@@ -77,7 +77,7 @@ def test_generate_end_to_end_through_the_cli(ray_session, tiny_model_dir, tmp_pa
     assert sorted(os.listdir(output)) == ["_rejected", "_runs", "_sheets", "_staging", f"run_date={DATE}"]
     assert sorted(os.listdir(tmp_path)) == ["gen.tsv", "out", "prompts.tsv"]
     assert os.path.exists(summary["contact_sheet"]) and os.path.exists(summary["gallery"])
-    assert summary["tsv_lines"] == 18 and not os.listdir(os.path.join(output, "_staging", f"run_date={DATE}"))
+    assert summary["tsv_lines"] == 9 and not os.listdir(os.path.join(output, "_staging", f"run_date={DATE}"))
 
     rerun = run(_options(tiny_model_dir, [inputs], output, samples=2, partition_by=["category"],
                          max_error_rate=0.5))

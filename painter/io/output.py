@@ -1,4 +1,4 @@
-"""The generation output table: partition paths, staging, the `_SUCCESS` commit, recovery, EasyNLP TSV.
+"""The generation output table: partition paths, staging, the `_SUCCESS` commit, recovery.
 
 Layout (every path goes through fsspec, so `s3://bucket/prefix` works like a local folder):
 
@@ -27,7 +27,6 @@ No Ray in this module.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import posixpath
@@ -376,27 +375,10 @@ class OutputTable:
             self.fs.rm(run_dir, recursive=True)
 
 
-def _tsv_field(value) -> str:
-    return " ".join(str(value).split("\t")).replace("\r", " ").replace("\n", " ")
-
-
 def write_easynlp_tsv(table: OutputTable, path: str, image_column: str,
                       storage_options: dict | None = None) -> int:
-    """Every committed image of the date as `idx \\t text \\t gen_imgbase64` lines (one image a line,
-    URL-safe base64 as EasyNLP's readers decode it; tabs and newlines in text become spaces).
-    Written to a temp file and moved into place; returns the number of lines."""
-    fs, stripped = url_to_fs(path, storage_options)
-    tmp = _temp_beside(stripped)
-    if posixpath.dirname(stripped):
-        fs.makedirs(posixpath.dirname(stripped), exist_ok=True)
-    lines = 0
-    with fs.open(tmp, "wb") as f:
-        for part in table.iter_committed(["idx", "text", "sample", image_column]):
-            part = part.sort_by([("idx", "ascending"), ("sample", "ascending")])
-            for idx, text, image in zip(*(part.column(c).to_pylist() for c in ("idx", "text", image_column))):
-                encoded = base64.urlsafe_b64encode(image).decode("ascii")
-                f.write(f"{_tsv_field(idx)}\t{_tsv_field(text)}\t{encoded}\n".encode("utf-8"))
-                lines += 1
-    fs.mv(tmp, stripped)
-    return lines
+    """Every committed image of the date in EasyNLP's predict format (`painter.io.easynlp_tsv`):
+    one line per idx, `idx \\t text \\t ['<base64 PNG>', ...]`; returns the number of lines."""
+    from painter.io import easynlp_tsv
 
+    return easynlp_tsv.write_easynlp_tsv(table.read(), path, image_column, storage_options)

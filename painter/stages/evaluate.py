@@ -7,7 +7,8 @@ What it measures (any combination, in one run):
    with `--model` and read back by the synthetic judge. Or `--generated PATH` scores images that exist
    already: a `painter generate` output root (the committed rows of `--generated-date`, default the
    latest date), one `run_date=D` folder of it, or TSV/Parquet files with a text and an image column
-   (EasyNLP TSV `idx, text, base64` as `painter make-corpus` or `generate --tsv-output` write them).
+   (EasyNLP TSV `idx, text, base64` as `painter make-corpus` writes them, or EasyNLP's predict TSV with a
+   list of base64 images per line, as `generate --tsv-output` and `painter easynlp` write them).
    The summary holds accuracy of all attributes, of colour and shape together and of each attribute,
    next to the chance levels of a blind guess.
 2. **FID / IS.** `--feature-extractor FILE` (a torch.export `.pt2` or TorchScript file; see
@@ -52,6 +53,7 @@ from painter.generator import GenerationConfig, Generator
 from painter.io import output as out
 from painter.io import sheet
 from painter.io import tables
+from painter.io.easynlp_tsv import parse_images_cell
 from painter.io.images import IMAGE_FORMATS, ImageRejected, fit_square, image_bytes, load_image, to_model_input
 from painter.options import option, parse_storage_options
 from painter.runtime import pick_device
@@ -194,17 +196,28 @@ def _table_rows(paths: list[str], schema_spec: str, storage: dict, need_text: bo
                     reason = f"no image column (one of {', '.join(BASE64_COLUMNS + BINARY_COLUMNS)})"
                 if reason is None and need_text and not str(texts[i] or "").strip():
                     reason = "empty text"
-                data = None
+                images = []
                 if reason is None:
                     try:
-                        data = image_bytes(chunk[column][i], is_base64)
+                        images = _cell_images(chunk[column][i], is_base64)
                     except ImageRejected as e:
                         reason = str(e)
                 if reason is not None:
                     rejected.add(idx[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], reason)
                     continue
-                kept += 1
-                yield idx[i], texts[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], data
+                for data in images:
+                    kept += 1
+                    yield idx[i], texts[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], data
+
+
+def _cell_images(cell, is_base64: bool) -> list[bytes]:
+    """The images of one cell: EasyNLP's predict output holds a list repr of base64 PNGs, others one image."""
+    if is_base64 and isinstance(cell, str) and cell.lstrip().startswith("["):
+        try:
+            return parse_images_cell(cell)
+        except ValueError as e:
+            raise ImageRejected(str(e)) from None
+    return [image_bytes(cell, is_base64)]
 
 
 def _committed_dates(root: str, storage: dict) -> list[str]:

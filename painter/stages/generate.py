@@ -41,7 +41,8 @@ from painter.errors import InputError
 from painter.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io import sheet
-from painter.io.images import IMAGE_FORMATS
+from painter.io.easynlp_tsv import write_easynlp_tsv
+from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.tables import REASON, ROW, SOURCE, rejected_table
 from painter.options import option, parse_storage_options, to_dict
 from painter.stages.common import actor_resources, cluster_has_gpus, join, read_input
@@ -75,7 +76,10 @@ class Options:
     image_format: str = option("png", "image encoding; the image column is named after it", choices=IMAGE_FORMATS)
     precision: str | None = option(None, "model weights for generation: fp32 or bf16 (default: bf16 on GPU, "
                                    "fp32 on CPU); images depend on it", choices=("fp32", "bf16"))
-    tsv_output: str | None = option(None, "also write the night as EasyNLP TSV: idx, text, gen_imgbase64")
+    pixel_rounding: str = option("round", "model output to 8 bits: nearest level, or truncated as EasyNLP does",
+                                 choices=PIXEL_ROUNDING)
+    tsv_output: str | None = option(None, "also write the night as EasyNLP's predict TSV: idx, text, gen_imgbase64 "
+                                    "(one line per prompt, a list of base64 PNGs)")
     contact_sheet: bool = option(True, "write a contact sheet PNG under <output>/_sheets/")
     gallery: bool = option(False, "also write a static HTML gallery beside the contact sheet")
     sheet_prompts: int = option(16, "prompts shown on the contact sheet and gallery")
@@ -96,7 +100,7 @@ def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
                                 top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
-                                precision=options.precision)
+                                precision=options.precision, pixel_rounding=options.pixel_rounding)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -241,6 +245,7 @@ def _signature(fingerprint: str, settings: Settings) -> str:
     named = {"model": fingerprint, "seed": config.seed, "temperature": config.temperature, "top_k": config.top_k,
              "top_p": config.top_p, "format": config.image_format, "micro_batch": settings.micro_batch,
              "precision": config.precision,
+             **({"pixel_rounding": config.pixel_rounding} if config.pixel_rounding != "round" else {}),
              "partition_by": settings.partition_by}
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -371,7 +376,7 @@ def _finish(table: out.OutputTable, options: Options, storage_options: dict, sum
     """Sheets, TSV and the run record after the commit; the error-rate verdict last."""
     summary |= write_sheets(table, options, storage_options)
     if options.tsv_output:
-        summary["tsv_lines"] = out.write_easynlp_tsv(table, options.tsv_output, options.image_format, storage_options)
+        summary["tsv_lines"] = write_easynlp_tsv(table.read(), options.tsv_output, options.image_format, storage_options)
         summary["tsv_output"] = options.tsv_output
     table.write_atomic(join(table.root, "_runs", f"run_date={table.run_date}", f"{summary['run_id']}.json"),
                        json.dumps(record | {"summary": summary}, ensure_ascii=False, default=str).encode())

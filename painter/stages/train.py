@@ -42,7 +42,7 @@ from painter.stages.common import arrow_filesystem, cluster_has_gpus
 from painter.stages.train_worker import FAULT_ENV, copy_file, exists, train_loop
 from painter.training import TrainConfig
 
-MODEL_FILES = ("config.json", "vocab.txt", "gpt.safetensors", "vqgan.safetensors")
+MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safetensors", "vqgan.safetensors")
 
 
 @dataclass(kw_only=True)
