@@ -11,8 +11,9 @@
   Ray's GCS messages printed there, and raw writes to file descriptor 2 from Ray's C++ core worker)
   passes the `NOISE` filter; what it names goes to the log file.
 - `Progress`: one progress display per stage on stderr: a bar redrawn in place, with count, rate and
-  ETA, when stderr is a terminal; a plain line every `PAINTER_PROGRESS_SECONDS` (15) seconds when it is
-  not (CI, `ray job submit` logs).
+  ETA, when stderr is a terminal; when it is not (CI, `ray job submit` logs), a plain line every
+  `PAINTER_PROGRESS_SECONDS` (15) seconds, spaced out to an eighth of the time so far in long jobs
+  (an hour-long job writes a few dozen lines, not hundreds).
 - `remote_progress`: a `Progress` fed from Ray workers through a small actor (`Board`): a worker calls
   `board.set.remote(done, note)`; the driver polls it.
 """
@@ -287,7 +288,7 @@ class Progress:
                 self.first = (now, done)
             if self.tty and now - self.last_draw >= 0.2:
                 self.draw()
-            elif not self.tty and now - self.last_line >= PROGRESS_SECONDS:
+            elif not self.tty and now - self.last_line >= max(PROGRESS_SECONDS, (now - self.begin) / 8):
                 self.last_line = now
                 get(self.stage).info(self.text())
 
