@@ -153,11 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     path = log_path(args.command) if COMMANDS[args.command].uses_ray else None
     logs.setup(args.command, path)
     terminal = logs.TerminalFilter() if path else None
+    ours = path is not None and not _ray_running()
     try:
         return _run_and_report(args.command, options, path, start)
     finally:
+        if ours and _ray_running():  # Ray's last words at shutdown pass the filter too
+            import ray
+
+            ray.shutdown()
         if terminal is not None:
             terminal.close()
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _run_and_report(name: str, options, path: str | None, start: float) -> int:

@@ -34,7 +34,6 @@ PROGRESS_SECONDS = float(os.environ.get("PAINTER_PROGRESS_SECONDS", "15"))
 NOISE = tuple(re.compile(p) for p in (
     r"Failed to query Ray Train Controller actor state",  # train v2 without the dashboard, once a second
     r"Reporting training result \d+: TrainingReport\(",  # every ray.train.report, dumped in full
-    r"TrainingReport\(",
     r"State API may be temporarily unavailable",
     r"Progress bars disabled\. To enable",  # we turned Ray Data's bars off: painter draws its own
     r"has constructor arguments in the object store and max_restarts > 0",  # C++, for every actor pool
@@ -54,9 +53,11 @@ def is_noise(message: str) -> bool:
 
 
 class _Terminal(logging.Handler):
-    """painter's records (and Ray's WARNING+ ones that are not `NOISE`) on the current stderr, keeping a bar intact."""
+    """painter's records on the current stderr (keeping a bar intact) and in the log file."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _state["file"] is not None:
+            _state["file"].handle(record)
         try:
             stage = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else record.name.split(".")[0]
             level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "

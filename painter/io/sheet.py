@@ -192,6 +192,7 @@ def contact_sheet(rows: list[list[SheetItem]], font: CaptionFont, *, min_cell: i
         for c, (item, image) in enumerate(zip(row, row_images)):
             left = pad + c * (cell + pad)
             sheet.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (left, top))
+            draw.rectangle([left - 1, top - 1, left + cell, top + cell], outline=(200, 200, 200))  # white scenes' edge
             lines = _wrap(f"{item.idx} · #{item.sample}", face, cell, 1) + _wrap(item.text, face, cell, text_lines)
             for k, line in enumerate(lines):
                 draw.text((left, top + cell + 3 + k * line_height), line, fill=(20, 20, 20), font=face)
