@@ -55,8 +55,8 @@ def is_noise(message: str) -> bool:
 class _Terminal(logging.Handler):
     """painter's records on the current stderr (keeping a bar intact) and in the log file."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if _state["file"] is not None:
+    def emit(self, record: logging.LogRecord, to_file: bool = True) -> None:
+        if to_file and _state["file"] is not None:
             _state["file"].handle(record)
         try:
             stage = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else record.name.split(".")[0]
@@ -74,6 +74,9 @@ class _Terminal(logging.Handler):
             self.handleError(record)
 
 
+_TERMINAL = _Terminal()
+
+
 def _file_handler(path: str) -> logging.Handler:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # reopened if a job empties its output folder (`--overwrite`) after the file was opened
@@ -83,12 +86,15 @@ def _file_handler(path: str) -> logging.Handler:
 
 
 class _RayConsole(logging.Filter):
-    """On Ray's own console handlers: every record to the log file; the terminal gets WARNING+ non-noise."""
+    """On Ray's own console handlers: every record to the log file; WARNING+ ones that are not `NOISE` also
+    to the terminal, in painter's format (`[ray] warning: ...`); Ray's handler itself prints nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _state["file"] is not None:
             _state["file"].handle(record)
-        return record.levelno >= logging.WARNING and not is_noise(record.getMessage())
+        if record.levelno >= logging.WARNING and not is_noise(record.getMessage()):
+            _TERMINAL.emit(record, to_file=False)
+        return False
 
 
 def setup(job: str, log_path: str | None) -> None:
@@ -96,8 +102,8 @@ def setup(job: str, log_path: str | None) -> None:
     root = logging.getLogger(ROOT)
     root.setLevel(logging.INFO)
     root.propagate = False
-    if not any(isinstance(h, _Terminal) for h in root.handlers):
-        root.addHandler(_Terminal())
+    if _TERMINAL not in root.handlers:
+        root.addHandler(_TERMINAL)
     old = _state["file"]
     if old is not None:
         old.close()

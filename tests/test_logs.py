@@ -93,3 +93,22 @@ def test_one_line_reason_finds_the_deepest_error():
             raise RuntimeError("wrapper\nTraceback (most recent call last):\n  ...") from e
     except RuntimeError as e:
         assert one_line_reason(e) == "ValueError: the real reason"
+
+
+def test_rays_warnings_reach_the_terminal_in_painters_format_unless_they_are_noise(tmp_path, capsys):
+    import logging
+
+    logs.setup("test", str(tmp_path / "x.log"))
+    ray_logger = logging.getLogger("ray.painter_test")
+    ray_logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)  # what Ray's own console handler is
+    ray_logger.handlers = [handler]
+    logs.quiet_ray(initialized=False)
+    ray_logger.warning("the object store is full")
+    ray_logger.warning("Failed to query Ray Train Controller actor state. Continuing to monitor.")
+    ray_logger.info("Starting execution of Dataset")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[ray] warning: the object store is full"]
+    kept = (tmp_path / "x.log").read_text()
+    assert "Failed to query" in kept and "Starting execution" in kept and "object store is full" in kept
+    logs.setup("test", None)
