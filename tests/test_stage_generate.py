@@ -74,7 +74,7 @@ def test_generate_end_to_end_through_the_cli(ray_session, tiny_model_dir, tmp_pa
     date_dir = os.path.join(output, f"run_date={DATE}")  # nothing escaped its folder:
     for folder, _, files in os.walk(date_dir):
         assert files == [] or (os.path.dirname(folder) == date_dir and "category=" in folder), folder
-    assert sorted(os.listdir(output)) == ["_rejected", "_runs", "_sheets", "_staging", f"run_date={DATE}"]
+    assert sorted(os.listdir(output)) == ["_logs", "_rejected", "_runs", "_sheets", "_staging", f"run_date={DATE}"]
     assert sorted(os.listdir(tmp_path)) == ["gen.tsv", "out", "prompts.tsv"]
     assert os.path.exists(summary["contact_sheet"]) and os.path.exists(summary["gallery"])
     assert summary["tsv_lines"] == 9 and not os.listdir(os.path.join(output, "_staging", f"run_date={DATE}"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -46,6 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from painter import evaluate as ev
+from painter import logs
 from painter import synthetic
 from painter.checkpoint import load_model, read_bytes
 from painter.errors import InputError
@@ -128,7 +128,7 @@ class Rejected:
 
 
 def _say(message: str) -> None:
-    print(f"evaluate: {message}", file=sys.stderr, flush=True)
+    logs.get("evaluate").info(message)
 
 
 def check(options: Options) -> None:

@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from painter import logs
 from painter.checkpoint import load_model
 from painter.errors import InputError
 from painter.generator import GenerationConfig, Generator, default_micro_batch
@@ -292,7 +292,7 @@ def write_sheets(table: out.OutputTable, options: Options, storage_options: dict
 
 def _progress(message: str) -> None:
     """A progress line on stderr (stdout's last line is the summary)."""
-    print(f"[generate] {message}", file=sys.stderr, flush=True)
+    logs.get("generate").info(message)
 
 
 def _fail_after() -> int | None:

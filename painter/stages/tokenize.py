@@ -16,7 +16,6 @@ later ones are rejected with "duplicate idx (first at FILE:ROW)". Shard rows are
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from painter import logs
 from painter.checkpoint import load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError
@@ -66,7 +66,7 @@ class Options:
 
 
 def _log(message: str) -> None:
-    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+    logs.get(STAGE).info(message)
 
 
 def _check_options(options: Options) -> None:

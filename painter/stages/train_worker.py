@@ -71,6 +71,30 @@ def _shard_collate():
     return ShardCollate()
 
 
+def shard_in_memory(shard) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This worker's whole split of a (small) training set, read once: text_ids (N, Tt) and image_tokens
+    (N, Ti) as int32, and idx, sorted by idx so that the seeded per-epoch order never depends on the order
+    Ray Data happened to deliver the blocks in."""
+    texts, images, idx = [], [], []
+    for table in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        text_ids, image_tokens, rows = _shard_collate()(table)
+        texts.append(text_ids.to(torch.int32))
+        images.append(image_tokens.to(torch.int32))
+        idx += rows
+    order = np.argsort(np.array(idx, dtype=object), kind="stable")
+    order_t = torch.from_numpy(order.astype(np.int64))
+    return torch.cat(texts)[order_t], torch.cat(images)[order_t], [idx[i] for i in order]
+
+
+def memory_batches(data: tuple, batch_size: int, seed: int):
+    """(text_ids, image_tokens, idx) micro-batches of an in-memory split in a seeded full shuffle, full batches only."""
+    text_ids, image_tokens, idx = data
+    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(idx) - batch_size + 1, batch_size):
+        rows = order[start:start + batch_size]
+        yield text_ids[rows].long(), image_tokens[rows].long(), [idx[i] for i in rows.tolist()]
+
+
 class WorkerRun:
     """One worker's session: model and optimizer (restored from the last checkpoint if any), the loop."""
 
@@ -95,6 +119,7 @@ class WorkerRun:
         seed = cfg["seed"] * 1_000_003 + self.rank * 10_007 + self.state["step"]
         self.generator = torch.Generator(self.device).manual_seed(seed)  # pkeep corruption
         self.rows_seen: list[str] = []
+        self.memory: tuple | None = None  # this worker's split of the training set, when the run keeps it in memory
         self.window_rows, self.window_start = 0, time.perf_counter()
 
     def _restore(self, checkpoint) -> tuple[GPT, dict]:
@@ -128,6 +153,7 @@ class WorkerRun:
                 result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                                     self.config.gpt.img_vocab_size, self.generator)
                 self.state["step"] += 1
+                self._tick()
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)
                 if self.state["step"] >= total:
@@ -137,10 +163,15 @@ class WorkerRun:
     def _batches(self, shard, epoch: int, skip: int):
         """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
         c, buffer = self.cfg, self.cfg["shuffle_buffer"]
-        batches = shard.iter_torch_batches(
-            batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
-            local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
-            local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
+        seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
+        if c.get("in_memory"):  # a small run: read the split once, no Ray Data iterator in the step loop
+            self.memory = self.memory or shard_in_memory(shard)
+            batches = memory_batches(self.memory, c["batch_size"], seed)
+        else:
+            batches = shard.iter_torch_batches(
+                batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+                local_shuffle_seed=seed if buffer else None)
         for i, batch in enumerate(batches):  # (text_ids, image_tokens, idx list)
             if i >= skip:
                 yield batch
@@ -209,10 +240,16 @@ class WorkerRun:
             dist.all_reduce(sums)
         return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
+    def _tick(self, note: str = "") -> None:
+        """Rank 0 tells the driver's progress display the step (fire and forget)."""
+        if self.rank == 0 and self.cfg.get("progress") is not None:
+            self.cfg["progress"].set.remote(self.state["step"], note)
+
     def _report(self, metrics: dict, checkpoint: bool) -> None:
         import ray.train
 
         self.state["metrics"] = metrics
+        self._tick(f"loss {metrics['loss']:.3f}")
         if self.rank == 0:
             line = json.dumps(metrics)
             print(f"train: {line}", flush=True)
