@@ -129,7 +129,7 @@ def delta_storage_options(url: str, storage_options: dict | None) -> dict:
 @dataclass
 class CommitResult:
     """What one `commit` call did."""
-    version: int | None = None  # the table version it made (None: nothing to commit)
+    version: int | None = None  # the table's version just after its commit (None: nothing committed)
     files: int = 0
     rows: int = 0
     conflicts: int = 0  # commits lost to a concurrent writer of the same night, then retried
@@ -277,7 +277,7 @@ class OutputTable:
             if not keep:
                 return result
             version = (dt.transaction_version(app) or 0) + 1
-            properties = CommitProperties(app_transactions=[Transaction(app, version)], max_commit_retries=0,
+            properties = CommitProperties(app_transactions=[Transaction(app, version)],
                                           custom_metadata={"painter.run_id": run_id, "painter.run_date": run_date})
             try:
                 dt.create_write_transaction([self._add(r) for r in keep], "append", schema, partition_by,
@@ -285,7 +285,7 @@ class OutputTable:
             except CommitFailedError:
                 result.conflicts += 1
                 continue
-            result.version, result.files, result.rows = dt.version(), len(keep), sum(r["rows"] for r in keep)
+            result.version, result.files, result.rows = self.delta().version(), len(keep), sum(r["rows"] for r in keep)
             result.paths = {r["path"] for r in keep}
             return result
         raise RuntimeError(f"{self.root}: {MAX_COMMIT_ATTEMPTS} commits of run_date {run_date} in a row lost "
