@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from painter.checkpoint import load_model
@@ -241,12 +242,14 @@ class Written:
 def _whole_batches(pending: list[pa.Table]) -> tuple[pa.Table, list[pa.Table]]:
     """The file records of every batch whose files have all arrived, and the rest (still pending)."""
     records = pa.concat_tables(pending) if pending else FILE_RECORD.empty_table()
+    if not records.num_rows:
+        return records, []
     counts: dict[str, int] = {}
     for b in records.column("batch").to_pylist():
         counts[b] = counts.get(b, 0) + 1
     whole = pa.array([counts[b] == n for b, n in zip(records.column("batch").to_pylist(),
-                                                     records.column("batch_files").to_pylist())])
-    rest = records.filter(pa.compute.invert(whole)) if records.num_rows else records
+                                                     records.column("batch_files").to_pylist())], pa.bool_())
+    rest = records.filter(pc.invert(whole))
     return records.filter(whole), [rest] if rest.num_rows else []
 
 
@@ -275,7 +278,7 @@ def generate_into(root: out.OutputRoot, todo: pa.Table, settings: "Settings", ac
     try:
         for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):
             pending.append(records)
-            if sum(t.num_rows and pa.compute.sum(t.column("rows")).as_py() for t in pending) >= settings.commit_images:
+            if sum(pc.sum(t.column("rows")).as_py() or 0 for t in pending) >= settings.commit_images:
                 pending = _commit(root, pending, context, written)
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
         _commit(root, pending, context, written)
