@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
