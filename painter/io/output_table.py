@@ -20,7 +20,8 @@ log holds each file's exact partition values. None and '' both mean null (`__HIV
 in the path, null in the log), and values whose encoding exceeds `MAX_SEGMENT_BYTES` are cut and end
 in `~` + a hash.
 
-Committing (`commit`, on the driver): a group of whole batches becomes one Delta commit. Exactly once
+Committing (`Committer`, on the driver, as the records arrive): whole batches only (all the files of
+a batch, or none), grouped into Delta commits of at least `commit_images` images (`commit`). Exactly once
 per (run_date, idx, sample) comes from the table itself: every commit of a night carries the
 transaction id `painter-generate/<run_date>` (a Delta `txn` action) at the next version, so two
 commits of the same night that read the same snapshot conflict in delta-rs' conflict checker and the
@@ -320,6 +321,45 @@ class OutputTable:
             return 0
         return len(self.delta().vacuum(retention_hours=retention_hours, dry_run=False, full=True,
                                        enforce_retention_duration=enforce_retention))
+
+
+class Committer:
+    """Commits a run's file records (FILE_RECORD tables, as they arrive) in groups of whole batches of at
+    least `commit_images` images; counts what this run committed over all its commits."""
+
+    def __init__(self, table: OutputTable, run_date: str, schema: pa.Schema, partition_by: list[str],
+                 run_id: str, commit_images: int):
+        self.table, self.run_date, self.schema, self.partition_by = table, run_date, schema, partition_by
+        self.run_id, self.commit_images, self.pending = run_id, commit_images, []
+        self.images = self.commits = self.conflicts = self.files_left_out = 0
+        self.version, self.truncated, self.seconds = None, set(), 0.0
+
+    def add(self, records: pa.Table) -> None:
+        self.pending.append(records)
+        if sum(pc.sum(t.column("rows")).as_py() or 0 for t in self.pending) >= self.commit_images:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every batch whose files have all arrived; the others stay pending."""
+        records = pa.concat_tables(self.pending) if self.pending else FILE_RECORD.empty_table()
+        if not records.num_rows:
+            return
+        batches = records.column("batch").to_pylist()
+        counts = {b: batches.count(b) for b in set(batches)}
+        whole = pa.array([counts[b] == n for b, n in zip(batches, records.column("batch_files").to_pylist())],
+                         pa.bool_())
+        rest, files = records.filter(pc.invert(whole)), records.filter(whole)
+        self.pending = [rest] if rest.num_rows else []
+        if not files.num_rows:
+            return
+        result = self.table.commit(files, self.run_date, self.schema, self.partition_by, self.run_id)
+        self.conflicts += result.conflicts
+        self.files_left_out += files.num_rows - result.files
+        if result.version is not None:
+            self.images, self.commits, self.version = self.images + result.rows, self.commits + 1, result.version
+            for path, truncated in zip(files.column("path").to_pylist(), files.column("truncated").to_pylist()):
+                if path in result.paths:
+                    self.truncated.update(truncated)
 
 
 def new_batch_id(run_id: str) -> str:

@@ -11,9 +11,9 @@ Flow (`run`):
    each batch; the output table writes it as data files right there (`OutputTable.write_files`), so
    image bytes never reach the driver; only a small record per file comes back. Texts longer than the
    model's text_len tokens are counted where they are tokenized (the generator's `is_truncated`).
-4. The driver streams those records and commits whole batches in Delta commits of at least
-   `--commit-images` images (`OutputTable.commit`: exactly once per (run_date, idx, sample) through the
-   table's transaction ids and conflict check). Pairs left out because a concurrent run committed
+4. The driver streams those records to the output table's `Committer`, which commits whole batches in
+   Delta commits of at least `--commit-images` images (exactly once per (run_date, idx, sample) through
+   the table's transaction ids and conflict check: `OutputTable.commit`). Pairs left out because a concurrent run committed
    part of their file are generated again in another round, until the night is complete.
 5. Then the contact sheet, optional HTML gallery and EasyNLP TSV are made from the committed night,
    the table's vacuum removes orphaned files older than its retention, and the run is recorded under
@@ -30,11 +30,10 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from painter.checkpoint import load_model
@@ -43,7 +42,7 @@ from painter.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io import sheet
 from painter.io.images import IMAGE_FORMATS
-from painter.io.output_table import FILE_RECORD, OutputTable, new_batch_id
+from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.tables import REASON, ROW, SOURCE, rejected_table
 from painter.options import option, parse_storage_options, to_dict
 from painter.stages.common import actor_resources, cluster_has_gpus, painter_error_from, read_input
@@ -227,62 +226,20 @@ class GenerateActor:
         return files
 
 
-@dataclass
-class Written:
-    """What this run committed, over all its commits and rounds."""
-    images: int = 0
-    commits: int = 0
-    conflicts: int = 0
-    files_left_out: int = 0
-    version: int | None = None
-    truncated: set = field(default_factory=set)
-    seconds: float = 0.0
-
-
-def _whole_batches(pending: list[pa.Table]) -> tuple[pa.Table, list[pa.Table]]:
-    """The file records of every batch whose files have all arrived, and the rest (still pending)."""
-    records = pa.concat_tables(pending) if pending else FILE_RECORD.empty_table()
-    if not records.num_rows:
-        return records, []
-    counts: dict[str, int] = {}
-    for b in records.column("batch").to_pylist():
-        counts[b] = counts.get(b, 0) + 1
-    whole = pa.array([counts[b] == n for b, n in zip(records.column("batch").to_pylist(),
-                                                     records.column("batch_files").to_pylist())], pa.bool_())
-    rest = records.filter(pc.invert(whole))
-    return records.filter(whole), [rest] if rest.num_rows else []
-
-
-def _commit(root: out.OutputRoot, pending: list[pa.Table], context: dict, written: Written) -> list[pa.Table]:
-    files, rest = _whole_batches(pending)
-    if files.num_rows:
-        result = root.table.commit(files, root.run_date, **context)
-        written.conflicts += result.conflicts
-        written.files_left_out += files.num_rows - result.files
-        if result.version is not None:
-            written.images, written.commits, written.version = written.images + result.rows, written.commits + 1, result.version
-            for path, truncated in zip(files.column("path").to_pylist(), files.column("truncated").to_pylist()):
-                if path in result.paths:
-                    written.truncated.update(truncated)
-    return rest
-
-
-def generate_into(root: out.OutputRoot, todo: pa.Table, settings: "Settings", actors: int | None,
-                  actor_kwargs: dict, context: dict, written: Written) -> None:
-    """Generate `todo` in the actor pool and commit whole batches of it as they arrive (see `run`)."""
+def generate_into(todo: pa.Table, settings: "Settings", actors: int | None, actor_kwargs: dict,
+                  committer: Committer) -> None:
+    """Generate `todo` in the actor pool; the committer commits whole batches as their records arrive."""
     block = settings.batch_size * max(1, math.ceil(todo.num_rows / (settings.batch_size * 256)))  # ≤ ~256 blocks
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
     files = ds.map_batches(GenerateActor, batch_size=settings.batch_size, batch_format="pyarrow",
                            fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
-    start, pending = time.time(), []
+    start = time.time()
     try:
         for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):
-            pending.append(records)
-            if sum(pc.sum(t.column("rows")).as_py() or 0 for t in pending) >= settings.commit_images:
-                pending = _commit(root, pending, context, written)
+            committer.add(records)
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
-        _commit(root, pending, context, written)
-        written.seconds += time.time() - start
+        committer.flush()
+        committer.seconds += time.time() - start
 
 
 def _sheet_rows(root: out.OutputRoot, prompts: int) -> list[list[sheet.SheetItem]]:
@@ -371,9 +328,9 @@ def run(options: Options) -> dict:
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
                         run_date=settings.run_date, run_id=run_id, fail_after=_fail_after())
-    context = dict(schema=schema, partition_by=["run_date", *settings.partition_by], run_id=run_id)
-    written, skipped = Written(), None
-    for _ in range(MAX_ROUNDS):
+    written, skipped = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
+                                 settings.commit_images), None
+    for round_number in range(MAX_ROUNDS + 1):  # more rounds only when concurrent runs took some of our files
         todo, already = expand_samples(prompts.accepted, options.samples, root.table.committed_pairs(root.run_date))
         if skipped is None:
             skipped = already
@@ -381,10 +338,10 @@ def run(options: Options) -> dict:
                       f"in the table, {todo.num_rows} to generate")
         if todo.num_rows == 0:
             break
-        generate_into(root, todo, settings, options.actors, actor_kwargs, context, written)
-    else:
-        raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo.num_rows} images still missing after "
-                           f"{MAX_ROUNDS} rounds lost to concurrent runs")
+        if round_number == MAX_ROUNDS:
+            raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo.num_rows} images still missing "
+                               f"after {MAX_ROUNDS} rounds lost to concurrent runs")
+        generate_into(todo, settings, options.actors, actor_kwargs, written)
     _progress(f"{written.images} images in {written.commits} commits to {options.output}")
     record = to_dict(options) | {"storage_options": "<not recorded>", "run_date": root.run_date,
                                  "micro_batch": settings.micro_batch, "batch_size": settings.batch_size}
