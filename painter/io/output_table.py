@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import unicodedata
 import time
@@ -108,13 +109,14 @@ def delta_storage_options(url: str, storage_options: dict | None) -> dict:
     On `s3://` the commit needs S3's conditional PUT (`aws_conditional_put=etag`: AWS S3 since 2024,
     MinIO, moto) so two writers never both create the same log version; without it delta-rs refuses
     concurrent writers unless a locking provider is configured. Credentials not given here come from
-    the process's AWS environment, as for fsspec.
+    the process's AWS environment, as for fsspec; an endpoint (given or `AWS_ENDPOINT_URL`) on plain
+    http is allowed as such.
     """
     if not url.startswith(("s3://", "s3a://")):
         return {}
     given = dict(storage_options or {})
     client = dict(given.pop("client_kwargs", None) or {})
-    endpoint = given.pop("endpoint_url", None) or client.get("endpoint_url")
+    endpoint = given.pop("endpoint_url", None) or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
     names = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
     options = {names[k]: str(v) for k, v in given.items() if k in names and v is not None}
     if endpoint:
@@ -181,6 +183,9 @@ class OutputTable:
     # -- the table -----------------------------------------------------------------------------
 
     def exists(self) -> bool:
+        """Whether a Delta table is at the root (a local file or a folder without `_delta_log/` is not one)."""
+        if "://" not in self.root and not os.path.isdir(os.path.join(self.root, "_delta_log")):
+            return False  # delta-rs raises on a local path below a file
         return DeltaTable.is_deltatable(self.root, storage_options=self.delta_options)
 
     def delta(self, version: int | None = None) -> DeltaTable:
