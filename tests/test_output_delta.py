@@ -83,14 +83,14 @@ def test_two_concurrent_runs_of_a_night_write_each_pair_once(ray_session, tiny_m
     output, inputs = str(tmp_path / "out"), _inputs(tmp_path)
     start, summaries, errors = threading.Barrier(2), [], []
 
-    def one_run(seed_note: str):
+    def one_run():
         try:
             start.wait()
             summaries.append(run(_options(tiny_model_dir, inputs, output)))
         except Exception as e:  # reported below: a thread's exception would vanish
             errors.append(e)
 
-    threads = [threading.Thread(target=one_run, args=(n,)) for n in ("a", "b")]
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
