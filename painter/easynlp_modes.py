@@ -26,7 +26,7 @@ from painter.easynlp import absolute, check_model_shape, painter_schema, split_t
 from painter.errors import InputError
 from painter.io import tables
 from painter.io.easynlp_tsv import check_columns, write_easynlp_tsv
-from painter.io.output import OutputTable
+from painter.io.output import OutputRoot
 from painter.stages import generate as generate_job
 from painter.stages import tokenize as tokenize_job
 from painter.stages import train as train_job
@@ -122,8 +122,8 @@ def evaluate(o, params: dict) -> dict:
 
 
 def read_generated(output: str, run_date: str) -> pa.Table:
-    """Every image the generate job committed under `output` for `run_date` (the generate stage's reader)."""
-    return OutputTable(output, run_date).read()
+    """Every image the generate job committed under `output` for `run_date` (its Delta table's night)."""
+    return OutputRoot(output, run_date).read()
 
 
 def easynlp_text(tokenizer, text: str) -> str:
@@ -172,7 +172,7 @@ def predict(o, params: dict) -> dict:
         check_columns(generated.column_names, o.output_schema, o.append_cols)
         rows = zip(generated.column("idx").to_pylist(), generated.column("text").to_pylist())
         texts = {idx: easynlp_text(model.tokenizer, text) for idx, text in rows}
-    lines = write_easynlp_tsv(generated, o.outputs, options.image_format, output_schema=o.output_schema,
+    lines = write_easynlp_tsv(generated, o.outputs, "image", output_schema=o.output_schema,
                               append_cols=o.append_cols, order=input_order(o), output_text=texts)
     failed = summary.pop("_failed", None)
     result = {"mode": "predict", "outputs": o.outputs, "lines": lines, "model": o.checkpoint_dir,
