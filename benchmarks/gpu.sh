@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command that checks and measures generation on a GPU machine, from the repository root:
+# One command that checks and measures generation, tokenize's encoder and training on a GPU machine,
+# from the repository root:
 #
 #     bash benchmarks/gpu.sh                 # CUDA: GPU tests, then `base` and `large` (about 5 minutes)
 #     bash benchmarks/gpu.sh --device cpu    # the same steps at tiny sizes on a CPU (the script's own test)
@@ -13,8 +14,10 @@
 #      encode-only img/s, fraction of the bf16 peak, host calls per step, the old engine in the same run,
 #      and a micro-batch sweep (its best end-to-end rate is the measured default micro-batch); and base
 #      once more with the sampler compiled (torch.compile inside the engine's graph), to decide by
-#      measurement whether to turn that on. The CPU fallback runs tiny only, without the compiled run.
-# Writes generate-<run>.json (and .log), tests.txt and summary.json under $OUT (benchmarks/results/ when OUT is
+#      measurement whether to turn that on. The CPU fallback runs tiny only, without the compiled run;
+#   3. benchmarks/gpu_train.py (issue 18): the full f16/16384 VQGAN encoder's img/s for tokenize, and the
+#      GPT training step's tokens/s and MFU for base and large at the largest batch that fits.
+# Writes generate-<run>.json (and .log), gpu_train.json (and .log), tests.txt and summary.json under $OUT (benchmarks/results/ when OUT is
 # unset; on CUDA the summary is also copied there as gpu-<device name>.json). Each step has a time limit
 # so the whole run stays under 8 minutes; a step that fails or runs out is recorded and the rest still run.
 set -uo pipefail
@@ -35,14 +38,16 @@ START=$(date +%s)
 if [ "$DEVICE" = cuda ]; then
   BUDGET=465  # seconds for the whole script (under 8 minutes): each step's limit is cut to what is left
   # name|preset|micro-batch|extra arguments|time limit (s)
-  RUNS="base|base|256|--sweep 64,128,512 --repeats 2|150
-base-compiled-sampler|base|256|--compile-sampler --skip-old --repeats 2|90
-large|large|256|--sweep 128,512 --repeats 2|140"
-  TEST_LIMIT=100
+  RUNS="base|base|256|--sweep 64,128,512 --repeats 2|110
+base-compiled-sampler|base|256|--compile-sampler --skip-old --repeats 2|60
+large|large|256|--sweep 128,512 --repeats 2|100"
+  TEST_LIMIT=60
+  TRAIN_LIMIT=170  # gpu_train.py keeps to --budget-s (10 s less), so it ends inside the limit
 else
   BUDGET=900  # tiny sizes take ~15 s of CPU; the limits leave room for a heavily shared machine
   RUNS="tiny|tiny|2|--sweep 1 --repeats 1 --rows 2 --skip-old --threads 1|420"
   TEST_LIMIT=300
+  TRAIN_LIMIT=300
 fi
 left() { local l=$(( BUDGET - ($(date +%s) - START) )); [ "$l" -lt "$1" ] && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
 
@@ -67,7 +72,15 @@ while IFS='|' read -r name preset micro extra limit; do
   echo "generate.py --preset $preset $extra: exit $rc"
 done <<< "$RUNS"
 
-# 3. the summary
+# 3. the encoder and training step (gpu_train.py writes gpu_train.json under $OUT_DIR)
+TRAIN_S=$(left $TRAIN_LIMIT)
+timeout "$TRAIN_S" "$PY" benchmarks/gpu_train.py --device "$DEVICE" --out "$OUT_DIR" --budget-s $(( TRAIN_S > 20 ? TRAIN_S - 10 : 10 )) \
+  > "$OUT_DIR/gpu_train.log" 2>&1 < /dev/null
+TRAIN_RC=$?
+RCS="$RCS gpu_train=$TRAIN_RC"
+echo "gpu_train.py: exit $TRAIN_RC"
+
+# 4. the summary
 ELAPSED=$(( $(date +%s) - START ))
 "$PY" - "$OUT_DIR" "$DEVICE" "$TESTS_RC" "$ELAPSED" $RCS <<'EOF'
 import json, sys
@@ -79,6 +92,10 @@ summary = {"device": device, "seconds": elapsed, "gpu_tests": {"exit_code": test
            "tail": (out / "tests.txt").read_text(errors="replace").strip().splitlines()[-3:]}, "runs": {}}
 for item in sys.argv[5:]:
     name, rc = item.split("=")
+    if name == "gpu_train":
+        path = out / "gpu_train.json"
+        summary["gpu_train"] = {"exit_code": int(rc), **(json.loads(path.read_text()) if path.exists() else {})}
+        continue
     path = out / f"generate-{name}.json"
     entry = {"exit_code": int(rc)}
     if path.exists():
