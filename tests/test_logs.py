@@ -101,6 +101,7 @@ def test_rays_warnings_reach_the_terminal_in_painters_format_unless_they_are_noi
     logs.setup("test", str(tmp_path / "x.log"))
     ray_logger = logging.getLogger("ray.painter_test")
     ray_logger.propagate = False
+    ray_logger.setLevel(logging.INFO)  # Ray's default; the suite's shared Ray session may have set "ray" to WARNING
     handler = logging.StreamHandler(sys.stderr)  # what Ray's own console handler is
     ray_logger.handlers = [handler]
     logs.quiet_ray(initialized=False)
