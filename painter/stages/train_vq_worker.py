@@ -122,7 +122,7 @@ class VQWorkerRun(WorkerRun):
             epoch, done = divmod(self.state["step"], spe)
             batches = self._batches(shard, epoch, skip=done)
             for done in range(done + 1, spe + 1):
-                images = self._next(batches, epoch)
+                images = self._take(batches, epoch)
                 result = train_step(self.model, self.optimizer, images, self.tc, self.state["step"], self.counter,
                                     discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
                                     seed=self.cfg["seed"])

@@ -176,17 +176,21 @@ class WorkerRun:
             if i >= skip:
                 yield batch
 
-    def _next(self, batches, epoch: int):
-        """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
-        (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
+    def _take(self, batches, epoch: int):
+        """The next item of `batches`; running out before the planned step count is an error."""
         try:
-            text_ids, image_tokens, idx = next(batches)
-            if self.cfg["record_rows"]:
-                self.rows_seen += idx
-            return text_ids, image_tokens
+            return next(batches)
         except StopIteration:
             raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
                                f"{self.state['step'] + 1}; the shards were split unevenly") from None
+
+    def _next(self, batches, epoch: int):
+        """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
+        (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
+        text_ids, image_tokens, idx = self._take(batches, epoch)
+        if self.cfg["record_rows"]:
+            self.rows_seen += idx
+        return text_ids, image_tokens
 
     def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
         """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
