@@ -135,12 +135,13 @@ def test_a_reader_polling_during_a_run_sees_whole_batches_once(ray_session, tiny
 
 
 @pytest.mark.slow
-def test_the_s3_run_equals_the_local_run(ray_session, tiny_model_dir, tmp_path, s3_bucket):
+def test_the_s3_run_equals_the_local_run(ray_session, tiny_model_dir, tmp_path, s3_bucket, monkeypatch):
     bucket, storage_options = s3_bucket
     inputs = _inputs(tmp_path)
     local, remote = str(tmp_path / "out"), f"s3://{bucket}/gen"
     run(_options(tiny_model_dir, inputs, local, commit_images=1024))
-    summary = run(_options(tiny_model_dir, inputs, remote, storage_options=json.dumps(storage_options)))
+    monkeypatch.setenv("PAINTER_TEST_S3", json.dumps(storage_options))  # credentials are refused inline
+    summary = run(_options(tiny_model_dir, inputs, remote, storage_options="env:PAINTER_TEST_S3"))
     assert summary["images_out"] == len(PAIRS) and summary["commits"] >= 2
     columns = ["idx", "sample", "text", "image", "image_format", "category", "seed", "model"]
     delta_options = delta_storage_options(remote, storage_options)
