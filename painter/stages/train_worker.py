@@ -25,7 +25,7 @@ import torch.distributed as dist
 from painter.checkpoint import ModelConfig, load_model, save_model
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step
+from painter.training import GPTLoss, TrainConfig, drop_captions, make_optimizer, train_step
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 STATE_FILE = "train_state.pt"
@@ -118,7 +118,7 @@ class WorkerRun:
             epoch, done = divmod(self.state["step"], spe)
             batches = self._batches(shard, epoch, skip=done * self.tc.grad_accum)
             for done in range(done + 1, spe + 1):
-                micro = [self._next(batches, epoch) for _ in range(self.tc.grad_accum)]
+                micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
                 result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                                     self.config.gpt.img_vocab_size, self.generator)
                 self.state["step"] += 1
@@ -148,6 +148,13 @@ class WorkerRun:
         except StopIteration:
             raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
                                f"{self.state['step'] + 1}; the shards were split unevenly") from None
+
+    def _drop_captions(self, batch, micro: int):
+        """Caption dropout (`--null-caption-prob`) of this step's micro-batch `micro`; rows numbered across ranks."""
+        text_ids, image_tokens = batch
+        first_row = (self.rank * self.tc.grad_accum + micro) * text_ids.size(0)
+        return drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
+                             self.cfg["seed"], self.state["step"], first_row), image_tokens
 
     def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
         """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
