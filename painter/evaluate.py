@@ -239,16 +239,17 @@ def _placeholder_shape(program) -> tuple:
     return tuple(int(d) if isinstance(d, int) else None for d in shape)
 
 
-def _archive_kind(data: bytes) -> str:
+def archive_kind(data: bytes, what: str = "feature extractor") -> str:
+    """"export" (torch.export.save) or "torchscript" (torch.jit.save) for a file's bytes; else InputError naming `what`."""
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     except zipfile.BadZipFile:
-        raise InputError("feature extractor: not a torch.export (.pt2) or TorchScript file (not a zip archive)") from None
+        raise InputError(f"{what}: not a torch.export (.pt2) or TorchScript file (not a zip archive)") from None
     if any(n.endswith("archive_format") or "/models/" in n for n in names):
         return "export"
     if any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names):
         return "torchscript"
-    raise InputError("feature extractor: a zip archive, but neither a torch.export program (torch.export.save) "
+    raise InputError(f"{what}: a zip archive, but neither a torch.export program (torch.export.save) "
                      "nor a TorchScript module (torch.jit.save)")
 
 
@@ -260,7 +261,7 @@ def load_feature_extractor(data: bytes, size: int | None = None, device="cpu", b
     input side when the file does not declare one (InputError if it declares another).
     """
     device = torch.device(device)
-    kind = _archive_kind(data)
+    kind = archive_kind(data)
     fixed_batch = declared = None
     try:
         with warnings.catch_warnings():
@@ -382,13 +383,13 @@ def generate_images(generator, captions: Sequence[str], samples: int = 1, batch_
     return [r[0] for r in rows], [r[1] for r in rows], images
 
 
-def make_generator(model_or_generator, seed: int = 0, *, temperature: float = 1.0, top_k: int | None = 100,
-                   top_p: float | None = None, device=None, micro_batch: int | None = None):
-    """A `Generator` with this sampling config: from a model directory (loaded here), a `LoadedModel`,
-    or a `Generator` (its loaded model, device and micro-batch are reused; its sampling config is not)."""
+def make_generator(model_or_generator, seed: int = 0, *, device=None, micro_batch: int | None = None, **generation):
+    """A `Generator` with this generation config (`GenerationConfig` fields: temperature, top_k, top_p,
+    guidance, candidates, ...): from a model directory (loaded here), a `LoadedModel`, or a `Generator`
+    (its loaded model, device and micro-batch are reused; its generation config is not)."""
     from painter.generator import GenerationConfig, Generator
 
-    config = GenerationConfig(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
+    config = GenerationConfig(seed=seed, **generation)
     if isinstance(model_or_generator, Generator):
         g = model_or_generator
         return Generator(g.model, config, g.device, micro_batch=micro_batch or g.micro_batch)
@@ -396,12 +397,11 @@ def make_generator(model_or_generator, seed: int = 0, *, temperature: float = 1.
 
 
 def caption_accuracy(model_or_generator, captions: Sequence[str], seed: int = 0, samples: int = 1, *,
-                     temperature: float = 1.0, top_k: int | None = 100, top_p: float | None = None,
-                     device=None, micro_batch: int | None = None, batch_size: int = 64) -> dict:
+                     device=None, micro_batch: int | None = None, batch_size: int = 64, **generation) -> dict:
     """Generate `samples` images per synthetic caption and judge them: `judge_images`' summary plus
-    `samples`. `model_or_generator` as `make_generator` takes it."""
-    generator = make_generator(model_or_generator, seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                               device=device, micro_batch=micro_batch)
+    `samples`. `model_or_generator` and `generation` (temperature, top_k, guidance, ...) as `make_generator`
+    takes them."""
+    generator = make_generator(model_or_generator, seed, device=device, micro_batch=micro_batch, **generation)
     _, _, images = generate_images(generator, captions, samples, batch_size)
     summary, _ = judge_images([c for c in captions for _ in range(samples)], images)
     return summary | {"samples": samples}

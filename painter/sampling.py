@@ -4,6 +4,13 @@ Every row draws its randomness from a counter-based hash of `(seed, idx, sample)
 code, so the tokens of a row do not depend on which batch, worker or order produced them. Sampling
 is Gumbel-max over the temperature-scaled, top-k/top-p-filtered logits, which is the same
 distribution as softmax + multinomial. Pure torch; no I/O.
+
+Classifier-free guidance (`SamplingConfig.guidance` S != 1): every row runs twice in one batch with
+one cache, under its caption and under the null caption (all [PAD]); the codes are chosen from
+`u + S (c - u)` (c conditional, u null logits, in fp32) and fed back to both halves. S = 1 skips the
+null half (plain conditional sampling); S = 0 samples the null-caption model. Image prompts
+(`prefix`, `keep`): row b's first keep[b] codes are forced to prefix[b] instead of sampled, inside
+the same fixed-shape step, so rows with and without a prompt share a batch.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = 100  # the reference's default; 1 means greedy
     top_p: float | None = None
+    guidance: float = 1.0  # classifier-free guidance scale S: logits u + S (c - u); 1 is plain sampling
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -31,6 +39,12 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.guidance <= 100.0:
+            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
+
+    @property
+    def is_guided(self) -> bool:
+        return self.guidance != 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -97,17 +111,43 @@ def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: 
     return (logits + gumbel).argmax(dim=-1)
 
 
+def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(2B, V) logits of [conditional rows; null rows] -> (B, V) fp32 `u + S (c - u)`."""
+    c, u = logits.float().chunk(2)  # (B, V), (B, V)
+    return u + guidance * (c - u)
+
+
+def null_caption(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The null caption (every position [PAD]) for each row of text_ids (B, Tt)."""
+    return torch.full_like(text_ids, pad_id)
+
+
 @torch.inference_mode()
-def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step."""
-    img_len = gpt.config.img_len
-    codes = torch.empty(text_ids.size(0), img_len, dtype=torch.int64, device=text_ids.device)
+def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig, *,
+             null_ids: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step.
+
+    Guided sampling (sampling.guidance != 1) needs `null_ids` (B, text_len) and runs 2B rows with one
+    cache. `prefix` (B, img_len) codes with `keep` (B,) counts force each row's first keep[b] codes.
+    """
+    img_len, guided = gpt.config.img_len, sampling.is_guided
+    if guided and null_ids is None:
+        raise ValueError("guided sampling needs the null caption's ids (null_ids)")
+    B = text_ids.size(0)
+    codes = torch.empty(B, img_len, dtype=torch.int64, device=text_ids.device)
     cache = gpt.new_cache()
-    logits = gpt(gpt.sequence(text_ids), cache)[:, -1]  # (B, V_img)
+    rows = torch.cat([text_ids, null_ids]) if guided else text_ids  # (2B or B, Tt)
+    logits = gpt(gpt.sequence(rows), cache)[:, -1]  # (2B or B, V_img)
     for step in range(img_len):
-        codes[:, step] = choose_codes(logits, keys, step, sampling)
+        step_logits = guided_logits(logits, sampling.guidance) if guided else logits  # (B, V_img)
+        chosen = choose_codes(step_logits, keys, step, sampling)  # (B,)
+        if prefix is not None:
+            chosen = torch.where(keep > step, prefix[:, step], chosen)
+        codes[:, step] = chosen
         if step + 1 < img_len:
-            logits = gpt(codes[:, step:step + 1], cache)[:, -1]  # (B, V_img)
+            fed = codes[:, step:step + 1]  # (B, 1)
+            logits = gpt(torch.cat([fed, fed]) if guided else fed, cache)[:, -1]  # (2B or B, V_img)
     return codes
 
 
