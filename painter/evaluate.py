@@ -407,6 +407,27 @@ def caption_accuracy(model_or_generator, captions: Sequence[str], seed: int = 0,
     return summary | {"samples": samples}
 
 
+def diversity(groups: Iterable[Sequence]) -> dict:
+    """How different the samples of one caption are, over groups (one per caption) of >= 2 images
+    (PIL or uint8 (H, W, 3)): mean number of distinct images per group (pixel-identical ones count
+    once), the share of groups whose samples are all one picture, and the mean pairwise pixel
+    distance (mean |a - b| over all values, in 0..1 of the 0..255 range)."""
+    distinct, collapsed, distances = [], 0, []
+    for group in groups:
+        pixels = [np.asarray(image, dtype=np.uint8) for image in group]
+        if len(pixels) < 2:
+            continue
+        unique = len({p.tobytes() for p in pixels})
+        distinct.append(unique)
+        collapsed += unique == 1
+        distances += [float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) / 255.0
+                      for i, a in enumerate(pixels) for b in pixels[i + 1:]]
+    if not distinct:
+        raise ValueError("diversity needs at least one group of two or more images")
+    return {"groups": len(distinct), "distinct_per_group": float(np.mean(distinct)), "collapsed_groups": collapsed,
+            "mean_pairwise_distance": float(np.mean(distances))}
+
+
 # --- VQGAN reconstruction ------------------------------------------------------------------------
 
 

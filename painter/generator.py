@@ -24,6 +24,7 @@ compressing) while the next chunk is sampled.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -36,13 +37,17 @@ import torch
 from painter.checkpoint import LoadedModel, load_model
 from painter import rerank
 from painter.checkpoint import read_bytes
-from painter.io.images import IMAGE_FORMATS, ImageRejected, encode_image, preprocess, uint8_from_tensor
+from painter.io.images import (IMAGE_FORMATS, ImageRejected, encode_image, image_bytes, load_image, preprocess,
+                               uint8_from_tensor)
 from painter.runtime import autocast, pick_device
 from painter.sampling import SamplingConfig, generate, null_caption
 
 PROMPT_COLUMN = "prompt_image"  # optional input column: an image (bytes, or base64 text) to continue
 
 MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
+# The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
+# Chosen by measurement on the bundled model (README, "Guidance and reranking").
+DEFAULT_GUIDANCE = 2.0
 
 
 def default_micro_batch(device: torch.device | str) -> int:
@@ -57,7 +62,7 @@ class GenerationConfig:
     top_k: int | None = 100
     top_p: float | None = None
     image_format: str = "png"
-    guidance: float = 1.0  # classifier-free guidance scale S (1: plain conditional sampling)
+    guidance: float | None = None  # guidance scale S (1: plain sampling); None: DEFAULT_GUIDANCE for guidable models
     candidates: int = 1  # images drawn per (idx, sample); the best-scored one is kept
     scorer: str | None = None  # image-text scorer file (.pt2 / TorchScript) instead of the model's own score
     keep_rows: int = 0  # token rows of a row's prompt image kept (the rest generated)
@@ -72,7 +77,18 @@ class GenerationConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              guidance=self.guidance)
+                              guidance=1.0 if self.guidance is None else self.guidance)
+
+
+def prompt_image_problem(cell) -> str | None:
+    """Why a `prompt_image` cell (bytes, or base64 text) cannot be a prompt, or None (also for no prompt)."""
+    if cell is None:
+        return None
+    try:
+        load_image(image_bytes(cell, isinstance(cell, str)))
+    except ImageRejected as e:
+        return f"prompt image: {e}"
+    return None
 
 
 def _padded(values: list, size: int) -> list:
@@ -101,9 +117,13 @@ class Generator:
         threads = min(8, os.cpu_count() or 1) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
         self.guidable = self.model.config.null_caption_prob > 0
-        if self.config.guidance != 1.0 and not self.guidable:
+        guidance = self.config.guidance
+        if guidance is None:
+            guidance = DEFAULT_GUIDANCE if self.guidable else 1.0
+        elif guidance != 1.0 and not self.guidable:
             print(f"painter: warning: {self.model.path} was trained without caption dropout "
-                  f"(train --null-caption-prob); --guidance {self.config.guidance} may not help", file=sys.stderr)
+                  f"(train --null-caption-prob); --guidance {guidance} may not help", file=sys.stderr)
+        self.sampling = dataclasses.replace(self.config.sampling, guidance=guidance)
         self.scorer = None
         if self.config.scorer:
             self.scorer = rerank.load_scorer(read_bytes(self.config.scorer), self.device, self.config.scorer)
@@ -129,7 +149,7 @@ class Generator:
         if prefix is not None:
             prefix, keep = prefix.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
         with autocast(self.device):
-            codes = generate(self.model.gpt, text_ids, keys, self.config.sampling, null_ids=null_ids,
+            codes = generate(self.model.gpt, text_ids, keys, self.sampling, null_ids=null_ids,
                              prefix=prefix, keep=keep)  # (B*n, img_len)
             if not self.reranks:
                 return codes, is_truncated, None

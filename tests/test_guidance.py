@@ -15,7 +15,7 @@ import torch
 from painter import rerank, synthetic
 from painter.checkpoint import bundled_model_dir, load_model, save_model
 from painter.evaluate import caption_accuracy
-from painter.generator import GenerationConfig, Generator
+from painter.generator import DEFAULT_GUIDANCE, GenerationConfig, Generator
 from painter.io.images import open_image, to_model_input
 from painter.models.gpt import GPT, GPTConfig
 from painter.sampling import SamplingConfig, generate, null_caption, row_keys
@@ -152,22 +152,27 @@ def test_guided_and_reranked_images_do_not_depend_on_the_batch(guidable_dir, opt
 
 
 def test_reranking_keeps_the_best_scored_candidate(guidable_dir):
-    generator = Generator(guidable_dir, GenerationConfig(seed=1, candidates=4), micro_batch=4, encode_threads=0)
+    generator = Generator(guidable_dir, GenerationConfig(seed=1, candidates=4, guidance=2.0), micro_batch=4,
+                          encode_threads=0)
     codes, _, scores = generator.codes(CAPTIONS[:4], ["a", "b", "c", "d"], [0, 0, 0, 0])
     ids = torch.from_numpy(generator.model.tokenizer.encode_batch(CAPTIONS[:4])[0]).long()
     text = ids.repeat_interleave(4, 0)
     all_codes = generate(generator.model.gpt, text, rerank.candidate_keys(1, list("abcd"), [0] * 4, 4),
-                         SamplingConfig(), null_ids=null_caption(text, PAD))
+                         SamplingConfig(guidance=2.0), null_ids=null_caption(text, PAD))
     all_scores = rerank.likelihood_score(generator.model.gpt, text, all_codes, null_caption(text, PAD)).view(4, 4)
     assert torch.allclose(scores, all_scores.max(dim=1).values, atol=1e-5)
     best = all_scores.argmax(dim=1)
     assert torch.equal(codes, all_codes.view(4, 4, -1)[torch.arange(4), best])
 
 
-def test_a_model_without_caption_dropout_accepts_guidance_with_a_warning(tiny_model_dir, capsys):
-    Generator(tiny_model_dir, GenerationConfig(guidance=2.0), encode_threads=0)
+def test_a_model_without_caption_dropout_accepts_guidance_with_a_warning(tiny_model_dir, guidable_dir, capsys):
+    assert Generator(tiny_model_dir, GenerationConfig(guidance=2.0), encode_threads=0).sampling.guidance == 2.0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without caption dropout" in err[0], err
+    # by default: unguided without caption dropout (and no warning), DEFAULT_GUIDANCE with it
+    assert Generator(tiny_model_dir, encode_threads=0).sampling.guidance == 1.0
+    assert Generator(guidable_dir, encode_threads=0).sampling.guidance == DEFAULT_GUIDANCE
+    assert capsys.readouterr().err == ""
 
 
 def test_a_user_scorer_file_picks_the_candidates(guidable_dir, tmp_path):

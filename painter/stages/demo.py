@@ -46,6 +46,9 @@ class Options:
                              "share of this machine's cores as torch threads")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
     top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
+    guidance: float | None = option(None, "classifier-free guidance of generation and evaluation (default: the "
+                                          "trained model's, see painter generate --guidance)")
+    candidates: int = option(1, "images drawn per caption in generation and evaluation; the best-scored is kept")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
@@ -126,9 +129,11 @@ def run(o: Options) -> dict:
         null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), log)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
-                                       samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed), log)
+                                       samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed,
+                                       guidance=o.guidance, candidates=o.candidates), log)
     evaluation = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
-                                                top_k=o.top_k, seed=o.seed, output=posixpath.join(out, "eval")), log)
+                                                top_k=o.top_k, seed=o.seed, guidance=o.guidance,
+                                                candidates=o.candidates, output=posixpath.join(out, "eval")), log)
     scores = evaluation.get("caption_accuracy", {})
     return {
         "model": model, "contact_sheet": log["generate"].get("contact_sheet"),

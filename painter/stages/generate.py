@@ -38,7 +38,7 @@ import ray
 
 from painter.checkpoint import load_model
 from painter.errors import InputError
-from painter.generator import GenerationConfig, Generator, default_micro_batch
+from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
 from painter.io import sheet
 from painter.io.images import IMAGE_FORMATS
@@ -65,6 +65,13 @@ class Options:
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")
     top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
     top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
+    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.generator."
+                                          "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
+    candidates: int = option(1, "images drawn per (idx, sample); the best-scored is kept, its score a column")
+    scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
+                                      "ONLY) instead of the model's own caption-vs-null likelihood ratio")
+    keep_rows: int = option(0, "with an input column prompt_image (an image, or base64): keep its first K token "
+                               "rows and generate the rest")
     batch_size: int | None = option(None, "rows per actor call, one staged file per batch and partition; "
                                     "best a multiple of --micro-batch (default: 4 micro-batches)")
     micro_batch: int | None = option(None, "rows per model call: a fixed shape (short batches are padded) "
@@ -93,7 +100,9 @@ class Prompts:
 def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
-                                top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format)
+                                top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
+                                guidance=options.guidance, candidates=options.candidates, scorer=options.scorer,
+                                keep_rows=options.keep_rows)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -141,6 +150,7 @@ def _as_strings(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
 def validate_prompts(rows: pa.Table) -> Prompts:
     """Split rows into accepted prompts and rejected rows (with reasons); idx and text become strings."""
     idx, text = rows.column("idx").to_pylist(), rows.column("text").to_pylist()
+    prompts = rows.column(PROMPT_COLUMN).to_pylist() if PROMPT_COLUMN in rows.column_names else None
     sources, numbers, reasons = (rows.column(c).to_pylist() for c in (SOURCE, ROW, REASON))
     first: dict[str, str] = {}
     for i, reason in enumerate(reasons):
@@ -152,6 +162,8 @@ def validate_prompts(rows: pa.Table) -> Prompts:
             reasons[i] = "empty text"
         elif str(idx[i]) in first:
             reasons[i] = f"duplicate idx (first at {first[str(idx[i])]})"
+        elif prompts is not None and (reason := prompt_image_problem(prompts[i])):
+            reasons[i] = reason
         else:
             first[str(idx[i])] = f"{sources[i]} row {numbers[i]}"
     good = [r is None for r in reasons]
@@ -192,6 +204,8 @@ def output_rows(batch: pa.Table, generated: dict, image_column: str) -> pa.Table
         "created_at": pa.array([created] * n, pa.timestamp("us", tz="UTC")),
         "is_truncated": pa.array(generated["is_truncated"], pa.bool_()),
     }
+    if "score" in generated:  # --candidates: the kept candidate's score
+        columns["score"] = pa.array(generated["score"], pa.float32())
     for name in batch.column_names:
         columns.setdefault(name, batch.column(name))
     return pa.table(columns)
@@ -209,7 +223,8 @@ class GenerateActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.fail_after is not None and self.batches >= self.fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={self.fail_after}: failing on purpose after {self.batches} batches")
-        columns = {name: batch.column(name).to_pylist() for name in ("idx", "text", "sample")}
+        names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
+        columns = {name: batch.column(name).to_pylist() for name in names}
         generated = self.generator(columns)
         rows = output_rows(batch, generated, self.generator.config.image_format)
         staged = self.table.stage(rows, self.run_id, self.partition_by, self.signature)
@@ -236,7 +251,8 @@ def _signature(fingerprint: str, settings: Settings) -> str:
     another signature are never committed by this one."""
     config = settings.config
     named = {"model": fingerprint, "seed": config.seed, "temperature": config.temperature, "top_k": config.top_k,
-             "top_p": config.top_p, "format": config.image_format, "micro_batch": settings.micro_batch,
+             "top_p": config.top_p, "guidance": config.guidance, "candidates": config.candidates,
+             "scorer": config.scorer, "keep_rows": config.keep_rows, "format": config.image_format, "micro_batch": settings.micro_batch,
              "partition_by": settings.partition_by}
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
