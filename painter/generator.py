@@ -1,7 +1,8 @@
 """`Generator`: the plain callable that turns a batch of (idx, text, sample) rows into images.
 
-It owns one loaded model and runs tokenize-text -> KV-cache sampling -> batched VQGAN decode ->
-image encoding. It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
+It owns one loaded model and runs tokenize-text -> static-shape decoding (`painter.engine`, CUDA
+graphs on a GPU) -> batched VQGAN decode -> image encoding. Precision: bf16 weights on CUDA (a
+converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says. It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
 `painter.pipeline` calls it directly.
 
 Reproducibility: a row's randomness comes from (seed, idx, sample), and the model always computes
@@ -11,20 +12,26 @@ convolution for a batch of one, cuBLAS picks GEMM tiles per shape), so a fixed s
 image byte-identical whatever batch, worker or order it came in. The micro-batch size is therefore
 part of what names an image, like the seed; it defaults by device (`default_micro_batch`).
 
-Guidance, reranking and image prompts (see `painter.sampling` and `painter.rerank`): `guidance` S
-mixes each row's conditional and null-caption logits; `candidates` N draws each (idx, sample) N
-times with derived keys and keeps the best by the model's own score (or `scorer`, a user's
-image-text model file), returned as the `score` column; an input column `prompt_image` (encoded image
-bytes, or base64 text) with `keep_rows` K keeps the first K token rows of that image's VQGAN codes
-and generates the rest. A micro-batch of R rows is always R x N candidates (x 2 when guided), so
-the shapes stay fixed and the kept image depends on (seed, idx, sample) alone.
+Guidance, reranking and image prompts steer the same engine (`painter.engine.Steering`): `guidance` S
+runs each row under its caption and under the null caption (all [PAD]) as 2B model rows with one
+cache and samples from `u + S (c - u)` (S = 1 runs the plain engine: exactly the conditional tokens;
+S = 0 samples the null caption); `candidates` N draws each (idx, sample) N times with derived keys
+(`painter.rerank.candidate_keys`) and keeps the best by the model's own caption-vs-null likelihood
+ratio (or `scorer`, a user's image-text model file), returned as the `score` column; an input
+column `prompt_image` (encoded image bytes, or base64 text) with `keep_rows` K forces the first K
+token rows to that image's VQGAN codes and generates the rest. A micro-batch of R rows is always
+R x N candidates (x 2 when guided), so shapes stay fixed and the kept image depends on (seed, idx,
+sample) alone.
 
 Encoding overlaps the model: each chunk's pixels go to a thread pool (Pillow releases the GIL while
-compressing) while the next chunk is sampled.
+compressing) while the next chunk is sampled. On CUDA the host does not wait for a chunk's pixels
+before queueing the next chunk's work: inputs go up from pinned memory, pixels come back as uint8
+into pinned memory behind a CUDA event, and a chunk is handed to the encoders once the next one is
+queued, so the GPU always has work while the host tokenizes, launches and encodes.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import os
 import sys
@@ -34,25 +41,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from painter.checkpoint import LoadedModel, load_model
 from painter import rerank
-from painter.checkpoint import read_bytes
-from painter.io.images import (IMAGE_FORMATS, ImageRejected, encode_image, image_bytes, load_image, preprocess,
-                               uint8_from_tensor)
-from painter.runtime import autocast, pick_device
-from painter.sampling import SamplingConfig, generate, null_caption
+from painter.checkpoint import LoadedModel, load_model, read_bytes
+from painter.engine import DecodeEngine, Steering
+from painter.io.images import IMAGE_FORMATS, ImageRejected, encode_image, image_bytes, load_image, preprocess
+from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
+from painter.sampling import SamplingConfig, guided_logits
 
 PROMPT_COLUMN = "prompt_image"  # optional input column: an image (bytes, or base64 text) to continue
-
-MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
 # The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
 # Chosen by measurement on the bundled model (README, "Guidance and reranking").
 DEFAULT_GUIDANCE = 2.0
+
+MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
+ENCODE_THREADS_MAX = {"cpu": 8, "cuda": 16}  # a 256x256 PNG is ~6-16 ms of one core: a GPU needs many
 
 
 def default_micro_batch(device: torch.device | str) -> int:
     """Rows per model call when none is given: small on CPU, enough to fill a GPU."""
     return MICRO_BATCH_DEFAULTS.get(torch.device(device).type, MICRO_BATCH_DEFAULTS["cpu"])
+
+
+def default_encode_threads(device: torch.device | str) -> int:
+    """Image-encoding threads when none are given: one per core, up to 8 on CPU and 16 on CUDA."""
+    return min(ENCODE_THREADS_MAX.get(torch.device(device).type, 8), os.cpu_count() or 1)
 
 
 @dataclass
@@ -62,6 +74,7 @@ class GenerationConfig:
     top_k: int | None = 100
     top_p: float | None = None
     image_format: str = "png"
+    precision: str | None = None  # "fp32" or "bf16"; None: bf16 on CUDA, fp32 on CPU
     guidance: float | None = None  # guidance scale S (1: plain sampling); None: DEFAULT_GUIDANCE for guidable models
     candidates: int = 1  # images drawn per (idx, sample); the best-scored one is kept
     scorer: str | None = None  # image-text scorer file (.pt2 / TorchScript) instead of the model's own score
@@ -70,14 +83,16 @@ class GenerationConfig:
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format {self.image_format!r} is not one of {IMAGE_FORMATS}")
+        check_precision(self.precision)
+        if self.guidance is not None and not 0.0 <= self.guidance <= 100.0:
+            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
         if self.candidates < 1 or self.keep_rows < 0:
             raise ValueError(f"candidates must be >= 1 and keep_rows >= 0, got {self.candidates}, {self.keep_rows}")
-        self.sampling  # validates temperature, top_k, top_p and guidance now rather than on the first batch
+        self.sampling  # validates temperature, top_k and top_p now rather than on the first batch
 
     @property
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              guidance=1.0 if self.guidance is None else self.guidance)
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def prompt_image_problem(cell) -> str | None:
@@ -114,16 +129,14 @@ class Generator:
         self.micro_batch = micro_batch or default_micro_batch(self.device)
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
-        threads = min(8, os.cpu_count() or 1) if encode_threads is None else encode_threads
+        self.dtype = inference_dtype(self.device, self.config.precision)
+        self.gpt = inference_copy(self.model.gpt, self.dtype)
+        self.vqgan = inference_copy(self.model.vqgan, self.dtype, channels_last=self.device.type == "cuda")
+        self._engine: DecodeEngine | None = None  # built (and on CUDA captured) on first use
+        threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
         self.guidable = self.model.config.null_caption_prob > 0
-        guidance = self.config.guidance
-        if guidance is None:
-            guidance = DEFAULT_GUIDANCE if self.guidable else 1.0
-        elif guidance != 1.0 and not self.guidable:
-            print(f"painter: warning: {self.model.path} was trained without caption dropout "
-                  f"(train --null-caption-prob); --guidance {guidance} may not help", file=sys.stderr)
-        self.sampling = dataclasses.replace(self.config.sampling, guidance=guidance)
+        self.guidance = self._guidance()
         self.scorer = None
         if self.config.scorer:
             self.scorer = rerank.load_scorer(read_bytes(self.config.scorer), self.device, self.config.scorer)
@@ -132,49 +145,82 @@ class Generator:
         if self.keep_codes > self.model.config.gpt.img_len:
             raise ValueError(f"keep_rows {self.config.keep_rows} is more than the image's {side} token rows")
 
+    def _guidance(self) -> float:
+        """The guidance scale in force: the config's, else DEFAULT_GUIDANCE for a guidable model, else 1."""
+        guidance = self.config.guidance
+        if guidance is None:
+            return DEFAULT_GUIDANCE if self.guidable else 1.0
+        if guidance != 1.0 and not self.guidable:
+            print(f"painter: warning: {self.model.path} was trained without caption dropout "
+                  f"(train --null-caption-prob); --guidance {guidance} may not help", file=sys.stderr)
+        return guidance
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.config.sampling
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
     @property
     def reranks(self) -> bool:
         return self.config.candidates > 1
 
+    @property
+    def engine(self) -> DecodeEngine:
+        """The decode engine for micro_batch x candidates rows (x 2 model rows when guided)."""
+        if self._engine is None:
+            combine = functools.partial(guided_logits, guidance=self.guidance) if self.guided else None
+            steering = Steering(rows_per_sample=2 if self.guided else 1, combine=combine, forcing=self.keep_codes > 0)
+            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch * self.config.candidates,
+                                        steering=steering)
+        return self._engine
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor; on CUDA from pinned memory, without waiting for the GPU."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def codes(self, texts, idxs, samples, prompts=None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
         """Image codes (B, img_len), is_truncated (B,) and scores (B,) (None without reranking) for rows
-        named by (idx, sample), computed as given; `prompts` (B,) prompt image cells or None."""
+        named by (idx, sample), computed as given; `prompts` (B,) prompt image cells or None.
+
+        B must be the micro-batch (the engine's shape). On CUDA the codes may still be being computed."""
         n, tokenizer = self.config.candidates, self.model.tokenizer
         ids, is_truncated = tokenizer.encode_batch([str(t) for t in texts])
-        text_ids = torch.from_numpy(ids).to(self.device).repeat_interleave(n, 0)  # (B*n, Tt)
-        keys = rerank.candidate_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples], n,
-                                     device=self.device)  # (B*n,)
-        null_ids = null_caption(text_ids, tokenizer.pad_id)
-        prefix, keep = self.prompt_codes(prompts, len(ids))
-        if prefix is not None:
-            prefix, keep = prefix.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
-        with autocast(self.device):
-            codes = generate(self.model.gpt, text_ids, keys, self.sampling, null_ids=null_ids,
-                             prefix=prefix, keep=keep)  # (B*n, img_len)
-            if not self.reranks:
-                return codes, is_truncated, None
-            scores = self.score(text_ids, codes, null_ids)  # (B*n,)
-        best = rerank.best_of(scores, n)  # (B,)
-        rows = torch.arange(len(ids), device=best.device) * n + best
+        ids = np.repeat(ids, n, axis=0)  # (B*n, Tt): each row's candidates together
+        null = np.full_like(ids, tokenizer.pad_id)  # the null caption
+        keys = rerank.candidate_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples], n)  # (B*n,)
+        forced_codes, forced_mask = self.forced(prompts, n)
+        model_ids = np.concatenate([ids, null]) if self.guided else ids  # (2Bn or Bn, Tt)
+        codes = self.engine(self._to_device(model_ids), self._to_device(keys.numpy()), forced_codes, forced_mask)
+        if not self.reranks:
+            return codes, is_truncated, None
+        scores = self.score(self._to_device(ids), codes, self._to_device(null))  # (B*n,)
+        rows = torch.arange(len(texts), device=codes.device) * n + rerank.best_of(scores, n)  # (B,)
         return codes[rows], is_truncated, scores[rows]
 
     def score(self, text_ids: torch.Tensor, codes: torch.Tensor, null_ids: torch.Tensor) -> torch.Tensor:
         """(B,) scores of candidate codes (B, img_len): the user's scorer, else the model's own."""
         if self.scorer is not None:
             with torch.inference_mode():
-                images = self.model.vqgan.decode(codes).float()  # (B, 3, H, W)
+                images = self.vqgan.decode(codes).float().clamp(-1, 1)  # (B, 3, H, W)
             return self.scorer(images, text_ids)
-        return rerank.likelihood_score(self.model.gpt, text_ids, codes, null_ids if self.guidable else None).float()
+        return rerank.likelihood_score(self.gpt, text_ids, codes, null_ids if self.guidable else None).float()
 
     @torch.inference_mode()
-    def prompt_codes(self, prompts, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(prefix codes (B, img_len), kept codes per row (B,)) of the rows' prompt images; None, None
-        without any. A missing cell keeps nothing; an unusable image raises ImageRejected (the stage checks first)."""
+    def forced(self, prompts, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(forced codes (B*n, img_len), forced mask (B*n, img_len)) from the rows' prompt images: the
+        first keep_rows token rows of each image's VQGAN codes; None, None without any. A missing cell
+        keeps nothing; an unusable image raises ImageRejected (the generate stage rejects those first)."""
         if prompts is None or self.keep_codes == 0 or all(p is None for p in prompts):
             return None, None
-        size = self.model.config.image_size
-        pixels = np.zeros((rows, 3, size, size), dtype=np.float32)
-        keep = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        size, img_len = self.model.config.image_size, self.model.config.gpt.img_len
+        pixels = np.zeros((len(prompts), 3, size, size), dtype=np.float32)
+        keep = np.zeros(len(prompts), dtype=np.int64)
         for i, cell in enumerate(prompts):
             if cell is None:
                 continue
@@ -182,41 +228,67 @@ class Generator:
             if reason is not None:
                 raise ImageRejected(f"prompt image: {reason}")
             pixels[i], keep[i] = array, self.keep_codes
-        prefix = self.model.vqgan.encode(torch.from_numpy(pixels).to(self.device))  # (B, img_len)
-        return prefix, keep
+        codes = self.model.vqgan.encode(torch.from_numpy(pixels).to(self.device))  # (B, img_len)
+        mask = torch.arange(img_len, device=self.device)[None, :] < torch.from_numpy(keep).to(self.device)[:, None]
+        return codes.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
 
     @torch.inference_mode()
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, img_len) codes -> (B, H, W, 3) uint8 on the device, rounded as `uint8_from_tensor` does."""
+        images = self.vqgan.decode(codes)  # (B, 3, H, W) in [-1, 1], more or less
+        return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
     def pixels(self, codes: torch.Tensor) -> np.ndarray:
         """(B, img_len) codes -> (B, H, W, 3) uint8, decoding the given rows in one call."""
-        with autocast(self.device):
-            images = self.model.vqgan.decode(codes)
-        return uint8_from_tensor(images)
+        return self._decode(codes).cpu().numpy()
+
+    def _pixels_later(self, codes: torch.Tensor):
+        """Start decoding `codes`; returns a function giving the (B, H, W, 3) uint8 array when called."""
+        pixels = self._decode(codes)
+        if self.device.type != "cuda":
+            return lambda: pixels.numpy()
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+
+        def wait() -> np.ndarray:
+            ready.synchronize()
+            return host.numpy()
+        return wait
 
     def _encode(self, pixels: np.ndarray) -> list[bytes]:
         return [encode_image(p, self.config.image_format) for p in pixels]
 
+    def _start_encoding(self, pixels: np.ndarray):
+        return self._pool.submit(self._encode, pixels) if self._pool else self._encode(pixels)
+
     def images(self, texts, idxs, samples, prompts=None) -> tuple[list[bytes], np.ndarray, np.ndarray | None]:
         """Encoded images, is_truncated and scores (None without reranking) for any number of rows, in
-        fixed-shape micro-batches."""
+        fixed-shape micro-batches.
+
+        Each chunk's pixels are collected only after the next chunk is queued (see the module docstring)."""
         texts, idxs, samples = list(texts), list(idxs), [int(s) for s in samples]
         prompts = [None] * len(texts) if prompts is None else list(prompts)
-        pending, truncated, scores = [], [], []
+        pending, truncated, scores, previous = [], [], [], None
         for start in range(0, len(texts), self.micro_batch):
-            stop = min(start + self.micro_batch, len(texts))
-            n = stop - start
-            chunk = [_padded(column[start:stop], self.micro_batch) for column in (texts, idxs, samples, prompts)]
+            n = min(start + self.micro_batch, len(texts)) - start
+            chunk = [_padded(column[start:start + n], self.micro_batch) for column in (texts, idxs, samples, prompts)]
             codes, is_truncated, score = self.codes(*chunk)
-            pixels = self.pixels(codes)[:n]
             truncated.append(is_truncated[:n])
             if score is not None:
-                scores.append(score[:n].float().cpu().numpy())
-            pending.append(self._pool.submit(self._encode, pixels) if self._pool else self._encode(pixels))
+                scores.append(score[:n])
+            pixels_later = self._pixels_later(codes)
+            if previous is not None:
+                pending.append(self._start_encoding(previous[0]()[:previous[1]]))
+            previous = (pixels_later, n)
+        if previous is not None:
+            pending.append(self._start_encoding(previous[0]()[:previous[1]]))
         encoded = [image for part in pending for image in (part.result() if self._pool else part)]
-        if not self.reranks:
-            scores_out = None
-        else:
-            scores_out = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
-        return encoded, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool), scores_out
+        kept_scores = None
+        if self.reranks:
+            kept_scores = torch.cat(scores).float().cpu().numpy() if scores else np.zeros(0, dtype=np.float32)
+        return encoded, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool), kept_scores
 
     def __call__(self, batch: dict) -> dict:
         texts, idxs = batch["text"], batch["idx"]

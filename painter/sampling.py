@@ -4,13 +4,6 @@ Every row draws its randomness from a counter-based hash of `(seed, idx, sample)
 code, so the tokens of a row do not depend on which batch, worker or order produced them. Sampling
 is Gumbel-max over the temperature-scaled, top-k/top-p-filtered logits, which is the same
 distribution as softmax + multinomial. Pure torch; no I/O.
-
-Classifier-free guidance (`SamplingConfig.guidance` S != 1): every row runs twice in one batch with
-one cache, under its caption and under the null caption (all [PAD]); the codes are chosen from
-`u + S (c - u)` (c conditional, u null logits, in fp32) and fed back to both halves. S = 1 skips the
-null half (plain conditional sampling); S = 0 samples the null-caption model. Image prompts
-(`prefix`, `keep`): row b's first keep[b] codes are forced to prefix[b] instead of sampled, inside
-the same fixed-shape step, so rows with and without a prompt share a batch.
 """
 from __future__ import annotations
 
@@ -30,7 +23,6 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = 100  # the reference's default; 1 means greedy
     top_p: float | None = None
-    guidance: float = 1.0  # classifier-free guidance scale S: logits u + S (c - u); 1 is plain sampling
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -39,12 +31,6 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.guidance <= 100.0:
-            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
-
-    @property
-    def is_guided(self) -> bool:
-        return self.guidance != 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -75,16 +61,34 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
-    """(B, size) uniforms in (0, 1), a pure function of (key, step, code); keys (B,) from `row_key`."""
+def _step_key(step: int | torch.Tensor, device) -> torch.Tensor:
+    """The step's 32-bit lane: a python int or an int64 tensor already on the device (no host sync)."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    return _fmix32((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32)
+
+
+def uniform_noise_at(keys: torch.Tensor, step: int | torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(B, n) uniforms in (0, 1) for the codes (B, n) int64 of each row: a pure function of
+    (key, step, code), so drawing them for a few candidate codes gives exactly the values that
+    `uniform_noise` draws for those codes. `step` is an int or a (1,)/0-dim int64 device tensor."""
     low, high = keys & _MASK32, keys >> 32  # (B,), (B,): the key's two lanes
-    step_key = _fmix32(torch.tensor((step * 0x9E3779B9 + 0x7F4A7C15) & _MASK32, device=keys.device))
-    base = _fmix32(low ^ step_key)  # (B,)
-    codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
-    h = _fmix32((base[:, None] + codes[None, :] * 0x632BE5AB) & _MASK32)  # (B, V)
+    base = _fmix32(low ^ _step_key(step, keys.device).reshape(-1))  # (B,)
+    h = _fmix32((base[:, None] + codes * 0x632BE5AB) & _MASK32)  # (B, n)
     h = _fmix32(h ^ _fmix32(high ^ 0x2545F491)[:, None])
     h = _fmix32(h ^ low[:, None])
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def uniform_noise(keys: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """(B, size) uniforms in (0, 1), a pure function of (key, step, code); keys (B,) from `row_key`."""
+    codes = torch.arange(size, device=keys.device, dtype=torch.int64)  # (V,)
+    return uniform_noise_at(keys, step, codes.expand(keys.size(0), size))
+
+
+def _outside_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, n) bool over descending logits: True past the smallest prefix holding probability top_p."""
+    probs = sorted_logits.softmax(dim=-1)
+    return probs.cumsum(dim=-1) - probs >= top_p  # keeps at least one
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -94,15 +98,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keeps at least one
+        drop_sorted = _outside_nucleus(sorted_logits, top_p)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
 def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: SamplingConfig) -> torch.Tensor:
-    """Pick one image code per row from logits (B, V_img) -> (B,) int64."""
+    """Pick one image code per row from logits (B, V_img) -> (B,) int64: the reference's sampler,
+    with noise for every code. `sample_codes` picks the same codes drawing noise for the candidates only."""
     logits = logits.float()
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
@@ -111,43 +115,51 @@ def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: 
     return (logits + gumbel).argmax(dim=-1)
 
 
+def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor,
+                 sampling: SamplingConfig) -> torch.Tensor:
+    """The codes `choose_codes` picks, (B,) int64, with noise hashed for the top-k candidates only.
+
+    Gumbel-max over the candidates: the top-k codes (or, without top-k, the whole vocabulary, sorted
+    when top-p needs it), top-p applied to their sorted logits, noise from `uniform_noise_at` for
+    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). Device-side only, no
+    branching on tensor values: it runs inside a captured CUDA graph with `step` a device tensor.
+    """
+    logits = logits.float()  # (B, V)
+    if sampling.is_greedy:
+        return logits.argmax(dim=-1)
+    scaled = logits / sampling.temperature
+    B, V = scaled.shape
+    if sampling.top_k is not None and sampling.top_k < V:
+        values, codes = torch.topk(scaled, sampling.top_k, dim=-1)  # (B, k) descending
+    elif sampling.top_p is not None and sampling.top_p < 1.0:
+        values, codes = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+    else:
+        values, codes = scaled, torch.arange(V, device=scaled.device).expand(B, V)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        values = values.masked_fill(_outside_nucleus(values, sampling.top_p), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise_at(keys, step, codes)))  # (B, k)
+    return codes.gather(-1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
+
+
 def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
-    """(2B, V) logits of [conditional rows; null rows] -> (B, V) fp32 `u + S (c - u)`."""
+    """Classifier-free guidance: (2B, V) logits of [conditional rows; null-caption rows] -> (B, V) fp32
+    `u + S (c - u)`. S = 0 gives the null rows' logits exactly; S = 1 is not computed (the caller then
+    runs the conditional rows alone, which is exact where this would round). Device ops only."""
     c, u = logits.float().chunk(2)  # (B, V), (B, V)
     return u + guidance * (c - u)
 
 
-def null_caption(text_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """The null caption (every position [PAD]) for each row of text_ids (B, Tt)."""
-    return torch.full_like(text_ids, pad_id)
-
-
 @torch.inference_mode()
-def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig, *,
-             null_ids: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-             keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step.
-
-    Guided sampling (sampling.guidance != 1) needs `null_ids` (B, text_len) and runs 2B rows with one
-    cache. `prefix` (B, img_len) codes with `keep` (B,) counts force each row's first keep[b] codes.
-    """
-    img_len, guided = gpt.config.img_len, sampling.is_guided
-    if guided and null_ids is None:
-        raise ValueError("guided sampling needs the null caption's ids (null_ids)")
-    B = text_ids.size(0)
-    codes = torch.empty(B, img_len, dtype=torch.int64, device=text_ids.device)
+def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step."""
+    img_len = gpt.config.img_len
+    codes = torch.empty(text_ids.size(0), img_len, dtype=torch.int64, device=text_ids.device)
     cache = gpt.new_cache()
-    rows = torch.cat([text_ids, null_ids]) if guided else text_ids  # (2B or B, Tt)
-    logits = gpt(gpt.sequence(rows), cache)[:, -1]  # (2B or B, V_img)
+    logits = gpt(gpt.sequence(text_ids), cache)[:, -1]  # (B, V_img)
     for step in range(img_len):
-        step_logits = guided_logits(logits, sampling.guidance) if guided else logits  # (B, V_img)
-        chosen = choose_codes(step_logits, keys, step, sampling)  # (B,)
-        if prefix is not None:
-            chosen = torch.where(keep > step, prefix[:, step], chosen)
-        codes[:, step] = chosen
+        codes[:, step] = choose_codes(logits, keys, step, sampling)
         if step + 1 < img_len:
-            fed = codes[:, step:step + 1]  # (B, 1)
-            logits = gpt(torch.cat([fed, fed]) if guided else fed, cache)[:, -1]  # (2B or B, V_img)
+            logits = gpt(codes[:, step:step + 1], cache)[:, -1]  # (B, V_img)
     return codes
 
 

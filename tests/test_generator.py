@@ -93,3 +93,38 @@ def test_bad_settings_fail_at_construction(loaded):
 def test_an_empty_batch_gives_empty_columns(loaded):
     out = Generator(loaded)(_batch([]))
     assert len(out["png"]) == 0 and out["is_truncated"].shape == (0,) and out["seed"].dtype == np.int64
+
+
+def test_generator_codes_are_the_reference_algorithms(loaded):
+    from painter.sampling import reference_generate, row_keys
+
+    generator = Generator(loaded, GenerationConfig(seed=4), micro_batch=3)
+    rows = ROWS[:3]
+    codes, _ = generator.codes([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
+    ids, _ = loaded.tokenizer.encode_batch([r[1] for r in rows])
+    keys = row_keys(4, [r[0] for r in rows], [r[2] for r in rows])
+    assert torch.equal(codes, reference_generate(loaded.gpt, torch.from_numpy(ids), keys, generator.config.sampling))
+
+
+def test_device_rounding_is_uint8_from_tensor(loaded):
+    from painter.io.images import uint8_from_tensor
+
+    generator = Generator(loaded, micro_batch=2)
+    codes = torch.randint(0, loaded.config.gpt.img_vocab_size, (2, loaded.config.gpt.img_len))
+    with torch.inference_mode():
+        expected = uint8_from_tensor(loaded.vqgan.decode(codes))
+    assert np.array_equal(generator.pixels(codes), expected)
+
+
+def test_precision_fp32_is_the_cpu_path_and_bf16_is_a_converted_copy(loaded):
+    default = Generator(loaded, GenerationConfig(seed=5))
+    fp32 = Generator(loaded, GenerationConfig(seed=5, precision="fp32"))
+    assert default.dtype == fp32.dtype == torch.float32 and fp32.gpt is loaded.gpt  # no copy on CPU
+    assert _images(fp32, ROWS[:4], 4) == _images(default, ROWS[:4], 4)
+    bf16 = Generator(loaded, GenerationConfig(seed=5, precision="bf16"), micro_batch=4)
+    assert bf16.gpt.head.weight.dtype == torch.bfloat16 and bf16.vqgan.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert loaded.gpt.head.weight.dtype == torch.float32  # the caller's model is left alone
+    size = loaded.config.image_size
+    assert [open_image(png).size for png in _images(bf16, ROWS[:4], 4).values()] == [(size, size)] * 4
+    with pytest.raises(ValueError, match="precision"):
+        GenerationConfig(precision="fp16")

@@ -6,6 +6,7 @@ tiny GPT with caption dropout on the synthetic task (bundled VQGAN) and judges i
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import numpy as np
@@ -18,7 +19,8 @@ from painter.evaluate import caption_accuracy
 from painter.generator import DEFAULT_GUIDANCE, GenerationConfig, Generator
 from painter.io.images import open_image, to_model_input
 from painter.models.gpt import GPT, GPTConfig
-from painter.sampling import SamplingConfig, generate, null_caption, row_keys
+from painter.engine import DecodeEngine, Steering
+from painter.sampling import SamplingConfig, guided_logits, reference_generate, row_keys
 from painter.training import GPTLoss, TrainConfig, drop_captions, make_optimizer, train_step
 
 PAD = 0
@@ -62,43 +64,63 @@ def test_caption_dropout_is_a_pure_function_of_seed_step_and_row():
 
 # --- guidance ------------------------------------------------------------------------------------
 
+def guided_engine(model: GPT, sampling: SamplingConfig, batch: int, guidance: float) -> DecodeEngine:
+    combine = functools.partial(guided_logits, guidance=guidance)
+    return DecodeEngine(model, sampling, batch, steering=Steering(rows_per_sample=2, combine=combine))
+
+
+def null_caption(text: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(text, PAD)
+
+
 @pytest.mark.parametrize("sampling", [SamplingConfig(top_k=50), SamplingConfig(top_k=1)], ids=["top_k", "greedy"])
-def test_guidance_one_is_plain_conditional_sampling(sampling):
-    model, text = sharp_model(), text_batch(sharp_model(), 4)
-    plain = generate(model, text, keys_for(4), sampling)
-    guided = generate(model, text, keys_for(4), SamplingConfig(top_k=sampling.top_k, guidance=1.0),
-                      null_ids=null_caption(text, PAD))
-    assert torch.equal(plain, guided)
-    assert not torch.equal(plain, generate(model, text, keys_for(4), SamplingConfig(top_k=sampling.top_k, guidance=3.0),
-                                           null_ids=null_caption(text, PAD)))
+def test_guidance_one_is_plain_conditional_sampling(guidable_dir, sampling):
+    """The Generator runs S = 1 as the plain engine: exactly the conditional tokens."""
+    config = dict(seed=3, temperature=sampling.temperature, top_k=sampling.top_k)
+    rows = (CAPTIONS[:4], ["a", "b", "c", "d"], [0, 1, 0, 1])
+    guided = Generator(guidable_dir, GenerationConfig(guidance=1.0, **config), micro_batch=4, encode_threads=0)
+    codes, _, _ = guided.codes(*rows)
+    ids = torch.from_numpy(guided.model.tokenizer.encode_batch(CAPTIONS[:4])[0]).long()
+    plain = DecodeEngine(guided.gpt, sampling, 4)(ids, row_keys(3, rows[1], rows[2]))
+    assert torch.equal(codes, plain)
+    other, _, _ = Generator(guidable_dir, GenerationConfig(guidance=3.0, **config), micro_batch=4,
+                            encode_threads=0).codes(*rows)
+    assert not torch.equal(other, codes)
 
 
 def test_guidance_zero_samples_the_null_caption_model():
     """S = 0 gives the tokens the model samples for the null caption (same keys; the same 2B-row shape)."""
     model, text = sharp_model(), text_batch(sharp_model(), 4)
-    null = null_caption(text, PAD)
-    guided = generate(model, text, keys_for(4), SamplingConfig(top_k=50, guidance=0.0), null_ids=null)
-    both = generate(model, torch.cat([text, null]), torch.cat([keys_for(4), keys_for(4)]), SamplingConfig(top_k=50))
-    assert torch.equal(guided, both[4:])
-    assert not torch.equal(guided, both[:4])  # the conditional tokens differ: the caption mattered
+    null = null_caption(text)
+    sampling = SamplingConfig(top_k=50)
+    guided = guided_engine(model, sampling, 4, 0.0)(torch.cat([text, null]), keys_for(4))
+    both = DecodeEngine(model, sampling, 8)(torch.cat([null, null]), torch.cat([keys_for(4), keys_for(4)]))
+    assert torch.equal(guided, both[:4])
+    assert torch.equal(guided, reference_generate(model, null, keys_for(4), sampling))
+    assert not torch.equal(guided, DecodeEngine(model, sampling, 4)(text, keys_for(4)))  # the caption mattered
 
 
-def test_guided_logits_are_computed_from_one_cache_of_2b_rows():
+def test_guided_logits_mix_conditional_and_null_rows_of_one_2b_batch():
     model, text = sharp_model(), text_batch(sharp_model(), 3)
     calls = []
-    handle = model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
-    generate(model, text, keys_for(3), SamplingConfig(top_k=50, guidance=2.0), null_ids=null_caption(text, PAD))
-    handle.remove()
+    original = model.forward_static
+    model.forward_static = lambda idx, *a, **k: calls.append(tuple(idx.shape)) or original(idx, *a, **k)
+    codes = guided_engine(model, SamplingConfig(top_k=1), 3, 2.0)(torch.cat([text, null_caption(text)]), keys_for(3))
+    del model.forward_static
     assert calls[0] == (6, model.config.text_len) and set(calls[1:]) == {(6, 1)}
     assert len(calls) == model.config.img_len  # one prefill, then one step per code: one pass, not two
+    with torch.no_grad():  # greedy guided codes are the argmax of u + 2 (c - u) by full recomputation
+        c = model(model.sequence(text, codes)[:, :-1])[:, model.config.text_len - 1:]
+        u = model(model.sequence(null_caption(text), codes)[:, :-1])[:, model.config.text_len - 1:]
+    assert torch.equal((u + 2.0 * (c - u)).argmax(-1), codes)
 
 
 # --- reranking -----------------------------------------------------------------------------------
 
 def test_likelihood_score_is_the_conditional_minus_null_log_likelihood():
     model, text = sharp_model(), text_batch(sharp_model(), 3)
-    codes = generate(model, text, keys_for(3), SamplingConfig(top_k=50))
-    null = null_caption(text, PAD)
+    codes = reference_generate(model, text, keys_for(3), SamplingConfig(top_k=50))
+    null = null_caption(text)
     ratio = rerank.likelihood_score(model, text, codes, null)
     expected = rerank.token_log_likelihood(model, text, codes) - rerank.token_log_likelihood(model, null, codes)
     assert torch.allclose(ratio, expected, atol=1e-5)
@@ -157,21 +179,21 @@ def test_reranking_keeps_the_best_scored_candidate(guidable_dir):
     codes, _, scores = generator.codes(CAPTIONS[:4], ["a", "b", "c", "d"], [0, 0, 0, 0])
     ids = torch.from_numpy(generator.model.tokenizer.encode_batch(CAPTIONS[:4])[0]).long()
     text = ids.repeat_interleave(4, 0)
-    all_codes = generate(generator.model.gpt, text, rerank.candidate_keys(1, list("abcd"), [0] * 4, 4),
-                         SamplingConfig(guidance=2.0), null_ids=null_caption(text, PAD))
-    all_scores = rerank.likelihood_score(generator.model.gpt, text, all_codes, null_caption(text, PAD)).view(4, 4)
+    all_codes = guided_engine(generator.gpt, SamplingConfig(), 16, 2.0)(
+        torch.cat([text, null_caption(text)]), rerank.candidate_keys(1, list("abcd"), [0] * 4, 4))
+    all_scores = rerank.likelihood_score(generator.gpt, text, all_codes, null_caption(text)).view(4, 4)
     assert torch.allclose(scores, all_scores.max(dim=1).values, atol=1e-5)
     best = all_scores.argmax(dim=1)
     assert torch.equal(codes, all_codes.view(4, 4, -1)[torch.arange(4), best])
 
 
 def test_a_model_without_caption_dropout_accepts_guidance_with_a_warning(tiny_model_dir, guidable_dir, capsys):
-    assert Generator(tiny_model_dir, GenerationConfig(guidance=2.0), encode_threads=0).sampling.guidance == 2.0
+    assert Generator(tiny_model_dir, GenerationConfig(guidance=2.0), encode_threads=0).guidance == 2.0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without caption dropout" in err[0], err
     # by default: unguided without caption dropout (and no warning), DEFAULT_GUIDANCE with it
-    assert Generator(tiny_model_dir, encode_threads=0).sampling.guidance == 1.0
-    assert Generator(guidable_dir, encode_threads=0).sampling.guidance == DEFAULT_GUIDANCE
+    assert Generator(tiny_model_dir, encode_threads=0).guidance == 1.0
+    assert Generator(guidable_dir, encode_threads=0).guidance == DEFAULT_GUIDANCE
     assert capsys.readouterr().err == ""
 
 

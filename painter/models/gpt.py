@@ -1,5 +1,9 @@
 """The text-to-image GPT: a minGPT decoder over [text tokens, image tokens] with a KV cache.
 
+Two caches: `KVCache` grows with the sequence (training-time checks, the reference comparison), and
+`StaticKVCache` is preallocated at full length and written at a position tensor, so that
+`GPT.forward_static` has the same shapes and the same kernels at every step (what a CUDA graph needs).
+
 Parameter names follow the reference (EasyNLP pai-painter `transformer.*`, itself minGPT): separate
 `key`/`query`/`value`/`proj` linears, `ln1`/`ln2`, `mlp.0`/`mlp.2`, `ln_f`, a `pos_emb` parameter and a
 bias-free `head` that scores image codes only. Text ids enter the embedding offset by
@@ -66,6 +70,24 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class StaticKVCache:
+    """Keys and values (n_layer, B, nh, T_max, hs), zero-filled, written at positions given as a tensor.
+
+    Zeros rather than empty memory: positions not yet written are masked out of attention, and a
+    masked NaN would still poison the softmax-weighted sum.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (config.n_layer, batch, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_positions = torch.arange(config.block_size, device=device)  # (T_max,)
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T, T_max) bool: query at positions[i] sees every key at or before it."""
+        return self.key_positions[None, :] <= positions[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -77,12 +99,26 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_drop = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def _heads(self, x):
+        """(B, T, C) -> q, k, v each (B, nh, T, hs)."""
         B, T, C = x.size()
         nh = self.n_head
-        q = self.query(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.key(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.value(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        return (lin(x).view(B, T, nh, C // nh).transpose(1, 2) for lin in (self.query, self.key, self.value))
+
+    def _merge(self, y, x):
+        return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view_as(x)))  # (B, T, C)
+
+    def forward_static(self, x, cache: StaticKVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor):
+        """x (B, T, C) at `positions` (T,); writes k, v there and attends over the whole cache under `mask`."""
+        q, k, v = self._heads(x)  # (B, nh, T, hs)
+        keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T_max, hs)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), x)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        T = x.size(1)
+        q, k, v = self._heads(x)  # (B, nh, T, hs)
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, past+T, hs)
@@ -94,8 +130,7 @@ class CausalSelfAttention(nn.Module):
         else:  # several new tokens after a cached prefix
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.proj(y))
+        return self._merge(y, x)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -113,6 +148,10 @@ class Block(nn.Module):
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+    def forward_static(self, x, cache: StaticKVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor):
+        x = x + self.attn.forward_static(self.ln1(x), cache, layer, positions, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -161,6 +200,19 @@ class GPT(nn.Module):
             cache.length += T
         return self.head(self.ln_f(x))  # (B, T, img_vocab_size)
 
+    def forward_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """idx (B, T) embedding ids at `positions` (T,) int64 on the device -> the next code's logits
+        (B, img_vocab_size), scored at the last position only.
+
+        Fixed shapes and no host synchronisation: the same call serves the prefill (positions
+        0..T-1) and each decode step (one position), and can be captured in a CUDA graph.
+        """
+        mask = cache.mask(positions)  # (T, T_max)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[0].index_select(0, positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_static(x, cache, layer, positions, mask)
+        return self.head(self.ln_f(x[:, -1]))  # (B, img_vocab_size)
+
     def loss(self, text_ids: torch.Tensor, image_codes: torch.Tensor,
              targets: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy on the image positions only (the reference's objective).
@@ -176,6 +228,11 @@ class GPT(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
+
+    def new_static_cache(self, batch: int) -> StaticKVCache:
+        """A full-length cache for `batch` rows in the dtype and on the device of the weights."""
+        weight = self.head.weight
+        return StaticKVCache(self.config, batch, weight.dtype, weight.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -4,8 +4,8 @@
   `painter.io.tables.iter_rows`, so every row keeps its file, row number and reason.
 - `write_rejected` writes the rows that carry a reason to the errors table.
 - `actor_resources` asks for a GPU per actor only when the cluster has GPUs (a GPU request on a
-  cluster without one hangs), and for a fraction of a CPU otherwise so small machines keep a core
-  free for the read tasks.
+  cluster without one hangs), with the CPUs its image encoders need, and for a fraction of a CPU
+  otherwise so small machines keep a core free for the read tasks.
 - `painter_error_from` finds the `PainterError` a Ray task or actor raised, so a job can end with its
   one-line reason instead of Ray's stack trace.
 """
@@ -82,18 +82,25 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+GPU_ACTOR_MAX_CPUS = 16  # a 256x256 PNG costs ~6-16 ms of one core; a GPU actor makes ~1,000 images/s
+
+
 def actor_resources(actors: int | None = None) -> dict:
     """map_batches kwargs for a model actor pool: one GPU each where GPUs exist, else CPU slices.
 
-    On CPU, actors get half a core each and the pool is sized to the cluster's CPUs, leaving room
-    for the read and preprocess tasks (two 1-CPU actors on a 2-core machine hang the job).
+    A GPU actor also asks for the cores its PNG encoders use (`Generator`'s pool is one thread
+    per core up to 16 on CUDA): its share of the cluster's CPUs less one for the read tasks, at
+    most `GPU_ACTOR_MAX_CPUS`. On CPU, actors get half a core each and the pool is sized to the
+    cluster's CPUs, leaving room for the read and preprocess tasks (two 1-CPU actors on a 2-core
+    machine hang the job).
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus > 0:
-        size = actors or gpus
-        return {"num_gpus": 1, "compute": ray.data.ActorPoolStrategy(size=min(size, gpus))}
     cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus > 0:
+        size = min(actors or gpus, gpus)
+        encode_cpus = max(1, min(GPU_ACTOR_MAX_CPUS, cpus // gpus - 1))
+        return {"num_gpus": 1, "num_cpus": encode_cpus, "compute": ray.data.ActorPoolStrategy(size=size)}
     size = actors or max(1, cpus // 2)
     return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
 

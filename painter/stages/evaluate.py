@@ -319,7 +319,7 @@ def _generate(options: Options, model, device) -> tuple[list[Candidate], dict]:
     return candidates, {"source": "model", "captions": len(captions), "caption_seed": options.caption_seed,
                         "held_out": options.held_out, "samples": options.samples, "seed": options.seed,
                         "temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
-                        "guidance": generator.sampling.guidance, "candidates": options.candidates,
+                        "guidance": generator.guidance, "candidates": options.candidates,
                         "scorer": options.scorer, "micro_batch": generator.micro_batch, "generation_seconds": round(seconds, 3)}
 
 

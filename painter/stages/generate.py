@@ -80,6 +80,8 @@ class Options:
     partition_by: list[str] = option([], "input columns to partition the output by, after run_date")
     run_date: str | None = option(None, "the run_date partition, YYYY-MM-DD (default: today, local time)")
     image_format: str = option("png", "image encoding; the image column is named after it", choices=IMAGE_FORMATS)
+    precision: str | None = option(None, "model weights for generation: fp32 or bf16 (default: bf16 on GPU, "
+                                   "fp32 on CPU); images depend on it", choices=("fp32", "bf16"))
     tsv_output: str | None = option(None, "also write the night as EasyNLP TSV: idx, text, gen_imgbase64")
     contact_sheet: bool = option(True, "write a contact sheet PNG under <output>/_sheets/")
     gallery: bool = option(False, "also write a static HTML gallery beside the contact sheet")
@@ -101,8 +103,8 @@ def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
                                 top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
-                                guidance=options.guidance, candidates=options.candidates, scorer=options.scorer,
-                                keep_rows=options.keep_rows)
+                                precision=options.precision, guidance=options.guidance, candidates=options.candidates,
+                                scorer=options.scorer, keep_rows=options.keep_rows)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -252,7 +254,8 @@ def _signature(fingerprint: str, settings: Settings) -> str:
     config = settings.config
     named = {"model": fingerprint, "seed": config.seed, "temperature": config.temperature, "top_k": config.top_k,
              "top_p": config.top_p, "guidance": config.guidance, "candidates": config.candidates,
-             "scorer": config.scorer, "keep_rows": config.keep_rows, "format": config.image_format, "micro_batch": settings.micro_batch,
+             "scorer": config.scorer, "keep_rows": config.keep_rows, "format": config.image_format,
+             "micro_batch": settings.micro_batch, "precision": config.precision,
              "partition_by": settings.partition_by}
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
