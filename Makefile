@@ -41,7 +41,7 @@ bundled-model: setup $(BUNDLE_OUT)/vq/vq-model/config.json
 # bundle's VQGAN, train --init, generate, evaluate). GUIDED_BASE is the model it starts from: the
 # `bundled-model` output (or a copy of the bundle that it made).
 GUIDED_BASE ?= $(BUNDLE_OUT)/gpt/model
-BUNDLE_GUIDED_ARGS ?= --rows 16000 --fine-tune --null-caption-prob 0.1 --steps 2000 --lr 3e-4 --workers 1 --batch-size 64 --top-k 1
+BUNDLE_GUIDED_ARGS ?= --rows 16000 --fine-tune --null-caption-prob 0.1 --steps 100 --lr 5e-4 --workers 1 --batch-size 64 --top-k 1
 bundled-model-guided: setup
 	$(VENV)/bin/painter demo --output $(BUNDLE_OUT)/guided --base-model $(GUIDED_BASE) $(BUNDLE_GUIDED_ARGS)
 	cmp $(BUNDLE_OUT)/guided/corpus/_held_out.txt painter/assets/demo-model/held_out_captions.txt

@@ -376,7 +376,7 @@ def generate_images(generator, captions: Sequence[str], samples: int = 1, batch_
     images: list[bytes] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        encoded, _ = generator.images([r[2] for r in chunk], [r[0] for r in chunk], [r[1] for r in chunk])
+        encoded = generator.images([r[2] for r in chunk], [r[0] for r in chunk], [r[1] for r in chunk])[0]
         images.extend(encoded)
         if progress:
             progress(len(images), len(rows))

@@ -270,3 +270,12 @@ def test_guided_samples_of_a_caption_dropout_model_follow_their_captions_better(
     mean = lambda s: np.mean([s[a] for a in attributes])
     assert mean(guided) > mean(plain) + 0.05, (plain, guided)
     assert guided["colour"] > plain["colour"], (plain, guided)
+
+
+def test_pipeline_takes_a_guidance_scale(guidable_dir):
+    from painter.pipeline import pipeline
+
+    text = CAPTIONS[0]
+    guided = pipeline("text2image_generation", guidable_dir, guidance=3.0)
+    assert guided(text, seed=1) == pipeline("text2image_generation", guidable_dir)(text, seed=1, guidance=3.0)
+    assert guided(text, seed=1) != guided(text, seed=1, guidance=1.0)
