@@ -51,7 +51,7 @@ from painter.sampling import SamplingConfig, guided_logits
 PROMPT_COLUMN = "prompt_image"  # optional input column: an image (bytes, or base64 text) to continue
 # The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
 # Chosen by measurement on the bundled model (README, "Guidance and reranking").
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.5
 
 MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
 ENCODE_THREADS_MAX = {"cpu": 8, "cuda": 16}  # a 256x256 PNG is ~6-16 ms of one core: a GPU needs many
@@ -212,23 +212,27 @@ class Generator:
         return rerank.likelihood_score(self.gpt, text_ids, codes, null_ids if self.guidable else None).float()
 
     @torch.inference_mode()
+    def prompt_codes(self, cell) -> torch.Tensor:
+        """(img_len,) VQGAN codes of one prompt image cell, encoded alone (batch 1), so a prompt's codes
+        do not depend on the rows beside it; ImageRejected if unusable."""
+        array, reason = preprocess(cell, self.model.config.image_size, is_base64=isinstance(cell, str))
+        if reason is not None:
+            raise ImageRejected(f"prompt image: {reason}")
+        return self.model.vqgan.encode(torch.from_numpy(array)[None].to(self.device))[0]
+
+    @torch.inference_mode()
     def forced(self, prompts, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(forced codes (B*n, img_len), forced mask (B*n, img_len)) from the rows' prompt images: the
         first keep_rows token rows of each image's VQGAN codes; None, None without any. A missing cell
         keeps nothing; an unusable image raises ImageRejected (the generate stage rejects those first)."""
         if prompts is None or self.keep_codes == 0 or all(p is None for p in prompts):
             return None, None
-        size, img_len = self.model.config.image_size, self.model.config.gpt.img_len
-        pixels = np.zeros((len(prompts), 3, size, size), dtype=np.float32)
+        img_len = self.model.config.gpt.img_len
+        codes = torch.zeros(len(prompts), img_len, dtype=torch.int64, device=self.device)
         keep = np.zeros(len(prompts), dtype=np.int64)
         for i, cell in enumerate(prompts):
-            if cell is None:
-                continue
-            array, reason = preprocess(cell, size, is_base64=isinstance(cell, str))
-            if reason is not None:
-                raise ImageRejected(f"prompt image: {reason}")
-            pixels[i], keep[i] = array, self.keep_codes
-        codes = self.model.vqgan.encode(torch.from_numpy(pixels).to(self.device))  # (B, img_len)
+            if cell is not None:
+                codes[i], keep[i] = self.prompt_codes(cell), self.keep_codes
         mask = torch.arange(img_len, device=self.device)[None, :] < torch.from_numpy(keep).to(self.device)[:, None]
         return codes.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
 

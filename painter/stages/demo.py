@@ -40,14 +40,14 @@ class Options:
     dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
     fine_tune: bool = option(False, "fine-tune the base model's GPT (train --init) instead of training a fresh one; "
                                     "its dropout stays as its config says")
-    null_caption_prob: float = option(0.0, "caption dropout of the GPT training (train --null-caption-prob): makes "
-                                           "the model guidable")
+    null_caption_prob: float = option(0.0, "caption dropout of the GPT training (the train job's null caption "
+                                           "probability): makes the model guidable")
     workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN; each gets an equal "
                              "share of this machine's cores as torch threads")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
     top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
     guidance: float | None = option(None, "classifier-free guidance of generation and evaluation (default: the "
-                                          "trained model's, see painter generate --guidance)")
+                                          "trained model's, as in painter generate)")
     candidates: int = option(1, "images drawn per caption in generation and evaluation; the best-scored is kept")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 

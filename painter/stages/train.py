@@ -89,7 +89,7 @@ class Options(RunOptions):
     grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
     pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
     null_caption_prob: float = option(0.0, "probability a training row's caption is dropped to the null caption (all "
-                                           "[PAD]), which makes the model guidable (generate --guidance); 0.1 is "
+                                           "[PAD]), which makes the model guidable (classifier-free guidance); 0.1 is "
                                            "usual. Stored in the model's config (an --init model's own value is "
                                            "kept when this is 0)")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
