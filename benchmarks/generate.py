@@ -1,18 +1,25 @@
-"""Benchmark: images/s of our generation against the reference algorithm, same weights and batch.
+"""Benchmark: images/s of generation (new engine, old engine, reference algorithm) and where the time goes.
 
-Ours is `painter.generator.Generator` with the micro-batch set to the batch size: KV-cache sampling
-(prefill the text once, one token per step), bf16 autocast on CUDA, ONE VQGAN decode per batch, PNG
-encoding on a thread pool. The reference is the pai-painter algorithm: recompute the whole sequence
-at every step (`painter.sampling.reference_generate`), fp32, and decode the whole batch once per row
-as its postprocess does. Both encode PNGs. Weights are random (`new_model`), so it runs anywhere,
-including a lent GPU machine:
+Three ways to make the same images from the same random weights and batch, timed in one process:
+- ours: `painter.generator.Generator`, i.e. the static-shape decode engine (`painter.engine`: one
+  CUDA graph replay per step on a GPU, on-device sampling with top-k-only noise), bf16 weights on
+  CUDA, one VQGAN decode per micro-batch, PNG encoding on a thread pool overlapping the next chunk;
+- old_engine: the same Generator decoding as before the engine: the growing `KVCache`,
+  full-vocabulary noise, bf16 autocast on CUDA (`painter.sampling.generate`);
+- reference: the pai-painter algorithm: recompute the whole sequence at every step
+  (`painter.sampling.reference_generate`), fp32, and the whole batch decoded once per row as its
+  postprocess does. All three encode PNGs; their tokens are the same (checked on fp32).
 
-    python benchmarks/generate.py --preset tiny                      # CPU, well under a minute
-    python benchmarks/generate.py --preset base --device cuda --batch-size 64
+Also reported: host framework calls per decode step (aten ops dispatched for one step, counted with a
+TorchDispatchMode; on CUDA the engine's step is one graph replay), a breakdown of ours into GPT-only,
+VQGAN-only and encode-only images/s, on CUDA the fraction of the GPU's dense bf16 peak, and with
+`--sweep` the same at several micro-batch sizes (the largest end-to-end rate picks the default).
 
-Prints one JSON object. On CUDA it adds the model FLOPs per image (GPT from `gpt.flops_per_token()`
-over the text and image positions, VQGAN decode counted by torch's FlopCounterMode) and the fraction
-of the GPU's dense bf16 peak reached (`--peak-tflops`, else looked up from the device name).
+    python benchmarks/generate.py --preset tiny                                 # CPU, seconds
+    python benchmarks/generate.py --preset small --batch-size 32                # the CPU comparison
+    python benchmarks/generate.py --preset base --device cuda --batch-size 256 --skip-reference --sweep 64,128,256,512
+
+Prints one JSON object (and writes it to `--json` when given).
 """
 from __future__ import annotations
 
@@ -24,19 +31,21 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))  # run from a checkout without installing
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from painter.checkpoint import PRESETS, load_model, new_model  # noqa: E402
 from painter.generator import GenerationConfig, Generator  # noqa: E402
 from painter.io.images import encode_image, uint8_from_tensor  # noqa: E402
-from painter.runtime import pick_device  # noqa: E402
-from painter.sampling import reference_generate, row_keys  # noqa: E402
+from painter.runtime import autocast, pick_device  # noqa: E402
+from painter.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 PROMPTS = ["宽松T恤", "红色连衣裙", "远处的雪山，表面覆盖着厚厚的积雪", "蓝色牛仔裤"]
 
 
@@ -49,13 +58,25 @@ def _rows(n: int) -> list[tuple[str, str, int]]:
     return [(f"bench-{i}", PROMPTS[i % len(PROMPTS)], 0) for i in range(n)]
 
 
-def run_ours(generator: Generator, rows, batch_size: int) -> list[bytes]:
-    images = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        out = generator({"idx": [r[0] for r in chunk], "text": [r[1] for r in chunk], "sample": [r[2] for r in chunk]})
-        images.extend(out["png"])
-    return images
+def _columns(rows) -> tuple[list, list, list]:
+    return [r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows]
+
+
+class OldEngineGenerator(Generator):
+    """The Generator with the decoding it had before the engine (growing KVCache, noise for every code,
+    autocast on the fp32 weights on CUDA); VQGAN decode and encoding as ours."""
+
+    def codes(self, texts, idxs, samples):
+        ids, is_truncated = self.model.tokenizer.encode_batch([str(t) for t in texts])
+        keys = row_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples], device=self.device)
+        with autocast(self.device):
+            codes = generate(self.model.gpt, torch.from_numpy(ids).to(self.device), keys, self.config.sampling)
+        return codes, is_truncated
+
+
+def run_generator(generator: Generator, rows) -> list[bytes]:
+    texts, idxs, samples = _columns(rows)
+    return generator.images(texts, idxs, samples)[0]
 
 
 @torch.inference_mode()
@@ -75,18 +96,74 @@ def run_reference(generator: Generator, rows, batch_size: int) -> list[bytes]:
 
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Best of `repeats` wall times (the least disturbed by other load on the machine)."""
-    best = float("inf")
+    return timed_both(fn, device, repeats)["seconds"]
+
+
+def timed_both(fn, device: torch.device, repeats: int) -> dict:
+    """Best wall seconds and best process CPU seconds (all threads) of `repeats` runs. On a shared,
+    overloaded CPU machine the CPU seconds compare two sides more steadily than the wall times."""
+    wall = cpu = float("inf")
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return {"seconds": round(wall, 4), "cpu_seconds": round(cpu, 4)}
 
 
-def flops_per_image(generator: Generator) -> float:
-    """GPT forward FLOPs over text + image positions, plus one VQGAN decode (counted)."""
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(fn) -> tuple[int, int]:
+    """(aten ops reaching the dispatcher's Python mode, every aten call the profiler records, nested included)."""
+    with _OpCounter() as counter:
+        fn()
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return sum(counter.ops.values()), sum(1 for e in prof.function_events if e.name.startswith("aten::"))
+
+
+@torch.inference_mode()
+def host_calls_per_step(generator: Generator) -> dict:
+    """aten ops one decode step dispatches from the host: old engine (sample + cached forward) and new
+    engine (its step function run eagerly); on CUDA the new engine replays that step as one graph."""
+    engine, gpt, device = generator.engine, generator.model.gpt, generator.device
+    texts, idxs, samples = _columns(_rows(generator.micro_batch))
+    generator.codes(texts, idxs, samples)  # builds (and on CUDA captures) the engine
+    ids = torch.from_numpy(generator.model.tokenizer.encode_batch(texts)[0]).to(device)
+    keys = row_keys(0, idxs, samples, device=device)
+    cache = gpt.new_cache()
+    with autocast(device):
+        logits = gpt(gpt.sequence(ids), cache)[:, -1]
+
+        def old_step():
+            code = choose_codes(logits, keys, 1, generator.config.sampling)
+            gpt(code[:, None], cache)
+
+        old = _count_ops(old_step)
+    engine.step.fill_(1)
+    new = _count_ops(engine._decode_step)
+    result = {"layers": gpt.config.n_layer, "old_engine_aten_ops": old[0], "new_engine_aten_ops": new[0],
+              "old_engine_aten_calls_profiled": old[1], "new_engine_aten_calls_profiled": new[1]}
+    if engine.cuda_graph:
+        before = engine.replays
+        generator.codes(texts, idxs, samples)
+        _sync(device)
+        result["new_engine_host_calls_per_step"] = (engine.replays - before) / gpt.config.img_len
+        result["new_engine_graph_replays_per_step"] = result["new_engine_host_calls_per_step"]
+    return result
+
+
+def flops_per_image(generator: Generator) -> dict:
+    """GPT forward FLOPs over text + image positions, and one VQGAN decode (counted by FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     gpt = generator.model.gpt
@@ -94,52 +171,129 @@ def flops_per_image(generator: Generator) -> float:
     codes = torch.zeros(1, gpt.config.img_len, dtype=torch.int64, device=generator.device)
     with counter, torch.inference_mode():
         generator.model.vqgan.decode(codes)
-    return gpt.flops_per_token() * (gpt.config.text_len + gpt.config.img_len) + counter.get_total_flops()
+    return {"gpt": gpt.flops_per_token() * (gpt.config.text_len + gpt.config.img_len),
+            "vqgan": counter.get_total_flops()}
 
 
-def gpu_utilisation(generator: Generator, images_per_second: float, peak_tflops: float | None) -> dict:
+def breakdown(generator: Generator, repeats: int) -> dict:
+    """Seconds per micro-batch of each part of ours alone, and images/s each would allow."""
+    device, n = generator.device, generator.micro_batch
+    texts, idxs, samples = _columns(_rows(n))
+    codes, _ = generator.codes(texts, idxs, samples)
+    pixels = generator.pixels(codes)
+    pool = generator._pool
+    parts = {
+        "gpt": lambda: generator.codes(texts, idxs, samples),
+        "vqgan": lambda: generator.pixels(codes),  # decode, uint8 and the copy to the host
+        "encode": lambda: (list(pool.map(lambda p: encode_image(p, "png"), pixels)) if pool
+                           else [encode_image(p, "png") for p in pixels]),
+    }
+    seconds = {name: timed(fn, device, repeats) for name, fn in parts.items()}
+    result = {f"{name}_only_images_per_second": round(n / s, 2) for name, s in seconds.items()}
+    result["seconds_per_micro_batch"] = {name: round(s, 5) for name, s in seconds.items()}
+    result["gpt_ms_per_decode_step"] = round(1e3 * seconds["gpt"] / generator.model.gpt.config.img_len, 4)
+    result["bound_by"] = max(seconds, key=seconds.get)
+    return result
+
+
+def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None) -> dict:
     name = torch.cuda.get_device_name(generator.device)
     if peak_tflops is None:
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     flops = flops_per_image(generator)
-    achieved = images_per_second * flops / 1e12
-    return {"device_name": name, "flops_per_image": flops, "achieved_tflops": round(achieved, 3),
-            "peak_bf16_tflops": peak_tflops,
-            "fraction_of_peak": round(achieved / peak_tflops, 5) if peak_tflops else None}
+    total = flops["gpt"] + flops["vqgan"]
+    out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops}
+    sides = {"end_to_end": (rates["end_to_end"], total), "gpt_only": (rates["gpt"], flops["gpt"]),
+             "vqgan_only": (rates["vqgan"], flops["vqgan"])}
+    for label, (rate, per_image) in sides.items():
+        achieved = rate * per_image / 1e12
+        out[f"{label}_tflops"] = round(achieved, 3)
+        out[f"{label}_fraction_of_peak"] = round(achieved / peak_tflops, 5) if peak_tflops else None
+    out["roofline_images_per_second"] = round(peak_tflops * 1e12 / total, 1) if peak_tflops else None
+    return out
+
+
+def measure(loaded, args, device, micro_batch: int) -> tuple[Generator, dict]:
+    """Ours at one micro-batch: end to end over `rows` (default two micro-batches), plus the breakdown."""
+    generator = Generator(loaded, GenerationConfig(seed=0, precision=args.precision), device, micro_batch=micro_batch,
+                          encode_threads=args.encode_threads, compile_sampler=args.compile_sampler)
+    rows = _rows(args.rows or 2 * micro_batch)
+    run_generator(generator, rows[:micro_batch])  # warm-up: capture, kernels, allocator
+    times = timed_both(lambda: run_generator(generator, rows), device, args.repeats)
+    result = {"micro_batch": micro_batch, "rows": len(rows), **times,
+              "images_per_second": round(len(rows) / times["seconds"], 3)}
+    return generator, result | breakdown(generator, args.repeats)
+
+
+def compare(loaded, generator: Generator, args, device) -> dict:
+    """Old engine and reference against ours, same weights, rows and micro-batch; tokens checked equal."""
+    rows, n = _rows(args.rows or 2 * generator.micro_batch), generator.micro_batch
+    old = OldEngineGenerator(loaded, generator.config, device, micro_batch=n, encode_threads=args.encode_threads)
+    run_generator(old, rows[:n])
+    result = {"old_engine": timed_both(lambda: run_generator(old, rows), device, args.repeats)}
+    if not args.skip_reference:
+        run_reference(generator, rows[:n], n)
+        result["reference"] = timed_both(lambda: run_reference(generator, rows, n), device, args.repeats)
+    for side in result.values():
+        side["images_per_second"] = round(len(rows) / side["seconds"], 3)
+    if generator.dtype == torch.float32:  # same tokens: the engine's codes against the old path's
+        texts, idxs, samples = _columns(rows[:n])
+        result["same_tokens_as_old_engine"] = bool(torch.equal(generator.codes(texts, idxs, samples)[0],
+                                                               old.codes(texts, idxs, samples)[0]))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=None, help="rows per measurement (default: one batch)")
+    parser.add_argument("--batch-size", type=int, default=8, help="the micro-batch: rows per model call")
+    parser.add_argument("--rows", type=int, default=None, help="rows per measurement (default: two micro-batches)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: what the job's CPU actors run with)")
+    parser.add_argument("--encode-threads", type=int, default=None, help="PNG encoding threads (default: Generator's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best is reported")
-    parser.add_argument("--skip-reference", action="store_true", help="time only our generation")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the reference algorithm")
+    parser.add_argument("--skip-old", action="store_true", help="do not time the old engine (nor the reference)")
+    parser.add_argument("--compile-sampler", action="store_true", help="torch.compile the engine's sampler")
+    parser.add_argument("--sweep", default="", help="micro-batch sizes to measure ours at, comma-separated")
+    parser.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    rows = _rows(args.rows or args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(new_model(args.preset, str(Path(tmp) / args.preset)), device=device)
-    generator = Generator(loaded, GenerationConfig(seed=0), device, micro_batch=args.batch_size)
-    warm = rows[:min(2, len(rows))]
-    run_ours(generator, warm, args.batch_size)  # warm-up: CUDA context, kernels, allocator
-    ours_s = timed(lambda: run_ours(generator, rows, args.batch_size), device, args.repeats)
-    result = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "rows": len(rows),
-              "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "gpt_params": loaded.gpt.num_params(),
-              "ours": {"seconds": round(ours_s, 4), "images_per_second": round(len(rows) / ours_s, 3)}}
-    if not args.skip_reference:
-        run_reference(generator, warm, args.batch_size)
-        ref_s = timed(lambda: run_reference(generator, rows, args.batch_size), device, args.repeats)
-        result["reference"] = {"seconds": round(ref_s, 4), "images_per_second": round(len(rows) / ref_s, 3)}
-        result["speedup"] = round(ref_s / ours_s, 2)
+    generator, ours = measure(loaded, args, device, args.batch_size)
+    result = {"preset": args.preset, "device": str(device), "torch": torch.__version__,
+              "compile_sampler": args.compile_sampler,
+              "precision": str(generator.dtype).removeprefix("torch."), "batch_size": args.batch_size,
+              "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+              "encode_threads": generator._pool._max_workers if generator._pool else 0,
+              "gpt_params": loaded.gpt.num_params(), "host_calls_per_step": host_calls_per_step(generator),
+              "ours": ours}
+    if not args.skip_old:
+        result |= compare(loaded, generator, args, device)
+        for name, key in (("old_engine", "speedup_vs_old_engine"), ("reference", "speedup")):
+            if name in result:
+                result[key] = round(ours["images_per_second"] / result[name]["images_per_second"], 2)
+                result[key + "_in_cpu_seconds"] = round(result[name]["cpu_seconds"] / ours["cpu_seconds"], 2)
+    if args.sweep:
+        result["sweep"] = [measure(loaded, args, device, int(mb))[1] for mb in args.sweep.split(",")]
+        best = max(result["sweep"] + [ours], key=lambda r: r["images_per_second"])
+        result["best_micro_batch"] = best["micro_batch"]
     if device.type == "cuda":
-        result["gpu"] = gpu_utilisation(generator, len(rows) / ours_s, args.peak_tflops)
-    print(json.dumps(result))
+        rates = {"end_to_end": ours["images_per_second"], "gpt": ours["gpt_only_images_per_second"],
+                 "vqgan": ours["vqgan_only_images_per_second"]}
+        result["gpu"] = gpu_utilisation(generator, rates, args.peak_tflops)
+        result["gpu"]["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    text = json.dumps(result, ensure_ascii=False)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
     return result
 
 

@@ -6,8 +6,8 @@ tokenize`) and trains on token ids. Both sides here run the same GPT, batch and 
 autocast on CUDA, fp32 on CPU) in one plain torch process; the reference side first encodes random
 images of the model's resolution with the VQGAN (fp32, no grad, as the reference does). Prints
 progress, then one JSON object: tokens/s of both, their ratio and, on a GPU, the model FLOPs
-utilisation (3 x GPT.flops_per_token(), i.e. 6 x non-embedding params + attention, x tokens/s over
-the peak). `python benchmarks/train.py --preset tiny` runs on a CPU in seconds (one torch thread
+utilisation (`painter.training.train_flops_per_token` x tokens/s over the peak: 6 x non-embedding
+params + attention; the GPU step's own figures are in benchmarks/gpu_train.py). `python benchmarks/train.py --preset tiny` runs on a CPU in seconds (one torch thread
 by default there: on a shared 2-core machine two threads often run many times slower than one).
 """
 from __future__ import annotations
@@ -30,18 +30,8 @@ from painter.checkpoint import PRESETS, preset_config  # noqa: E402
 from painter.models.gpt import GPT  # noqa: E402
 from painter.models.vqgan import VQGAN  # noqa: E402
 from painter.runtime import pick_device  # noqa: E402
-from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,  # dense, by device name
-                    "L40S": 362.0, "A10G": 125.0}
-
-
-def detect_peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak of a known GPU from its name (None on CPU or an unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+from painter.training import (GPTLoss, TrainConfig, make_optimizer, mfu, peak_bf16_tflops,  # noqa: E402
+                              train_flops_per_token, train_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -94,7 +84,7 @@ def run(preset: str, batch_size: int, steps: int, warmup: int, device: torch.dev
     results = time_interleaved({"pretokenized": tokens_step, "reference": reference_step,
                                 "vqgan_encode": encode_only}, steps, warmup, device)
     ours, ref = tokens / results["pretokenized"], tokens / results["reference"]
-    flops_per_token = 3 * gpt.flops_per_token()
+    flops_per_token = train_flops_per_token(gpt)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     out = {"preset": preset, "device": device_name, "batch_size": batch_size, "steps": steps,
            "cpu_threads": torch.get_num_threads(), "gpt_params": gpt.num_params(), "tokens_per_step": tokens,
@@ -103,8 +93,8 @@ def run(preset: str, batch_size: int, steps: int, warmup: int, device: torch.dev
            "pretokenized_ms_per_step": round(results["pretokenized"] * 1000, 2),
            "train_flops_per_token": flops_per_token}
     if peak_tflops:
-        out |= {"peak_tflops": peak_tflops, "mfu": round(flops_per_token * ours / (peak_tflops * 1e12), 4),
-                "reference_mfu": round(flops_per_token * ref / (peak_tflops * 1e12), 4)}
+        out |= {"peak_tflops": peak_tflops, "mfu": round(mfu(flops_per_token, ours, peak_tflops), 4),
+                "reference_mfu": round(mfu(flops_per_token, ref, peak_tflops), 4)}
     return out
 
 
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(a.device)
     if a.threads or device.type == "cpu":
         torch.set_num_threads(a.threads or 1)
-    peak = a.peak_tflops or detect_peak_tflops(device)
+    peak = a.peak_tflops or peak_bf16_tflops(device)
     print(json.dumps(run(a.preset, a.batch_size, a.steps, a.warmup, device, peak)), flush=True)
 
 

@@ -33,6 +33,7 @@ ZOO_NAMES = (
     "pai-painter-scenery-base-zh",
     "pai-painter-painting-base-zh",
 )
+ZOO_ORG = "alibaba-pai/"  # EasyNLP and its model hub also spell zoo names with the organisation
 
 
 @dataclass
@@ -256,11 +257,18 @@ def bundled_model_dir() -> str:
     return path
 
 
+def zoo_name(name_or_path: str) -> str | None:
+    """The zoo name `name_or_path` spells (`pai-painter-large-zh` or `alibaba-pai/pai-painter-large-zh`), else None."""
+    name = name_or_path[len(ZOO_ORG):] if name_or_path.startswith(ZOO_ORG) else name_or_path
+    return name if name in ZOO_NAMES else None
+
+
 def resolve_model_dir(name_or_path: str) -> str:
     """`bundled` is the packaged model; a zoo name resolves under the models home; nothing is downloaded."""
     if name_or_path == BUNDLED:
         return bundled_model_dir()
-    if name_or_path in ZOO_NAMES:
+    if zoo_name(name_or_path):
+        name_or_path = zoo_name(name_or_path)
         path = os.path.join(models_home(), name_or_path)
         if not os.path.exists(os.path.join(path, "config.json")):
             raise CheckpointError(

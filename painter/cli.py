@@ -13,7 +13,9 @@ import importlib.util  # not loaded by `import importlib`; the console script ha
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -21,8 +23,10 @@ from dataclasses import dataclass
 # imported (the stage modules import it), or a local start fails with InvalidAuthToken.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+from painter import logs
 from painter.errors import PainterError
 from painter.options import add_arguments, from_args
+
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ COMMANDS = {
     "new-model": Command("painter.commands", "write a randomly initialised model directory from a preset"),
     "import-easynlp": Command("painter.commands", "import an EasyNLP pai-painter-*-zh directory"),
     "import-vqgan": Command("painter.commands", "import a taming-transformers VQGAN checkpoint"),
+    "export-easynlp": Command("painter.commands", "export a model directory in EasyNLP's pai-painter layout"),
+    "easynlp": Command("painter.easynlp", "EasyNLP text2image command lines (--mode train|evaluate|predict), unchanged", True),
     "demo": Command("painter.stages.demo", "the whole system on the synthetic task: corpus, tokenize, train, generate, evaluate", True),
     "make-corpus": Command("painter.stages.make_corpus", "write a synthetic Chinese-captioned image corpus (EasyNLP TSV)"),
     "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True),
@@ -78,11 +84,59 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    # Workers' output reaches the driver (log_to_driver) only to be written to the job's log file.
+    quiet = {"logging_level": logging.INFO, "log_to_driver": True}
+    logs.quiet_ray(initialized=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    logs.quiet_ray()
+
+
+def log_path(name: str) -> str:
+    """Where the job's log file (Ray's own output) is written while it runs: the temp folder, since a job
+    may refuse or empty a non-empty --output; `final_log_path` is where it ends up."""
+    folder = os.path.join(tempfile.gettempdir(), "painter-logs")
+    return os.path.join(folder, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def final_log_path(path: str, options) -> str | None:
+    """`<output>/_logs/<log file name>` when the job has a local --output folder that exists, else None."""
+    output = getattr(options, "output", None)
+    if not output or "://" in output or not os.path.isdir(output):
+        return None
+    return os.path.join(os.path.abspath(output), "_logs", os.path.basename(path))
+
+
+_REASON = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line_reason(error: BaseException) -> str:
+    """The reason of an unexpected error in one line: a PainterError raised inside Ray, else the deepest
+    `SomeError: message` line of the error and its causes (Ray wraps a worker's or actor's error in its
+    traceback text), else the error's first line."""
+    if "ray" in sys.modules:
+        from painter.stages.common import painter_error_from
+
+        cause = painter_error_from(error)
+        if cause is not None:
+            return str(cause)
+    reason, seen, exc = None, set(), error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = _ANSI.sub("", f"{exc}\n{getattr(exc, 'error_msg', '') or ''}").strip()
+        found = _REASON.findall(text)
+        if found:
+            reason = f"{found[-1][0]}: {found[-1][1].strip()}"
+        elif text and not type(exc).__module__.startswith("ray"):
+            reason = f"{type(exc).__name__}: {text.splitlines()[0]}"
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    if reason:
+        return reason
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def run_command(name: str, options) -> dict:
@@ -98,17 +152,50 @@ def main(argv: list[str] | None = None) -> int:
     options_cls, _ = _load(args.command)
     options = from_args(options_cls, args)
     start = time.time()
+    path = log_path(args.command) if COMMANDS[args.command].uses_ray else None
+    logs.setup(args.command, path)
+    terminal = logs.TerminalFilter() if path else None
+    ours = path is not None and not _ray_running()
     try:
-        summary = run_command(args.command, options)
-    except PainterError as e:
-        print(json.dumps({"job": args.command, "status": "failed", "error": str(e)}, ensure_ascii=False))
+        return _run_and_report(args.command, options, path, start)
+    finally:
+        if ours and _ray_running():  # Ray's last words at shutdown pass the filter too
+            import ray
+
+            ray.shutdown()
+        if terminal is not None:
+            terminal.close()
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _run_and_report(name: str, options, path: str | None, start: float) -> int:
+    """Run the job; print its summary (or its one-line failure) as the last stdout line; the exit code."""
+    try:
+        summary = run_command(name, options)
+    except (PainterError, Exception) as e:  # noqa: B014 (a PainterError is said as it is, anything else in one line)
+        reason = str(e) if isinstance(e, PainterError) else one_line_reason(e)
+        if not isinstance(e, PainterError):
+            logs.to_file(f"{name} failed", e)
+        if path and (final := final_log_path(path, options)):
+            path = logs.move_file(final)
+        details = f" (details in {path})" if path and not isinstance(e, PainterError) else ""
+        logs.get(name).error(reason + details)
+        failure = {"job": name, "status": "failed", "error": reason} | ({"log": path} if path else {})
+        print(json.dumps(failure, ensure_ascii=False))
         return 1
     failed = summary.pop("_failed", None)
+    if path:
+        final = final_log_path(path, options)
+        summary.setdefault("log", logs.move_file(final) if final else path)
     summary.setdefault("seconds", round(time.time() - start, 3))
     summary.setdefault("status", "failed" if failed else "succeeded")
     if failed:
         summary["error"] = failed
-    print(json.dumps({"job": args.command, **summary}, ensure_ascii=False, default=str))
+        logs.get(name).error(failed)
+    print(json.dumps({"job": name, **summary}, ensure_ascii=False, default=str))
     return 1 if failed else 0
 
 

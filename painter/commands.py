@@ -1,9 +1,11 @@
-"""Small model-directory commands: `new-model`, `import-easynlp`, `import-vqgan`."""
+"""Small model-directory commands: `new-model`, `import-easynlp`, `export-easynlp`, `import-vqgan`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from painter.checkpoint import PRESETS, new_model
+from painter.checkpoint import load_model
+from painter.exporters import export_easynlp, shape_note
 from painter.importers import import_easynlp, import_vqgan
 from painter.options import option
 
@@ -26,6 +28,13 @@ class ImportEasyNLPOptions:
 
 
 @dataclass(kw_only=True)
+class ExportEasyNLPOptions:
+    model: str = option(help="painter model directory (or zoo name) to export", positional=True)
+    dst: str = option(help="EasyNLP model directory to write (config.json, pytorch_model.bin, vocab.txt)",
+                      positional=True)
+
+
+@dataclass(kw_only=True)
 class ImportVQGANOptions:
     ckpt: str = option(help="taming-transformers checkpoint (last.ckpt)", positional=True)
     dst: str = option(help="painter model directory to write", positional=True)
@@ -43,6 +52,12 @@ def run_import_easynlp(o: ImportEasyNLPOptions) -> dict:
     return {"model": import_easynlp(o.src, o.dst, text_len=o.text_len, resolution=o.resolution, n_head=o.n_head)}
 
 
+def run_export_easynlp(o: ExportEasyNLPOptions) -> dict:
+    summary = {"output": export_easynlp(o.model, o.dst)}
+    note = shape_note(load_model(o.model, parts=()).config)
+    return summary | ({"note": note} if note else {})
+
+
 def run_import_vqgan(o: ImportVQGANOptions) -> dict:
     return {"model": import_vqgan(o.ckpt, o.dst, resolution=o.resolution, text_len=o.text_len,
                                   gpt_preset=o.gpt_preset, vocab=o.vocab)}
@@ -51,5 +66,6 @@ def run_import_vqgan(o: ImportVQGANOptions) -> dict:
 COMMANDS = {
     "new-model": (NewModelOptions, run_new_model),
     "import-easynlp": (ImportEasyNLPOptions, run_import_easynlp),
+    "export-easynlp": (ExportEasyNLPOptions, run_export_easynlp),
     "import-vqgan": (ImportVQGANOptions, run_import_vqgan),
 }

@@ -18,13 +18,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from painter.checkpoint import LoadedModel, load_model
-from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels, to_model_input
+from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.shards import ShardInfo
 from painter.io.tables import REASON, ROW, SOURCE
-from painter.runtime import autocast, pick_device
+from painter.runtime import pick_device
+from painter.vq_encode import default_max_batch, encode_codes, prepare_vqgan
 
 PIXELS = "pixels"
 BASE64_COLUMN, BINARY_COLUMN = "imgbase64", "image"  # TSV/Parquet base64 text; Parquet raw file bytes
@@ -52,7 +52,7 @@ def _image_column(table: pa.Table) -> tuple[str, bool]:
     raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
 
 
-def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "pil") -> pa.Table:
     """Rows read by `painter.io.tables` -> `PREPARED_SCHEMA` rows: uint8 (size, size, 3) pixels as bytes.
 
     A row keeps the reason it was read with; otherwise it is rejected for a missing or empty idx or
@@ -67,7 +67,7 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         reason = reasons[i] or _text_reason("idx", idx[i]) or _text_reason("text", text[i])
         array = None
         if reason is None:
-            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels)
+            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels, resize=resize)
         pixels.append(None if array is None else array.tobytes())
         reasons[i] = reason
     return pa.table({
@@ -80,8 +80,9 @@ class ImageEncoder:
     """`ImageEncoder(model_dir_or_loaded, device=None)(batch) -> batch` (see the module docstring).
 
     A model directory is loaded (VQGAN only) onto `device` (default: CUDA when present); a LoadedModel
-    is used as it is, its VQGAN moved to `device`. Images go through the VQGAN under inference mode,
-    with bf16 autocast on CUDA; `max_batch` bounds how many at once (None: the whole batch).
+    is used as it is, its VQGAN moved to `device`. Images go through `painter.vq_encode.encode_codes`
+    (on CUDA: pinned uint8 copies, channels_last, bf16 autocast; on CPU: fp32, the reference's tokens),
+    `max_batch` at a time (default: `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU).
     """
 
     def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None):
@@ -90,24 +91,15 @@ class ImageEncoder:
             if model.vqgan is None:
                 raise ValueError("ImageEncoder needs a model loaded with its VQGAN")
             self.model = model
-            self.model.vqgan.to(self.device)
         else:
             self.model = load_model(model, parts=("vqgan",), device=self.device)
+        self.model.vqgan = prepare_vqgan(self.model.vqgan, self.device)
         self.info = ShardInfo.for_model(self.model)
-        self.max_batch = max_batch
+        self.max_batch = max_batch or default_max_batch(self.device)
 
-    @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) -> VQGAN codes (B, img_len) as int64, batched by `max_batch`."""
-        step = self.max_batch or max(1, len(pixels))
-        out = []
-        for start in range(0, len(pixels), step):
-            x = torch.from_numpy(to_model_input(pixels[start:start + step])).to(self.device)
-            with autocast(self.device):
-                out.append(self.model.vqgan.encode(x).cpu())
-        if not out:
-            return np.zeros((0, self.info.img_len), dtype=np.int64)
-        return torch.cat(out).numpy()
+        return encode_codes(self.model.vqgan, pixels, self.device, self.max_batch)
 
     def _pixel_array(self, cells: list) -> np.ndarray:
         size = self.info.image_size

@@ -49,11 +49,14 @@ class DecodeEngine:
     """`DecodeEngine(gpt, sampling, batch)(text_ids, keys) -> codes (batch, img_len)` for one fixed shape.
 
     `gpt` is used as given (its dtype is the compute dtype; eval mode). `cuda_graph` defaults to
-    True on CUDA. Outputs are fresh tensors; the engine's buffers are reused by the next call.
+    True on CUDA. `compile_sampler` runs the sampler through `torch.compile` (Inductor fuses its ~80
+    small elementwise hash ops into a few kernels, which matters inside a graph whose step is
+    launch-bound; same tokens, but a compile on first use), captured inside the engine's own graph.
+    Outputs are fresh tensors; the engine's buffers are reused by the next call.
     """
 
     def __init__(self, gpt: GPT, sampling: SamplingConfig, batch: int, *, steering: Steering = Steering(),
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, compile_sampler: bool = False):
         self.gpt, self.sampling, self.batch, self.steering = gpt.eval(), sampling, batch, steering
         config = gpt.config
         self.device = gpt.head.weight.device
@@ -71,6 +74,7 @@ class DecodeEngine:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA model, got one on {self.device}")
+        self._sample = torch.compile(sample_codes, fullgraph=True, dynamic=False) if compile_sampler else sample_codes
         self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self.replays = 0  # graph replays so far (benchmarks report replays per step)
 
@@ -80,7 +84,7 @@ class DecodeEngine:
         """Sample code `step` from the model rows' logits (R, V) into `codes`, then advance `step`."""
         if self.steering.combine is not None:
             logits = self.steering.combine(logits)  # (B, V)
-        code = sample_codes(logits, self.keys, self.step, self.sampling)  # (B,)
+        code = self._sample(logits, self.keys, self.step, self.sampling)  # (B,)
         if self.steering.forcing:
             keep = self.forced_mask.index_select(1, self.step)[:, 0]  # (B,)
             code = torch.where(keep, self.forced_codes.index_select(1, self.step)[:, 0], code)
@@ -102,8 +106,9 @@ class DecodeEngine:
     # -- running ----------------------------------------------------------------------------------
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
-        """One graph for the prefill, one for a decode step (the torch.cuda.graphs recipe: warm up on
-        a side stream, then capture). Warm-up writes only buffers that every run rewrites first."""
+        """One graph for the prefill, one for a decode step (the torch.cuda.graphs recipe: warm up on a
+        side stream, then capture on that same stream, so cuBLAS handles and workspaces already exist
+        for it). Warm-up writes only buffers that every run rewrites before reading."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -112,9 +117,9 @@ class DecodeEngine:
                 self._decode_step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         prefill, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(prefill):
+        with torch.cuda.graph(prefill, stream=stream):
             self._prefill()
-        with torch.cuda.graph(step, pool=prefill.pool()):
+        with torch.cuda.graph(step, stream=stream):
             self._decode_step()
         return prefill, step
 

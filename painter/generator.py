@@ -2,7 +2,8 @@
 
 It owns one loaded model and runs tokenize-text -> static-shape decoding (`painter.engine`, CUDA
 graphs on a GPU) -> batched VQGAN decode -> image encoding. Precision: bf16 weights on CUDA (a
-converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says. It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
+converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says.
+It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
 `painter.pipeline` calls it directly.
 
 Reproducibility: a row's randomness comes from (seed, idx, sample), and the model always computes
@@ -34,17 +35,17 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from painter import rerank
+from painter import logs, rerank
 from painter.checkpoint import LoadedModel, load_model, read_bytes
 from painter.engine import DecodeEngine, Steering
-from painter.io.images import IMAGE_FORMATS, ImageRejected, encode_image, image_bytes, load_image, preprocess
+from painter.io.images import (IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image,
+                               preprocess, uint8_on_device)
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
 from painter.sampling import SamplingConfig, guided_logits
 
@@ -79,6 +80,7 @@ class GenerationConfig:
     candidates: int = 1  # images drawn per (idx, sample); the best-scored one is kept
     scorer: str | None = None  # image-text scorer file (.pt2 / TorchScript) instead of the model's own score
     keep_rows: int = 0  # token rows of a row's prompt image kept (the rest generated)
+    pixel_rounding: str = "round"  # or "truncate", as EasyNLP (painter.io.images)
 
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
@@ -88,6 +90,8 @@ class GenerationConfig:
             raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
         if self.candidates < 1 or self.keep_rows < 0:
             raise ValueError(f"candidates must be >= 1 and keep_rows >= 0, got {self.candidates}, {self.keep_rows}")
+        if self.pixel_rounding not in PIXEL_ROUNDING:
+            raise ValueError(f"pixel rounding {self.pixel_rounding!r} is not one of {PIXEL_ROUNDING}")
         self.sampling  # validates temperature, top_k and top_p now rather than on the first batch
 
     @property
@@ -116,11 +120,12 @@ class Generator:
 
     Adds `seed`, `model` (fingerprint), `is_truncated` and the encoded image under a column named
     after the image format (`png` by default). `micro_batch` fixes the shape the model computes in
-    (see the module docstring); `encode_threads` sizes the image-encoding pool (0: encode inline).
+    (see the module docstring); `encode_threads` sizes the image-encoding pool (0: encode inline);
+    `compile_sampler` is `DecodeEngine`'s (same images; measured by benchmarks/gpu.sh).
     """
 
     def __init__(self, model: str | LoadedModel, config: GenerationConfig | None = None, device=None, *,
-                 micro_batch: int | None = None, encode_threads: int | None = None):
+                 micro_batch: int | None = None, encode_threads: int | None = None, compile_sampler: bool = False):
         self.device = pick_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         if self.model.gpt is None or self.model.vqgan is None:
@@ -133,6 +138,7 @@ class Generator:
         self.gpt = inference_copy(self.model.gpt, self.dtype)
         self.vqgan = inference_copy(self.model.vqgan, self.dtype, channels_last=self.device.type == "cuda")
         self._engine: DecodeEngine | None = None  # built (and on CUDA captured) on first use
+        self.compile_sampler = compile_sampler
         threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
         self.guidable = self.model.config.null_caption_prob > 0
@@ -151,8 +157,8 @@ class Generator:
         if guidance is None:
             return DEFAULT_GUIDANCE if self.guidable else 1.0
         if guidance != 1.0 and not self.guidable:
-            print(f"painter: warning: {self.model.path} was trained without caption dropout "
-                  f"(train --null-caption-prob); --guidance {guidance} may not help", file=sys.stderr)
+            logs.get("generate").warning(f"{self.model.path} was trained without caption dropout "
+                                         f"(train --null-caption-prob); --guidance {guidance} may not help")
         return guidance
 
     @property
@@ -174,12 +180,13 @@ class Generator:
             combine = functools.partial(guided_logits, guidance=self.guidance) if self.guided else None
             steering = Steering(rows_per_sample=2 if self.guided else 1, combine=combine, forcing=self.keep_codes > 0)
             self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch * self.config.candidates,
-                                        steering=steering)
+                                        steering=steering, compile_sampler=self.compile_sampler)
         return self._engine
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Host array -> device tensor; on CUDA from pinned memory, without waiting for the GPU."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        """Host int array -> int64 device tensor; on CUDA from pinned memory, without waiting for the GPU
+        (int64 already on the host: a copy that also converts would stage through pageable memory)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
@@ -238,9 +245,8 @@ class Generator:
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, img_len) codes -> (B, H, W, 3) uint8 on the device, rounded as `uint8_from_tensor` does."""
-        images = self.vqgan.decode(codes)  # (B, 3, H, W) in [-1, 1], more or less
-        return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        """(B, img_len) codes -> (B, H, W, 3) uint8 on the device, as `config.pixel_rounding` says."""
+        return uint8_on_device(self.vqgan.decode(codes), self.config.pixel_rounding)  # decode: (B, 3, H, W)
 
     def pixels(self, codes: torch.Tensor) -> np.ndarray:
         """(B, img_len) codes -> (B, H, W, 3) uint8, decoding the given rows in one call."""

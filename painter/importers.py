@@ -1,7 +1,10 @@
 """Importers of foreign checkpoints into a painter model directory.
 
 - EasyNLP `pai-painter-*-zh`: `config.json` + `pytorch_model.bin` (`transformer.*` = the GPT,
-  `first_stage_model.*` = the VQGAN, `*.attn.mask` buffers that are not weights) + `vocab.txt`;
+  `first_stage_model.*` = the VQGAN, `*.attn.mask` buffers that are not weights) + `vocab.txt`
+  (+ `tokenizer_config.json`, whose `do_lower_case` & co. the tokenizer honours). What painter's GPT
+  cannot reproduce is refused, never dropped: a non-zero `n_unmasked` (a bidirectional prefix) and
+  attention-mask buffers that are not the plain causal mask;
 - taming-transformers VQGAN `last.ckpt` (weights under `state_dict`; `loss.*` ignored).
 
 Pickles load with `weights_only=True`; shapes are inferred from the tensors and every tensor must fit.
@@ -95,25 +98,53 @@ def _checked(module: torch.nn.Module, state: dict, source: str) -> dict:
     return state
 
 
-def _easynlp_n_head(src: str) -> int | None:
-    """EasyNLP's config.json may name the head count; absent or unreadable means 'infer it'."""
+def read_easynlp_config(src: str) -> dict:
+    """EasyNLP's config.json (ARTISTConfig fields), or {} when the directory has none."""
     path = posixpath.join(src, "config.json")
     fs = fsspec.core.url_to_fs(path)[0]
     if not fs.exists(path):
-        return None
+        return {}
     try:
         d = json.loads(read_bytes(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if d.get("n_unmasked"):
+        raise CheckpointError(
+            f"{path}: n_unmasked={d['n_unmasked']}: in this model the first {d['n_unmasked']} positions attend "
+            "to each other both ways, while painter's GPT is causal everywhere, so its pictures would differ; "
+            "such models cannot be imported")
+    return d
+
+
+def _easynlp_n_head(config: dict) -> int | None:
+    """The head count config.json names, if any (else it is inferred from the width)."""
     for key in ("n_head", "num_attention_heads", "n_heads"):
-        if isinstance(d.get(key), int):
-            return d[key]
+        if isinstance(config.get(key), int):
+            return config[key]
     return None
+
+
+def causal_mask(block_size: int) -> torch.Tensor:
+    """The reference's `attn.mask` buffer: (1, 1, T, T) lower-triangular ones (n_unmasked = 0)."""
+    return torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+
+
+def pop_causal_masks(gpt_state: dict, config: GPTConfig, source: str) -> None:
+    """Remove the `blocks.*.attn.mask` buffers, refusing any that is not the plain causal mask."""
+    expected = causal_mask(config.block_size)
+    for key in attention_mask_keys(config):
+        mask = gpt_state.pop(key, None)
+        if mask is not None and (mask.shape != expected.shape or not torch.equal(mask.float(), expected)):
+            raise CheckpointError(f"{source}: tensor 'transformer.{key}' is not the causal attention mask painter's "
+                                  "GPT applies (a non-zero n_unmasked, or an edited mask); cannot import it")
 
 
 def import_easynlp(src: str, dst: str, *, text_len: int = 32, resolution: int = 256,
                    n_head: int | None = None) -> str:
     """EasyNLP pai-painter directory -> painter model directory (GPT, VQGAN and vocab)."""
+    easynlp_config = read_easynlp_config(src)
     weights = posixpath.join(src, "pytorch_model.bin")
     state = read_torch_checkpoint(weights)
     gpt_state = split_prefixed(state, "transformer.")
@@ -123,13 +154,12 @@ def import_easynlp(src: str, dst: str, *, text_len: int = 32, resolution: int = 
         raise CheckpointError(f"{weights}: unexpected tensor {others[0]!r} ({len(others)} outside "
                               "transformer.* and first_stage_model.*)")
     try:  # shapes that contradict each other or the options (--text-len, --resolution, --n-head)
-        gpt_config = gpt_config_from_state(gpt_state, text_len, n_head or _easynlp_n_head(src))
+        gpt_config = gpt_config_from_state(gpt_state, text_len, n_head or _easynlp_n_head(easynlp_config))
         config = ModelConfig(gpt_config, vqgan_config_from_state(vqgan_state, resolution),
                              name=posixpath.basename(src.rstrip("/")))
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}") from None
-    for key in attention_mask_keys(gpt_config):
-        gpt_state.pop(key, None)
+    pop_causal_masks(gpt_state, gpt_config, weights)
     tokenizer = load_tokenizer(posixpath.join(src, "vocab.txt"), text_len)
     gpt = _checked(_meta(GPT, config.gpt), gpt_state, weights)
     vqgan = _checked(_meta(VQGAN, config.vqgan), vqgan_state, weights)

@@ -3,7 +3,11 @@
 This module owns
   * ``TextTokenizer`` -- BERT-style (bert-base-chinese compatible) WordPiece tokenization on the
     ``tokenizers`` library: clean + lowercase + strip accents, every CJK ideograph its own token,
-    punctuation split off, no [CLS]/[SEP], truncation/padding to a fixed ``text_len``;
+    punctuation split off, no [CLS]/[SEP] added, truncation/padding to a fixed ``text_len``. As in
+    EasyNLP's BertTokenizer, the special tokens [PAD], [UNK], [CLS], [SEP] and [MASK] typed into a
+    text (exactly so, case included) stay single tokens; and the normalisation settings of a
+    ``tokenizer_config.json`` beside ``vocab.txt`` (``do_lower_case``, ``strip_accents``,
+    ``tokenize_chinese_chars``) are honoured (``TokenizerSettings``);
   * ``default_vocab()`` -- a 21128-entry vocabulary the project generates itself (no download),
     sized and laid out like bert-base-chinese's ``vocab.txt`` so its ids fit the pai-painter text
     embedding: [PAD]=0, [unused1..99]=1..99, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103;
@@ -15,20 +19,24 @@ To reproduce a pai-painter checkpoint's text ids exactly, load that checkpoint's
 
 ``vocab_hash`` is the sha256 hex digest of ``"\\n".join(vocab).encode("utf-8")``: it depends only
 on the token list and its order (not on ``text_len`` or the file's trailing newline), so it can be
-stored next to a model to check that the same vocabulary is used at inference.
+stored next to a model to check that the same vocabulary is used at inference. Settings other than
+the defaults are appended to the hashed text (``"\\n#settings " + JSON``), since they change the ids.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import functools
 import hashlib
+import json
+import posixpath
 from typing import Iterable, Sequence
 
 import fsspec
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
@@ -38,6 +46,8 @@ UNK_TOKEN = "[UNK]"
 CLS_TOKEN = "[CLS]"
 SEP_TOKEN = "[SEP]"
 MASK_TOKEN = "[MASK]"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN)  # BertTokenizer's, kept whole
+SETTINGS_FILE = "tokenizer_config.json"  # beside vocab.txt, as in Hugging Face / EasyNLP directories
 
 DEFAULT_VOCAB_SIZE = 21128  # len(bert-base-chinese vocab.txt) == pai-painter text vocab size
 MAX_INPUT_CHARS_PER_WORD = 100
@@ -50,11 +60,29 @@ _CJK_UNICODE_1_1_LAST = 0x9FA5  # end of the original (Unicode 1.1 / GBK) ideogr
 _LEGACY_CHARSETS = ("gb2312", "big5hkscs", "cp932", "euc_kr")
 
 
-def _bert_normalizer() -> BertNormalizer:
-    # strip_accents=None: follow `lowercase`, exactly like BERT's uncased/Chinese models.
-    return BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
-    )
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings:
+    """BertTokenizer's normalisation switches (``tokenizer_config.json``); the defaults are bert-base-chinese's."""
+    do_lower_case: bool = True
+    strip_accents: bool | None = None  # None: follow do_lower_case, exactly like BERT
+    tokenize_chinese_chars: bool = True
+
+    @classmethod
+    def from_config(cls, d: dict, source: str = SETTINGS_FILE) -> "TokenizerSettings":
+        values = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        for name, value in values.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
+        return cls(**values)
+
+    @property
+    def is_default(self) -> bool:
+        return self == TokenizerSettings()
+
+
+def _bert_normalizer(settings: TokenizerSettings = TokenizerSettings()) -> BertNormalizer:
+    return BertNormalizer(clean_text=True, handle_chinese_chars=settings.tokenize_chinese_chars,
+                          strip_accents=settings.strip_accents, lowercase=settings.do_lower_case)
 
 
 def _in_any_legacy_charset(ch: str) -> bool:
@@ -136,6 +164,22 @@ def default_vocab() -> list[str]:
     return list(_default_vocab_tuple())
 
 
+def read_settings(vocab_path: str) -> TokenizerSettings:
+    """The ``tokenizer_config.json`` beside ``vocab_path``, or the defaults when there is none."""
+    path = posixpath.join(posixpath.dirname(str(vocab_path)), SETTINGS_FILE)
+    fs, stripped = fsspec.core.url_to_fs(path)
+    if not fs.exists(stripped):
+        return TokenizerSettings()
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return TokenizerSettings.from_config(d, path)
+
+
 def _read_vocab(path: str) -> list[str]:
     with fsspec.open(path, "r", encoding="utf-8") as f:
         text = f.read()
@@ -162,10 +206,10 @@ class TextTokenizer:
 
     ``encode`` returns exactly ``text_len`` ids: no [CLS]/[SEP], truncated to ``text_len``,
     padded with the vocabulary's own [PAD] id. The vocabulary must contain [PAD] and [UNK] and
-    no duplicates. Pickles as (vocab, text_len), so it can be shipped to Ray workers.
+    no duplicates. Pickles as (vocab, text_len, settings), so it can be shipped to Ray workers.
     """
 
-    def __init__(self, vocab: Sequence[str], text_len: int = 32):
+    def __init__(self, vocab: Sequence[str], text_len: int = 32, settings: TokenizerSettings | None = None):
         vocab = list(vocab)
         if text_len < 1:
             raise ValueError(f"text_len must be >= 1, got {text_len}")
@@ -178,19 +222,26 @@ class TextTokenizer:
                 raise ValueError(f"vocab must contain {required}")
         self._vocab = vocab
         self._text_len = int(text_len)
+        self._settings = settings or TokenizerSettings()
         self._pad_id = index[PAD_TOKEN]
         self._unk_id = index[UNK_TOKEN]
-        self._hash = hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
+        hashed = "\n".join(vocab)
+        if not self._settings.is_default:
+            hashed += "\n#settings " + json.dumps(dataclasses.asdict(self._settings), sort_keys=True)
+        self._hash = hashlib.sha256(hashed.encode("utf-8")).hexdigest()
         self._tokenizer = Tokenizer(
             WordPiece(index, unk_token=UNK_TOKEN, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
         )
-        self._tokenizer.normalizer = _bert_normalizer()
+        self._tokenizer.normalizer = _bert_normalizer(self._settings)
         self._tokenizer.pre_tokenizer = BertPreTokenizer()
+        self._tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                            for t in SPECIAL_TOKENS if t in index])
 
     @classmethod
     def from_file(cls, path: str, text_len: int = 32) -> "TextTokenizer":
-        """Load a BERT ``vocab.txt`` (one token per line, id = line number; fsspec path/URL)."""
-        return cls(_read_vocab(str(path)), text_len=text_len)
+        """Load a BERT ``vocab.txt`` (one token per line, id = line number; fsspec path/URL), with the
+        settings of a ``tokenizer_config.json`` beside it."""
+        return cls(_read_vocab(str(path)), text_len=text_len, settings=read_settings(str(path)))
 
     @classmethod
     def default(cls, text_len: int = 32) -> "TextTokenizer":
@@ -198,12 +249,21 @@ class TextTokenizer:
         return cls(_default_vocab_tuple(), text_len=text_len)
 
     def save(self, path: str) -> None:
-        """Write the vocabulary as ``vocab.txt`` (one token per line, trailing newline)."""
+        """Write the vocabulary as ``vocab.txt`` (one token per line, trailing newline), and settings
+        other than the defaults as ``tokenizer_config.json`` beside it (a stale one is removed)."""
         with fsspec.open(str(path), "w", encoding="utf-8") as f:
             f.write("\n".join(self._vocab) + "\n")
+        settings_path = posixpath.join(posixpath.dirname(str(path)), SETTINGS_FILE)
+        if not self._settings.is_default:
+            with fsspec.open(settings_path, "w", encoding="utf-8") as f:
+                json.dump(dataclasses.asdict(self._settings), f)
+            return
+        fs, stripped = fsspec.core.url_to_fs(settings_path)
+        if fs.exists(stripped):
+            fs.rm(stripped)
 
     def __reduce__(self):
-        return (type(self), (self._vocab, self._text_len))
+        return (type(self), (self._vocab, self._text_len, self._settings))
 
     def __repr__(self) -> str:
         return (
@@ -226,6 +286,10 @@ class TextTokenizer:
     @property
     def unk_id(self) -> int:
         return self._unk_id
+
+    @property
+    def settings(self) -> TokenizerSettings:
+        return self._settings
 
     @property
     def vocab(self) -> list[str]:

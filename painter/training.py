@@ -5,12 +5,18 @@ weight-decay groups), `lr_at` (linear warm-up then cosine decay, a pure function
 `corrupt_tokens` (the reference's pkeep: input image tokens replaced by random codes, targets kept
 clean), `GPTLoss` (the GPT's loss as a module's forward, so DDP's gradient hooks see it) and
 `train_step` (gradient accumulation, clipping, grad norm, bf16 autocast on CUDA / fp32 on CPU).
+The GPU path's choices live here too: fused AdamW and `torch.compile` per device (`use_fused_adamw`,
+`use_compile`, `compile_model`), batches copied ahead to the device (`prefetch_to_device`), and the
+training FLOPs per token and bf16 peaks behind the model FLOPs utilisation (`train_flops_per_token`,
+`peak_bf16_tflops`, `mfu`).
 No Ray and no I/O: the train stage (`painter.stages.train`) drives these on every worker.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +38,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still measured)
     pkeep: float = 1.0  # probability that an input image token is kept (1: no corruption)
     grad_accum: int = 1  # micro-batches per optimizer step
+    compile: bool | None = None  # torch.compile the model; None: per device (`use_compile`)
 
     def __post_init__(self):
         if not 0.0 <= self.pkeep <= 1.0:
@@ -55,9 +62,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [params[n] for n in sorted(no_decay)], "weight_decay": 0.0}]
 
 
+def use_fused_adamw(device: torch.device) -> bool:
+    """Fused AdamW (one kernel for all parameters) on CUDA; the plain for-each one on CPU, where the fused
+    kernel is no faster and the for-each one is what every CPU test and checkpoint was made with."""
+    return torch.device(device).type == "cuda"
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; its lr is set by `train_step` from `lr_at` every step."""
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    """AdamW over `param_groups` (fused where the parameters are on CUDA); `train_step` sets its lr."""
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                             fused=use_fused_adamw(device) or None)
+
+
+def use_compile(device: torch.device, requested: bool | None = None) -> bool:
+    """Whether to `torch.compile` the training model: as requested, else on CUDA only. On a CPU the
+    compile takes longer than the small models it would speed up train, and needs a C++ compiler."""
+    return torch.device(device).type == "cuda" if requested is None else requested
+
+
+def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile(model)` (fixed shapes: every training micro-batch has the same size) or the model.
+
+    The compiled wrapper shares the model's parameters, so optimizer, checkpoints and DDP's `no_sync`
+    (reached through the wrapper) work as before; compilation happens at the first step."""
+    return torch.compile(model, dynamic=False) if enabled else model
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -68,6 +97,43 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.warmup_steps) / span)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def prefetch_to_device(batches: Iterable[tuple], device: torch.device, depth: int = 2) -> Iterator[tuple]:
+    """The same tuples, in order, their tensors on `device` (other items, e.g. row ids, pass as they are).
+
+    On CUDA each tensor is pinned and copied `depth` batches ahead on a side stream (non_blocking), so the
+    copies overlap the steps instead of stalling them. Elsewhere (CPU) the tensors are moved with
+    `.to(device)` as the batches come, nothing read ahead (a no-op for CPU tensors).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        for batch in batches:
+            yield _map_tensors(batch, lambda t: t.to(device))
+        return
+    stream = torch.cuda.Stream(device)
+    ahead: collections.deque = collections.deque()  # (batch on the device, event after its copies)
+    source = iter(batches)
+    while True:
+        while len(ahead) < depth and (batch := next(source, None)) is not None:
+            with torch.cuda.stream(stream):
+                moved = _map_tensors(batch, lambda t: t.pin_memory().to(device, non_blocking=True))
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            ahead.append((moved, copied))
+        if not ahead:
+            return
+        batch, copied = ahead.popleft()
+        current = torch.cuda.current_stream(device)
+        current.wait_event(copied)  # the step's kernels start after this batch's copies, not the later ones
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                item.record_stream(current)  # in use on the compute stream from here on (for the allocator)
+        yield batch
+
+
+def _map_tensors(batch: tuple, fn) -> tuple:
+    return tuple(fn(item) if isinstance(item, torch.Tensor) else item for item in batch)
 
 
 def corrupt_tokens(codes: torch.Tensor, pkeep: float, vocab_size: int,
@@ -150,3 +216,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     return StepResult(loss=total, grad_norm=grad_norm.detach(), lr=lr, rows=rows)
+
+
+# Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of `torch.cuda.get_device_name`; the first
+# match wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "H200": 989.0, "B200": 2250.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known GPU (None on CPU or an unknown GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def train_flops_per_token(gpt: GPT) -> int:
+    """Training FLOPs per token: forward + backward = 3 x `GPT.flops_per_token` (the 6N rule + attention)."""
+    return 3 * gpt.flops_per_token()
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_tflops: float | None, devices: int = 1
+        ) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' bf16 peak (None without a peak)."""
+    if not peak_tflops:
+        return None
+    return flops_per_token * tokens_per_second / (peak_tflops * 1e12 * devices)

@@ -39,12 +39,33 @@ def s3_server():
     Yields `storage_options` for fsspec/s3fs; the same endpoint and dummy credentials are also put
     in the usual AWS environment variables so code that reads only the environment works too.
     """
-    from moto.server import ThreadedMotoServer
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    # A process of its own, not moto's in-process thread: delta-rs holds the GIL while it waits for
+    # S3, so a server thread in this process would never answer the Delta commits of the driver.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:  # wait until it answers
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except urllib.error.HTTPError:  # an HTTP answer of any kind: it is up
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
@@ -57,7 +78,8 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture()

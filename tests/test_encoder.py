@@ -1,4 +1,5 @@
-"""Tests of painter.encoder without Ray: prepare_batch's per-row reasons and ImageEncoder's token rows."""
+"""Tests of painter.encoder without Ray: prepare_batch's per-row reasons and ImageEncoder's token rows; the
+encode loop's device choices (painter.vq_encode) and the reduced-size decoding of large JPEGs."""
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,9 @@ from PIL import Image
 
 from painter.checkpoint import load_model
 from painter.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
-from painter.io.images import preprocess
+from painter.io.images import fit_square, load_image, prepare_pixels, preprocess, to_model_input
 from painter.io.tables import REASON, ROW, SOURCE
+from painter.vq_encode import default_max_batch, model_input, scale_channels_last
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,56 @@ def test_wrong_pixel_size_is_a_bug_not_a_row(encoder):
 def test_loaded_model_without_vqgan_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="VQGAN"):
         ImageEncoder(load_model(tiny_model_dir, parts=()))
+
+
+def test_default_batch_per_device_and_the_cpu_input_is_the_reference_one(loaded, encoder):
+    assert default_max_batch(torch.device("cuda")) == 256 and default_max_batch(torch.device("cpu")) is None
+    assert encoder.device.type == "cpu" and encoder.max_batch is None  # the whole batch at once on a CPU
+    assert ImageEncoder(loaded, max_batch=5).max_batch == 5
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    x = model_input(pixels, torch.device("cpu"))
+    assert x.is_contiguous() and torch.equal(x, torch.from_numpy(to_model_input(pixels)))
+
+
+def test_the_gpu_scaling_gives_channels_last_model_input():
+    """The CUDA path's arithmetic and layout, run on CPU tensors: uint8 NHWC -> channels_last floats."""
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
+    x = scale_channels_last(torch.from_numpy(pixels))
+    assert x.shape == (2, 3, 6, 5) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, torch.from_numpy(to_model_input(pixels)), rtol=0, atol=1e-6)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A photo-like JPEG (smooth colours plus noise), which is what reduced-scale decoding is for."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([np.sin(x * rng.uniform(2, 9) + y * 3 + c) for c in rng.uniform(0, 6, 3)], axis=-1)
+    pixels = np.clip((base * 0.5 + 0.5) * 255 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_decodes_reduced_but_at_least_twice_the_target():
+    data = jpeg(1024, 768)
+    # shorter side 768 >= 4 x 32: libjpeg's 1/8 scale still leaves 96 >= 2 x 32 rows
+    assert load_image(data, size=32).size == (128, 96)
+    assert load_image(data, size=96).size == (256, 192)  # 1/4: 192 >= 2 x 96
+    assert load_image(data, size=200).size == (1024, 768)  # 768 < 4 x 200: full size
+    assert load_image(data).size == (1024, 768)  # no target: full size
+    reduced, reason = prepare_pixels(base64.b64encode(data).decode(), 32)
+    full = fit_square(load_image(data), 32)
+    assert reason is None and reduced.shape == full.shape == (32, 32, 3)
+    diff = np.abs(reduced.astype(int) - full)
+    assert diff.mean() < 1.0 and diff.max() <= 12  # measured 0.4 and 3 on such images
+
+
+def test_small_jpegs_and_other_formats_decode_exactly_as_before():
+    for data in (jpeg(127, 200, 1), jpeg(100, 100, 2)):  # shorter side below 4 x 32: no reduction
+        pixels, _ = prepare_pixels(data, 32, is_base64=False)
+        assert np.array_equal(pixels, fit_square(load_image(data), 32))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((400, 300, 3), np.uint8)).save(buf, "PNG")
+    assert load_image(buf.getvalue(), size=32).size == (300, 400)  # only JPEG decoders can reduce

@@ -8,7 +8,7 @@ from painter.engine import DecodeEngine, Steering
 from painter.models.gpt import GPT
 from painter.sampling import (SamplingConfig, choose_codes, reference_generate, row_keys, sample_codes, uniform_noise,
                               uniform_noise_at)
-from test_sampling import keys_for, sharp_model, text_batch
+from sampling_helpers import keys_for, sharp_model, text_batch
 
 SAMPLINGS = [SamplingConfig(top_k=1), SamplingConfig(temperature=0.0, top_k=None),
              SamplingConfig(temperature=1.0, top_k=50), SamplingConfig(temperature=1.0, top_k=50, top_p=0.9),

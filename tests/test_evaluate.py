@@ -15,7 +15,7 @@ from painter import cli, synthetic
 from painter import evaluate as ev
 from painter.checkpoint import load_model
 from painter.errors import InputError
-from painter.io import output as out
+from painter.io.output_table import OutputTable
 from painter.io.images import encode_image, open_image
 from painter.stages import evaluate as stage
 from painter.stages.evaluate import Options
@@ -294,11 +294,13 @@ def test_random_tiny_model_is_near_chance_and_vqgan_reconstruction(tiny_model_di
 
 
 def _commit(root: str, date: str, rows: list[tuple[str, str, bytes]]) -> None:
-    table = out.OutputTable(root, date)
+    """Rows committed to a generate output table as the generate job does (data files, then a Delta commit)."""
+    table = OutputTable(root)
     n = len(rows)
     data = pa.table({"idx": [r[0] for r in rows], "text": [r[1] for r in rows], "sample": [0] * n, "seed": [0] * n,
-                     "png": pa.array([r[2] for r in rows], pa.binary()), "model": ["m"] * n})
-    table.commit(table.stage(data, "run1", [], "sig"), "run1")
+                     "image": pa.array([r[2] for r in rows], pa.binary()), "model": ["m"] * n, "run_date": [date] * n})
+    table.ensure(data.schema, ["run_date"])
+    table.commit(table.write_files(data, ["run_date"], f"b-{date}"), date, data.schema, ["run_date"], "run1")
 
 
 def test_scores_a_generate_output_table(tmp_path):

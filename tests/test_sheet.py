@@ -96,3 +96,31 @@ def test_gallery_escapes_captions_and_inlines_images():
     assert "<script>" not in page and "&lt;script&gt;" in page and "宽松&amp;T恤" in page
     assert "&lt;b&gt;1&lt;/b&gt;" in page and "<title>night &lt;1&gt;</title>" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 1 and 'charset="utf-8"' in page
+
+
+def _size(rows) -> tuple[int, int]:
+    return Image.open(io.BytesIO(sheet.contact_sheet(rows, sheet.find_caption_font()))).size
+
+
+def test_one_sample_per_prompt_fills_a_near_square_grid():
+    """16 prompts x 1 sample: a 4x4 grid, no more than twice as tall as wide (not one tall column)."""
+    width, height = _size(_rows(16, 1))
+    assert height <= 2 * width, (width, height)
+    assert width == 8 + 4 * (128 + 8)  # 4 columns of 128 px cells (32 px images enlarged 4x)
+    assert [len(row) for row in sheet.layout(_rows(16, 1))] == [4, 4, 4, 4]
+    assert [len(row) for row in sheet.layout(_rows(5, 1))] == [3, 2]
+
+
+def test_prompts_are_rows_and_samples_are_columns():
+    """4 prompts x 4 samples: a 4x4 grid whose row r holds prompt r's samples in order."""
+    rows = _rows(4, 4)
+    assert sheet.layout(rows) is rows
+    image = Image.open(io.BytesIO(sheet.contact_sheet(rows, sheet.find_caption_font())))
+    one_row = Image.open(io.BytesIO(sheet.contact_sheet(_rows(1, 4), sheet.find_caption_font())))
+    assert image.width == one_row.width == 8 + 4 * (128 + 8)
+    row_height = one_row.height - 8
+    assert image.height == 8 + 4 * row_height
+    for p in range(4):
+        for s in range(4):  # the centre of cell (p, s) is prompt p's sample s
+            centre = (8 + s * (128 + 8) + 64, 8 + p * row_height + 64)
+            assert image.getpixel(centre) == (40 * p, 80, 40 * s)

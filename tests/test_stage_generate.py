@@ -1,4 +1,7 @@
-"""The generate job on a real local Ray: counts, rejected prompts, safe partitions, reruns, S3."""
+"""The generate job on a real local Ray: counts, rejected prompts, safe partitions, reruns, S3.
+
+The Delta table's exactly-once guarantees under kills, concurrent runs and polling readers are in
+tests/test_output_delta.py."""
 from __future__ import annotations
 
 import json
@@ -10,7 +13,7 @@ import pytest
 
 from painter import cli
 from painter.errors import InputError
-from painter.io import output as out
+from painter.io.output_table import OutputTable
 from painter.io.images import open_image
 from painter.stages import generate
 from painter.stages.generate import Options, run
@@ -36,7 +39,7 @@ def _options(tiny_model_dir, inputs, output, **kwargs) -> Options:
 
 
 def _committed(output, storage_options=None) -> list[dict]:
-    return out.OutputTable(output, DATE, storage_options).read().to_pylist()
+    return OutputTable(output, storage_options).read(DATE).to_pylist()
 
 
 def _pairs(rows) -> list[tuple[str, int]]:
@@ -69,15 +72,15 @@ def test_generate_end_to_end_through_the_cli(ray_session, tiny_model_dir, tmp_pa
     rows = _committed(output)
     assert _pairs(rows) == sorted((i, s) for i in [g[0] for g in good] + ["long"] for s in range(2))
     assert {r["category"] for r in rows} == {None if v == "" else v for v in hostile} | {"c"}
-    assert all(open_image(r["png"]).size == (32, 32) for r in rows)
+    assert all(open_image(r["image"]).size == (32, 32) and r["image_format"] == "png" for r in rows)
     assert {r["seed"] for r in rows} == {0} and all(r["created_at"] is not None for r in rows)
     date_dir = os.path.join(output, f"run_date={DATE}")  # nothing escaped its folder:
     for folder, _, files in os.walk(date_dir):
         assert files == [] or (os.path.dirname(folder) == date_dir and "category=" in folder), folder
-    assert sorted(os.listdir(output)) == ["_rejected", "_runs", "_sheets", "_staging", f"run_date={DATE}"]
+    assert sorted(os.listdir(output)) == ["_delta_log", "_logs", "_rejected", "_runs", "_sheets", f"run_date={DATE}"]
     assert sorted(os.listdir(tmp_path)) == ["gen.tsv", "out", "prompts.tsv"]
     assert os.path.exists(summary["contact_sheet"]) and os.path.exists(summary["gallery"])
-    assert summary["tsv_lines"] == 18 and not os.listdir(os.path.join(output, "_staging", f"run_date={DATE}"))
+    assert summary["tsv_lines"] == 9
 
     rerun = run(_options(tiny_model_dir, [inputs], output, samples=2, partition_by=["category"],
                          max_error_rate=0.5))
@@ -93,53 +96,32 @@ def test_images_do_not_depend_on_batch_size_or_run(ray_session, tiny_model_dir, 
         output = str(tmp_path / f"out{batch_size}")
         summary = run(_options(tiny_model_dir, [inputs], output, samples=2, batch_size=batch_size, seed=3))
         assert summary["images_out"] == 10
-        images.append({(r["idx"], r["sample"]): r["png"] for r in _committed(output)})
+        images.append({(r["idx"], r["sample"]): r["image"] for r in _committed(output)})
     assert images[0] == images[1] and len(set(images[0].values())) == 10
 
 
 @pytest.mark.slow
-def test_a_killed_run_is_completed_by_the_rerun_exactly_once(ray_session, tiny_model_dir, tmp_path, monkeypatch):
-    inputs = _tsv(tmp_path / "p.tsv", _prompts(6))
-    output = str(tmp_path / "out")
-    options = _options(tiny_model_dir, [inputs], output, samples=2, batch_size=2, partition_by=["category"])
-    monkeypatch.setenv(generate.FAIL_AFTER_ENV, "2")
-    with pytest.raises(Exception, match=generate.FAIL_AFTER_ENV):
-        run(options)
-    assert _committed(output) == []  # nothing half-done is visible
-    monkeypatch.delenv(generate.FAIL_AFTER_ENV)
-
-    rerun = run(options)
-    assert rerun["recovered_from_staging"] == 4  # the two batches staged before the crash
-    assert rerun["images_out"] == 8 and rerun["skipped_already_done"] == 0
-    rows = _committed(output)
-    assert _pairs(rows) == sorted((f"p{i}", s) for i in range(6) for s in range(2))  # each exactly once
-
-    again = run(options)
-    assert (again["images_out"], again["skipped_already_done"], again["recovered_from_staging"]) == (0, 12, 0)
-    assert len(_committed(output)) == 12
-
-
-@pytest.mark.slow
-def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket):
+def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket, monkeypatch):
     bucket, storage_options = s3_bucket
     local = _tsv(tmp_path / "p.tsv", _prompts(3))
     table = pa.table({"idx": [100, 101], "text": ["蓝色牛仔裤", "白色衬衫"], "category": ["a/b", "hats"],
                       "shop": [7, 8]})  # an integer idx, read as text
-    remote = out.OutputTable(f"s3://{bucket}/unused", DATE, storage_options)
+    remote = OutputTable(f"s3://{bucket}/unused", storage_options)
     with remote.fs.open(f"{bucket}/in/prompts.parquet", "wb") as f:
         pq.write_table(table, f)
     output = f"s3://{bucket}/gen"
+    monkeypatch.setenv("PAINTER_TEST_S3", json.dumps(storage_options))  # credentials are refused inline
     summary = run(_options(tiny_model_dir, [local, f"s3://{bucket}/in/"], output, partition_by=["category"],
-                           storage_options=json.dumps(storage_options), contact_sheet=True))
+                           storage_options="env:PAINTER_TEST_S3", contact_sheet=True))
     assert summary["images_out"] == 5 and summary["rows_rejected"] == 0
     assert "testing" not in json.dumps(summary)  # credentials never reach the summary
     rows = _committed(output, storage_options)
     assert _pairs(rows) == [("100", 0), ("101", 0), ("p0", 0), ("p1", 0), ("p2", 0)]
     assert {r["shop"] for r in rows if r["idx"].startswith("10")} == {7, 8}  # Parquet columns pass through
     keys = remote.fs.find(f"{bucket}/gen")
-    assert f"{bucket}/gen/run_date={DATE}/category=a%2Fb/_SUCCESS" in keys
+    assert f"{bucket}/gen/_delta_log/00000000000000000001.json" in keys
+    assert any(k.startswith(f"{bucket}/gen/run_date={DATE}/category=a%2Fb/part-") for k in keys)
     assert f"{bucket}/gen/_sheets/run_date={DATE}/contact_sheet.png" in keys
-    assert not [k for k in keys if "/_staging/" in k]
     # without --storage-options, credentials and endpoint come from the AWS environment of each process
     # (here only the driver's: the shared Ray workers started before the moto fixture set it)
     rerun = run(_options(tiny_model_dir, [local], output, partition_by=["category"]))
@@ -175,7 +157,7 @@ def test_validation_and_expansion_without_ray():
     assert prompts.accepted.column("idx").to_pylist() == ["1", "2"] and prompts.dropped_columns == ["seed"]
     assert [r["reason"] for r in prompts.rejected.to_pylist()] == [
         "duplicate idx (first at f row 2)", "missing idx", "empty text"]
-    todo, skipped, recovered = generate.expand_samples(prompts.accepted, 3, {("1", 0)}, {("2", 2)})
+    todo, skipped = generate.expand_samples(prompts.accepted, 3, {("1", 0), ("2", 2)})
     assert list(zip(todo.column("idx").to_pylist(), todo.column("sample").to_pylist())) == [
         ("1", 1), ("1", 2), ("2", 0), ("2", 1)]
-    assert (skipped, recovered) == (1, 1)
+    assert skipped == 2

@@ -212,13 +212,14 @@ def test_local_run_counts_reasons_and_tokens(local_run, corpus, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_s3_run_gives_the_same_shards(local_run, corpus, tiny_model_dir, s3_bucket):
+def test_s3_run_gives_the_same_shards(local_run, corpus, tiny_model_dir, s3_bucket, monkeypatch):
     _, _, output = local_run
     bucket, storage = s3_bucket
     fs, _ = url_to_fs(f"s3://{bucket}", storage)
     fs.put(str(corpus.root) + "/", f"{bucket}/corpus/", recursive=True)
+    monkeypatch.setenv("PAINTER_TEST_S3", json.dumps(storage))  # credentials are refused inline
     code, summary = run_cli(*job_args(f"s3://{bucket}/corpus/", tiny_model_dir, f"s3://{bucket}/tokens",
-                                      "--max-error-rate", "1", "--storage-options", json.dumps(storage)))
+                                      "--max-error-rate", "1", "--storage-options", "env:PAINTER_TEST_S3"))
     assert code == 0 and summary["status"] == "succeeded", summary
     assert "testing" not in json.dumps(summary)  # no credentials in what is printed
     local, _, _ = read_parquet_dir(output)

@@ -1,4 +1,5 @@
-"""Unit tests of painter.training: optimizer groups, lr schedule, pkeep corruption, train_step."""
+"""Unit tests of painter.training: optimizer groups, lr schedule, pkeep corruption, train_step, and the GPU
+path's per-device choices (fused AdamW, torch.compile), the device prefetcher and the MFU arithmetic."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,9 @@ import torch
 
 from painter.checkpoint import preset_config
 from painter.models.gpt import GPT
-from painter.training import (GPTLoss, TrainConfig, corrupt_tokens, lr_at, make_optimizer, param_groups,
-                              train_step)
+from painter.training import (PEAK_BF16_TFLOPS, GPTLoss, TrainConfig, compile_model, corrupt_tokens, lr_at,
+                              make_optimizer, mfu, param_groups, peak_bf16_tflops, prefetch_to_device,
+                              train_flops_per_token, train_step, use_compile, use_fused_adamw)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,3 +137,48 @@ def test_pkeep_corrupts_inputs_but_scores_clean_targets(gpt):
                         generator=torch.Generator().manual_seed(0))
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert result.loss.item() != pytest.approx(clean.item(), rel=1e-6)
+
+
+def test_fused_adamw_and_compile_are_chosen_per_device(gpt):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_fused_adamw(cuda) and not use_fused_adamw(cpu)
+    assert use_compile(cuda) and not use_compile(cpu)  # the defaults: a GPU compiles, a CPU does not
+    assert use_compile(cpu, True) and not use_compile(cuda, False)  # an explicit choice wins
+    optimizer = make_optimizer(gpt, TrainConfig())  # parameters on the CPU: the for-each AdamW
+    assert not optimizer.defaults["fused"]
+    model = GPTLoss(gpt)
+    assert compile_model(model, False) is model
+    assert TrainConfig().compile is None
+
+
+def test_prefetcher_yields_the_same_batches_in_order(gpt):
+    batches = [(*_batch(gpt, 3, seed), [f"row-{seed}"]) for seed in range(5)]  # row ids pass through as they are
+    taken = []
+
+    def source():
+        for batch in batches:
+            taken.append(batch)
+            yield batch
+
+    prefetched = prefetch_to_device(source(), torch.device("cpu"))
+    first = next(prefetched)
+    assert len(taken) == 1  # lazy: nothing is read far ahead of the step on a CPU
+    out = [first, *prefetched]
+    assert len(out) == len(batches)
+    for got, want in zip(out, batches):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    assert list(prefetch_to_device(iter([]), "cpu")) == []
+
+
+def test_mfu_is_training_flops_over_the_devices_peak(gpt):
+    flops = train_flops_per_token(gpt)
+    assert flops == 3 * gpt.flops_per_token() > 0
+    assert mfu(flops, 1000.0, None) is None  # no known peak: no figure
+    assert mfu(6e9, 50_000.0, 1000.0) == pytest.approx(0.3)  # 3e14 FLOP/s of 1e15
+    assert mfu(6e9, 50_000.0, 1000.0, devices=2) == pytest.approx(0.15)
+    assert peak_bf16_tflops(torch.device("cpu")) is None
+    assert PEAK_BF16_TFLOPS["H100"] == PEAK_BF16_TFLOPS["H200"] == 989.0
+    # the first matching key wins: the more specific names must come before the names they contain
+    keys = list(PEAK_BF16_TFLOPS)
+    for i, key in enumerate(keys):
+        assert not any(key in later and key != later for later in keys[i + 1:]), key

@@ -1,7 +1,8 @@
 """Contact sheets and static HTML galleries of generated images, for people to look at.
 
 A contact sheet is one PNG grid: one row per prompt, one column per sample, a caption (idx, sample,
-text) under every image. Captions are Chinese, so the font matters: `find_caption_font` takes
+text) under every image; with one sample per prompt the prompts fill a near-square grid instead of one
+tall column (`layout`). Images smaller than the cell are enlarged by a whole factor, nearest-neighbour. Captions are Chinese, so the font matters: `find_caption_font` takes
 `--font PATH` when given, else looks for a font that really draws CJK glyphs (fontconfig's
 `fc-list :lang=zh`, the usual font folders, the `noto-cjk-sans-otc` Python package) and, when none
 is found, falls back to Pillow's built-in font and says so in its `note` (the job puts it in its
@@ -14,6 +15,7 @@ import glob
 import html
 import importlib.util
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -158,11 +160,22 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     return lines
 
 
+def layout(rows: list[list[SheetItem]]) -> list[list[SheetItem]]:
+    """The grid's rows: prompts as rows and samples as columns, or, when every prompt has one sample,
+    the prompts in reading order on a near-square grid (ceil(sqrt(n)) columns)."""
+    if len(rows) > 1 and all(len(row) == 1 for row in rows):
+        items = [row[0] for row in rows]
+        columns = math.ceil(math.sqrt(len(items)))
+        return [items[i:i + columns] for i in range(0, len(items), columns)]
+    return rows
+
+
 def contact_sheet(rows: list[list[SheetItem]], font: CaptionFont, *, min_cell: int = 128,
-                  font_size: int = 14, text_lines: int = 2) -> bytes:
-    """One PNG grid: a row per prompt (its samples side by side), a caption under each image."""
+                  font_size: int = 15, text_lines: int = 2) -> bytes:
+    """One PNG grid (see `layout`), a caption under each image."""
     if not rows or not any(rows):
         raise ValueError("a contact sheet needs at least one image")
+    rows = layout(rows)
     images = [[open_image(item.image).convert("RGB") for item in row] for row in rows]
     width = max(im.width for row in images for im in row)
     scale = max(1, -(-min_cell // width))  # small images are enlarged by a whole factor, never blurred
@@ -179,6 +192,7 @@ def contact_sheet(rows: list[list[SheetItem]], font: CaptionFont, *, min_cell: i
         for c, (item, image) in enumerate(zip(row, row_images)):
             left = pad + c * (cell + pad)
             sheet.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (left, top))
+            draw.rectangle([left - 1, top - 1, left + cell, top + cell], outline=(200, 200, 200))  # white scenes' edge
             lines = _wrap(f"{item.idx} · #{item.sample}", face, cell, 1) + _wrap(item.text, face, cell, text_lines)
             for k, line in enumerate(lines):
                 draw.text((left, top + cell + 3 + k * line_height), line, fill=(20, 20, 20), font=face)
@@ -191,7 +205,7 @@ def gallery_html(rows: list[list[SheetItem]], title: str, image_format: str = "p
     """A self-contained HTML page: images inline (data: URLs), every caption HTML-escaped."""
     mime = MIME[image_format]
     figures = []
-    for row in rows:
+    for row in layout(rows):
         cells = []
         for item in row:
             data = base64.b64encode(item.image).decode("ascii")
@@ -199,7 +213,7 @@ def gallery_html(rows: list[list[SheetItem]], title: str, image_format: str = "p
                          f"<figcaption><b>{html.escape(item.idx)}</b> #{item.sample}<br>"
                          f"{html.escape(item.text)}</figcaption></figure>")
         figures.append(f'<div class="row">{"".join(cells)}</div>')
-    style = ("body{font-family:sans-serif;margin:16px}.row{display:flex;gap:12px;margin-bottom:12px}"
+    style = ("body{font-family:sans-serif;margin:16px}.row{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:12px}"
              "figure{margin:0;width:160px}img{width:160px;image-rendering:pixelated}"
              "figcaption{font-size:13px;word-break:break-all}")
     return (f'<!DOCTYPE html>\n<html lang="zh"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 
 import fsspec
 
-from painter import synthetic
+from painter import logs, synthetic
 from painter.checkpoint import bundled_model_dir, new_model
 from painter.errors import InputError
 from painter.options import option
 from painter.text import TextTokenizer
+
+log = logs.get("demo")
+SCORES = ("colour_shape", "colour", "shape", "background", "size", "position")
 
 
 @dataclass(kw_only=True)
@@ -34,7 +37,8 @@ class Options:
     base_model: str | None = option(None, "model directory whose VQGAN and vocab to use (default: the bundled model)")
     train_vq_steps: int = option(0, "train a fresh VQGAN for this many steps first (0: reuse the base model's)")
     preset: str = option("demo", "shape of the GPT trained from scratch")
-    steps: int = option(1000, "GPT optimizer steps")
+    steps: int = option(700, "GPT optimizer steps (700 fit the demo in 5 minutes on a slow 2-core machine: "
+                              "~0.32 s a step there with the shards in memory)")
     batch_size: int = option(64, "GPT training batch size per worker")
     lr: float = option(5e-3, "GPT peak learning rate (high: the demo has minutes, not hours)")
     dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
@@ -52,18 +56,17 @@ class Options:
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
-def _step(name: str, options, log: dict) -> dict:
+def _step(name: str, options, steps: dict) -> dict:
     """Run one job in-process (as `painter <name>` would) and keep its summary."""
     from painter.cli import run_command
 
     start = time.time()
-    print(f"[demo] {name} ...", flush=True)
     summary = run_command(name, options)
     failed = summary.get("_failed")
-    log[name] = {"seconds": round(time.time() - start, 1), **summary}
+    steps[name] = {"seconds": round(time.time() - start, 1), **summary}
     if failed:
         raise InputError(f"demo step {name} failed: {failed}")
-    print(f"[demo] {name} done in {log[name]['seconds']} s", flush=True)
+    log.info(f"{name} done in {steps[name]['seconds']} s")
     return summary
 
 
@@ -90,7 +93,7 @@ def _corpus(o: Options, out: str) -> tuple[str, str]:
     return corpus, held_out_path
 
 
-def _vqgan_model(o: Options, out: str, corpus: str, log: dict) -> str:
+def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     """The model directory whose VQGAN tokenizes the corpus: trained now, given, or bundled."""
     if o.train_vq_steps <= 0:  # an absolute path: the Ray workers run in other folders
         return _absolute(o.base_model) if o.base_model else bundled_model_dir()
@@ -104,7 +107,7 @@ def _vqgan_model(o: Options, out: str, corpus: str, log: dict) -> str:
         input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
         workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
         checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}",
-        threads_per_worker=_threads(o)), log)
+        threads_per_worker=_threads(o)), steps)
     return vq_out
 
 
@@ -114,36 +117,51 @@ def run(o: Options) -> dict:
     if o.fine_tune and o.dropout:
         raise InputError("--dropout goes with a fresh GPT; --fine-tune keeps the base model's dropout")
     out = _absolute(o.output)
-    log: dict = {}
+    steps: dict = {}
     start = time.time()
     corpus, held_out = _corpus(o, out)
-    print(f"[demo] corpus: {o.rows} images in {corpus}, {o.hold_out} captions held out", flush=True)
-    base = _vqgan_model(o, out, corpus, log)
+    log.info(f"corpus: {o.rows} images in {corpus}, {o.hold_out} captions held out")
+    base = _vqgan_model(o, out, corpus, steps)
     tokens, model = posixpath.join(out, "tokens"), posixpath.join(out, "model")
-    _step("tokenize", tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), log)
-    start = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
+    _step("tokenize", tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), steps)
+    init = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
     _step("train", train.Options(
-        data=[tokens], **start, output=model, run_dir=posixpath.join(out, "runs"),
+        data=[tokens], **init, output=model, run_dir=posixpath.join(out, "runs"),
         name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
         lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
-        null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), log)
+        null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
                                        samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed,
-                                       guidance=o.guidance, candidates=o.candidates), log)
+                                       guidance=o.guidance, candidates=o.candidates, gallery=True), steps)
     evaluation = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
                                                 top_k=o.top_k, seed=o.seed, guidance=o.guidance,
-                                                candidates=o.candidates, output=posixpath.join(out, "eval")), log)
+                                                candidates=o.candidates, output=posixpath.join(out, "eval")), steps)
     scores = evaluation.get("caption_accuracy", {})
-    return {
-        "model": model, "contact_sheet": log["generate"].get("contact_sheet"),
-        "evaluation_sheet": evaluation.get("contact_sheet"),
+    summary = {
+        "model": model, "contact_sheet": steps["generate"].get("contact_sheet"), "gallery": steps["generate"].get("gallery"),
+        "evaluation_sheet": evaluation.get("contact_sheet"), "loss_curve": steps["train"].get("loss_curve"),
         "caption_accuracy": {k: scores.get(k) for k in ("n", "colour_shape", "all", "shape", "colour",
                                                          "background", "size", "position")},
-        "chance": scores.get("chance"), "final_loss": log["train"].get("final_loss"),
-        "seconds_by_step": {name: step["seconds"] for name, step in log.items()},
+        "chance": scores.get("chance"), "final_loss": steps["train"].get("final_loss"),
+        "seconds_by_step": {name: step["seconds"] for name, step in steps.items()},
         "demo_seconds": round(time.time() - start, 1),
     }
+    report(summary)
+    return summary
+
+
+def report(summary: dict) -> None:
+    """The human-readable result before the JSON line: scores against chance, where the pictures are."""
+    scores, chance = summary["caption_accuracy"], summary.get("chance") or {}
+    log.info(f"caption accuracy on {scores.get('n')} held-out captions (chance in brackets):")
+    for name in SCORES:
+        if scores.get(name) is not None:
+            log.info(f"  {name:<13} {scores[name]:.3f}  ({chance.get(name, float('nan')):.3f})")
+    for name in ("contact_sheet", "gallery", "evaluation_sheet", "loss_curve"):
+        if summary.get(name):
+            log.info(f"{name.replace('_', ' ')}: {summary[name]}")
+    log.info(f"done in {summary['demo_seconds']} s ({', '.join(f'{k} {v} s' for k, v in summary['seconds_by_step'].items())})")
 
 
 def _absolute(path: str) -> str:

@@ -5,9 +5,11 @@ What it measures (any combination, in one run):
    stream apart from any training corpus' rows; with `--held-out FILE`, only the captions of
    (colour, shape) pairs `painter make-corpus --hold-out-pairs` kept out of training) are generated
    with `--model` and read back by the synthetic judge. Or `--generated PATH` scores images that exist
-   already: a `painter generate` output root (the committed rows of `--generated-date`, default the
-   latest date), one `run_date=D` folder of it, or TSV/Parquet files with a text and an image column
-   (EasyNLP TSV `idx, text, base64` as `painter make-corpus` or `generate --tsv-output` write them).
+   already: a `painter generate` output table (its Delta table read through `deltalake`: the committed
+   rows of `--generated-date`, default the latest date), one `run_date=D` folder of it, or TSV/Parquet
+   files with a text and an image column (EasyNLP TSV `idx, text, base64` as `painter make-corpus` writes
+   them, or EasyNLP's predict TSV with a list of base64 images per line, as `generate --tsv-output` and
+   `painter easynlp` write them).
    The summary holds accuracy of all attributes, of colour and shape together and of each attribute,
    next to the chance levels of a blind guess.
 2. **FID / IS.** `--feature-extractor FILE` (a torch.export `.pt2` or TorchScript file; see
@@ -33,7 +35,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -45,13 +46,16 @@ import pyarrow.parquet as pq
 import torch
 
 from painter import evaluate as ev
+from painter import logs
 from painter import synthetic
 from painter.checkpoint import load_model, read_bytes
 from painter.errors import InputError
 from painter.generator import GenerationConfig, Generator
 from painter.io import output as out
+from painter.io.output_table import OutputTable
 from painter.io import sheet
 from painter.io import tables
+from painter.io.easynlp_tsv import parse_images_cell
 from painter.io.images import IMAGE_FORMATS, ImageRejected, fit_square, image_bytes, load_image, to_model_input
 from painter.options import option, parse_storage_options
 from painter.runtime import pick_device
@@ -131,7 +135,7 @@ class Rejected:
 
 
 def _say(message: str) -> None:
-    print(f"evaluate: {message}", file=sys.stderr, flush=True)
+    logs.get("evaluate").info(message)
 
 
 def check(options: Options) -> None:
@@ -199,53 +203,48 @@ def _table_rows(paths: list[str], schema_spec: str, storage: dict, need_text: bo
                     reason = f"no image column (one of {', '.join(BASE64_COLUMNS + BINARY_COLUMNS)})"
                 if reason is None and need_text and not str(texts[i] or "").strip():
                     reason = "empty text"
-                data = None
+                images = []
                 if reason is None:
                     try:
-                        data = image_bytes(chunk[column][i], is_base64)
+                        images = _cell_images(chunk[column][i], is_base64)
                     except ImageRejected as e:
                         reason = str(e)
                 if reason is not None:
                     rejected.add(idx[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], reason)
                     continue
-                kept += 1
-                yield idx[i], texts[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], data
+                for data in images:
+                    kept += 1
+                    yield idx[i], texts[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], data
 
 
-def _committed_dates(root: str, storage: dict) -> list[str]:
-    fs, stripped = tables.url_to_fs(root, storage)
-    dates = []
-    for path in fs.glob(posixpath.join(stripped.rstrip("/"), "run_date=*")):
-        date = posixpath.basename(path).split("=", 1)[1]
+def _cell_images(cell, is_base64: bool) -> list[bytes]:
+    """The images of one cell: EasyNLP's predict output holds a list repr of base64 PNGs, others one image."""
+    if is_base64 and isinstance(cell, str) and cell.lstrip().startswith("["):
         try:
-            if out.OutputTable(root, date, storage).manifests():
-                dates.append(date)
-        except InputError:
-            continue  # not a date folder
-    return sorted(dates)
+            return parse_images_cell(cell)
+        except ValueError as e:
+            raise ImageRejected(str(e)) from None
+    return [image_bytes(cell, is_base64)]
 
 
 def _generate_output(paths: list[str], date: str | None, storage: dict) -> tuple[str, str] | None:
-    """(root, run date) when `paths` names a generate output root or one run_date=D folder of it."""
+    """(root, run date) when `paths` names a generate output table (its root, or one run_date=D folder of it)."""
     if len(paths) != 1:
         return None
     path = paths[0].rstrip("/")
-    fs, stripped = tables.url_to_fs(path, storage)
-    if not fs.isdir(stripped):
-        return None
-    name = posixpath.basename(stripped)
-    if name.startswith("run_date="):
-        root = path[: len(path) - len(name)].rstrip("/")
+    name = posixpath.basename(path)
+    if name.startswith("run_date=") and OutputTable(posixpath.dirname(path), storage).exists():
         if date and date != name.split("=", 1)[1]:
             raise InputError(f"--generated {paths[0]} is run_date {name.split('=', 1)[1]}, but --generated-date is {date}")
-        return root, name.split("=", 1)[1]
-    if not fs.glob(posixpath.join(stripped, "run_date=*")):
+        return posixpath.dirname(path), out.check_run_date(name.split("=", 1)[1])
+    table = OutputTable(path, storage)
+    if not table.exists():
         return None
     if date:
         return path, out.check_run_date(date)
-    dates = _committed_dates(path, storage)
+    dates = table.run_dates()
     if not dates:
-        raise InputError(f"--generated {path}: a generate output root with no committed run_date partition")
+        raise InputError(f"--generated {path}: a generate output table with no committed run_date partition")
     return path, dates[-1]
 
 
@@ -259,19 +258,16 @@ def read_generated(options: Options, storage: dict, rejected: Rejected) -> tuple
             candidates.append(Candidate(str(idx if idx is not None else row), 0, str(text), data))
         return candidates, {"source": "files", "paths": options.generated}
     root, date = found
-    table = out.OutputTable(root, date, storage)
-    for part in table.iter_committed():
-        column = next((c for c in IMAGE_FORMATS if c in part.column_names), None)
-        rows = part.to_pylist()
-        for number, r in enumerate(rows, start=1):
-            if options.limit and len(candidates) >= options.limit:
-                break
-            rejected.read += 1
-            if column is None or not r.get(column) or not str(r.get("text") or "").strip():
-                rejected.add(r.get("idx"), f"{root} run_date={date}", number,
-                             "no image" if column is None or not r.get(column) else "empty text")
-                continue
-            candidates.append(Candidate(str(r["idx"]), int(r.get("sample") or 0), str(r["text"]), bytes(r[column])))
+    rows = OutputTable(root, storage).read(date, ["idx", "text", "sample", "image"]).sort_by(
+        [("idx", "ascending"), ("sample", "ascending")])
+    for number, r in enumerate(rows.to_pylist(), start=1):  # read through deltalake: committed rows only
+        if options.limit and len(candidates) >= options.limit:
+            break
+        rejected.read += 1
+        if not r["image"] or not str(r["text"] or "").strip():
+            rejected.add(r["idx"], f"{root} run_date={date}", number, "no image" if not r["image"] else "empty text")
+            continue
+        candidates.append(Candidate(str(r["idx"]), int(r["sample"] or 0), str(r["text"]), bytes(r["image"])))
     if not candidates and not rejected.rows:
         raise InputError(f"--generated {root}: no committed images for run_date {date}")
     return candidates, {"source": "generate output", "root": root, "run_date": date}

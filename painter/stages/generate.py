@@ -1,55 +1,66 @@
-"""The generate job: a table of prompts -> N images each -> a partitioned, rerunnable output table.
+"""The generate job: a table of prompts -> N images each -> the night's rows in a Delta Lake table.
 
 Flow (`run`):
 1. `read_input` reads every input file in Ray tasks; the prompts (idx, text and pass-through columns,
    never images) are gathered on the driver, where they are validated: unreadable rows, missing idx,
-   empty text and repeated idx (every occurrence after the first) go to the errors table
-   `<errors or output/_rejected>/run_date=D/rejected.parquet`, replaced by each run (a rerun reads the
-   whole input again). Texts longer than the model's text_len tokens are counted (and truncated).
-2. Each prompt becomes `samples` rows (idx, sample); pairs already committed for the run date are
-   dropped, and so are pairs held by staged files of an unfinished earlier run with the same
-   signature (model, seed, sampling, format, micro-batch, partitioning): those files are committed
-   by this run instead of being generated again.
+   empty text and repeated idx (every occurrence after the first) go to the rejected rows
+   (`OutputRoot.write_rejected`, replaced by each run: a rerun reads the whole input again).
+2. Each prompt becomes `samples` rows (idx, sample); pairs already in the table for the run date are
+   dropped (`expand_samples`).
 3. An actor pool of `Generator`s (a GPU each where the cluster has GPUs, else CPU slices) generates
-   each batch and writes it straight into the run's staging folder; only file names come back.
-4. Partitions are committed one by one (`painter.io.output`), then the contact sheet, optional HTML
-   gallery and EasyNLP TSV are written from the committed table, and a run record under `_runs/`.
+   each batch; the output table writes it as data files right there (`OutputTable.write_files`), so
+   image bytes never reach the driver; only a small record per file comes back. Texts longer than the
+   model's text_len tokens are counted where they are tokenized (the generator's `is_truncated`).
+4. The driver streams those records to the output table's `Committer`, which commits whole batches in
+   Delta commits of at least `--commit-images` images (exactly once per (run_date, idx, sample) through
+   the table's transaction ids and conflict check: `OutputTable.commit`). Pairs left out because a concurrent run committed
+   part of their file are generated again in another round, until the night is complete.
+5. Then the contact sheet, optional HTML gallery and EasyNLP TSV are made from the committed night,
+   the table's vacuum removes orphaned files older than its retention, and the run is recorded under
+   `_runs/` (all paths: `painter.io.output.OutputRoot`).
 
 Test-only switch: the environment variable PAINTER_TEST_FAIL_AFTER_BATCHES=K, read by the driver when
-`run` starts and handed to the actors, makes each actor raise after it has staged K batches (counted
-per actor), as a crash part-way through a night would.
+`run` starts and handed to the actors, makes each actor raise after it has written K batches (counted
+per actor), as a crash part-way through a night would (`_fail_point`, the one place it acts).
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 import os
-import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from painter import logs
 from painter.checkpoint import load_model
 from painter.errors import InputError
 from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
 from painter.io import sheet
-from painter.io.images import IMAGE_FORMATS
+from painter.io.easynlp_tsv import write_easynlp_tsv
+from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
+from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.tables import REASON, ROW, SOURCE, rejected_table
 from painter.options import option, parse_storage_options, to_dict
-from painter.stages.common import actor_resources, cluster_has_gpus, join, read_input
+from painter.stages.common import actor_resources, cluster_has_gpus, painter_error_from, read_input
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
 STAGE = "generate"
-GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", *IMAGE_FORMATS)
+GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", "image", "image_format",
+             *IMAGE_FORMATS)
 SHEET_SAMPLES = 8
+MAX_ROUNDS = 3
+FIXED_SCHEMA = pa.schema([
+    pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field("sample", pa.int64()),
+    pa.field("seed", pa.int64()), pa.field("image", pa.binary()), pa.field("image_format", pa.string()),
+    pa.field("model", pa.string()), pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    pa.field("is_truncated", pa.bool_()),
+    pa.field("score", pa.float32()),  # --candidates > 1: the kept candidate's score; else null
+])
 
 
 @dataclass(kw_only=True)
@@ -72,17 +83,23 @@ class Options:
                                       "ONLY) instead of the model's own caption-vs-null likelihood ratio")
     keep_rows: int = option(0, "with an input column prompt_image (an image, or base64): keep its first K token "
                                "rows and generate the rest")
-    batch_size: int | None = option(None, "rows per actor call, one staged file per batch and partition; "
+    batch_size: int | None = option(None, "rows per actor call, one data file per batch and partition; "
                                     "best a multiple of --micro-batch (default: 4 micro-batches)")
     micro_batch: int | None = option(None, "rows per model call: a fixed shape (short batches are padded) "
                                      "that makes images independent of batching (default: 8 on CPU, 64 on GPU)")
     actors: int | None = option(None, "actor pool size (default: one per GPU, else half the CPUs)")
     partition_by: list[str] = option([], "input columns to partition the output by, after run_date")
     run_date: str | None = option(None, "the run_date partition, YYYY-MM-DD (default: today, local time)")
-    image_format: str = option("png", "image encoding; the image column is named after it", choices=IMAGE_FORMATS)
+    image_format: str = option("png", "image encoding of the `image` column (named in `image_format`)",
+                               choices=IMAGE_FORMATS)
+    commit_images: int = option(1024, "images per Delta commit: the night becomes visible in commits of whole "
+                                "batches holding at least this many images (the last one fewer)")
     precision: str | None = option(None, "model weights for generation: fp32 or bf16 (default: bf16 on GPU, "
                                    "fp32 on CPU); images depend on it", choices=("fp32", "bf16"))
-    tsv_output: str | None = option(None, "also write the night as EasyNLP TSV: idx, text, gen_imgbase64")
+    pixel_rounding: str = option("round", "model output to 8 bits: nearest level, or truncated as EasyNLP does",
+                                 choices=PIXEL_ROUNDING)
+    tsv_output: str | None = option(None, "also write the night as EasyNLP's predict TSV: idx, text, gen_imgbase64 "
+                                    "(one line per prompt, a list of base64 PNGs)")
     contact_sheet: bool = option(True, "write a contact sheet PNG under <output>/_sheets/")
     gallery: bool = option(False, "also write a static HTML gallery beside the contact sheet")
     sheet_prompts: int = option(16, "prompts shown on the contact sheet and gallery")
@@ -103,20 +120,11 @@ def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
                                 top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
-                                precision=options.precision, guidance=options.guidance, candidates=options.candidates,
-                                scorer=options.scorer, keep_rows=options.keep_rows)
+                                precision=options.precision, pixel_rounding=options.pixel_rounding,
+                                guidance=options.guidance, candidates=options.candidates, scorer=options.scorer,
+                                keep_rows=options.keep_rows)
     except ValueError as e:
         raise InputError(str(e)) from None
-
-
-def _find_cause(error: BaseException, kind: type) -> BaseException | None:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.add(id(error))
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
 
 
 def gather_prompts(options: Options, storage_options: dict) -> pa.Table:
@@ -125,10 +133,10 @@ def gather_prompts(options: Options, storage_options: dict) -> pa.Table:
     try:
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     except Exception as e:  # a worker's InputError (e.g. a file that is not Parquet) arrives wrapped
-        cause = _find_cause(e, InputError)
-        if cause is None:
+        cause = painter_error_from(e)
+        if not isinstance(cause, InputError):
             raise
-        raise InputError(cause.args[0] if cause.args else str(cause)) from None
+        raise cause from None
     if not tables:
         return pa.table({"idx": pa.array([], pa.string()), "text": pa.array([], pa.string()),
                          SOURCE: pa.array([], pa.string()), ROW: pa.array([], pa.int64()),
@@ -177,132 +185,118 @@ def validate_prompts(rows: pa.Table) -> Prompts:
     return Prompts(accepted, rejected, rows.num_rows, dropped)
 
 
-def expand_samples(prompts: pa.Table, samples: int, committed: set, recovered: set) -> tuple[pa.Table, int, int]:
-    """Rows (prompt, sample) still to generate, in input order with a `sample` column; and how many
-    of the wanted pairs were already committed, and how many are in recovered staged files."""
+def output_schema(prompts: pa.Schema, partition_by: list[str]) -> pa.Schema:
+    """The table's columns: the fixed ones, pass-through input columns (not a prompt image), then the
+    partition columns (run_date and --partition-by, as strings: their values live in the Delta log as text)."""
+    passed = [f for f in prompts if f.name not in (*FIXED_SCHEMA.names, PROMPT_COLUMN, *partition_by)]
+    parts = [pa.field(name, pa.string()) for name in ["run_date", *partition_by]]
+    return pa.schema([*FIXED_SCHEMA, *(f.with_nullable(True) for f in passed), *parts])
+
+
+def expand_samples(prompts: pa.Table, samples: int, committed: set) -> tuple[pa.Table, int]:
+    """Rows (prompt, sample) not yet in the table, in input order with a `sample` column; and how many
+    of the wanted pairs were there already."""
     idx = prompts.column("idx").to_pylist()
-    keep, skipped, found = [], 0, 0
-    for i in range(len(idx)):
-        for s in range(samples):
-            if (idx[i], s) in committed:
-                skipped += 1
-            elif (idx[i], s) in recovered:
-                found += 1
-            else:
-                keep.append((i, s))
+    keep = [(i, s) for i in range(len(idx)) for s in range(samples) if (idx[i], s) not in committed]
     table = prompts.take(pa.array([i for i, _ in keep], pa.int64()))
-    return table.append_column("sample", pa.array([s for _, s in keep], pa.int64())), skipped, found
+    return table.append_column("sample", pa.array([s for _, s in keep], pa.int64())), len(idx) * samples - len(keep)
 
 
-def output_rows(batch: pa.Table, generated: dict, image_column: str) -> pa.Table:
-    """The output row schema: idx, text, sample, seed, image, model, created_at, is_truncated, then pass-through."""
+def output_rows(batch: pa.Table, generated: dict, image_format: str, run_date: str, schema: pa.Schema) -> pa.Table:
+    """A batch's rows in the table's schema: idx, text, sample, seed, image, image_format, model, created_at,
+    is_truncated, pass-through columns, run_date and the partition columns."""
     n = batch.num_rows
-    created = datetime.now(timezone.utc)
     columns = {
-        "idx": batch.column("idx"), "text": batch.column("text"), "sample": batch.column("sample"),
-        "seed": pa.array(generated["seed"], pa.int64()),
-        image_column: pa.array(list(generated[image_column]), pa.binary()),
-        "model": pa.array(list(generated["model"]), pa.string()),
-        "created_at": pa.array([created] * n, pa.timestamp("us", tz="UTC")),
-        "is_truncated": pa.array(generated["is_truncated"], pa.bool_()),
+        "seed": pa.array(generated["seed"], pa.int64()), "image": pa.array(list(generated[image_format]), pa.binary()),
+        "image_format": pa.array([image_format] * n, pa.string()), "model": pa.array(list(generated["model"]), pa.string()),
+        "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+        "is_truncated": pa.array(generated["is_truncated"], pa.bool_()), "run_date": pa.array([run_date] * n, pa.string()),
+        "score": pa.array(generated["score"] if "score" in generated else [None] * n, pa.float32()),
     }
-    if "score" in generated:  # --candidates: the kept candidate's score
-        columns["score"] = pa.array(generated["score"], pa.float32())
-    for name in batch.column_names:
-        columns.setdefault(name, batch.column(name))
-    return pa.table(columns)
+    arrays = []
+    for f in schema:
+        column = columns[f.name] if f.name in columns else batch.column(f.name)
+        if pa.types.is_string(f.type) and not pa.types.is_string(column.type):  # partition values as text
+            column = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+        arrays.append(column.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _fail_point(fail_after: int | None, batches: int) -> None:
+    """The test-only crash (see the module docstring): raise once `batches` reaches `fail_after`."""
+    if fail_after is not None and batches >= fail_after:
+        raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: failing on purpose after {batches} batches")
 
 
 class GenerateActor:
-    """Ray actor: generate a batch, stage it under the run's staging folder, return the staged files."""
+    """Ray actor: generate a batch; the output table writes it as data files; returns their records."""
 
-    def __init__(self, *, model: str, config: GenerationConfig, micro_batch: int, table: out.OutputTable,
-                 run_id: str, partition_by: list[str], signature: str, fail_after: int | None):
+    def __init__(self, *, model: str, config: GenerationConfig, micro_batch: int, table: OutputTable,
+                 schema: pa.Schema, partition_by: list[str], run_date: str, run_id: str, fail_after: int | None):
         self.generator = Generator(model, config, micro_batch=micro_batch)
-        self.table, self.run_id, self.partition_by = table, run_id, partition_by
-        self.signature, self.fail_after, self.batches = signature, fail_after, 0
+        self.table, self.schema, self.partition_by = table, schema, ["run_date", *partition_by]
+        self.run_date, self.run_id, self.fail_after, self.batches = run_date, run_id, fail_after, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.fail_after is not None and self.batches >= self.fail_after:
-            raise RuntimeError(f"{FAIL_AFTER_ENV}={self.fail_after}: failing on purpose after {self.batches} batches")
+        _fail_point(self.fail_after, self.batches)
         names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
-        columns = {name: batch.column(name).to_pylist() for name in names}
-        generated = self.generator(columns)
-        rows = output_rows(batch, generated, self.generator.config.image_format)
-        staged = self.table.stage(rows, self.run_id, self.partition_by, self.signature)
+        generated = self.generator({name: batch.column(name).to_pylist() for name in names})
+        rows = output_rows(batch, generated, self.generator.config.image_format, self.run_date, self.schema)
+        files = self.table.write_files(rows, self.partition_by, new_batch_id(self.run_id))
         self.batches += 1
-        return pa.Table.from_pylist([asdict(item) for item in staged])
+        return files
 
 
-def generate_staged(todo: pa.Table, batch_size: int, actors: int | None, actor_kwargs: dict
-                    ) -> tuple[list[out.StagedFile], float]:
-    """Run the actor pool over `todo`; the staged files and the seconds it took."""
-    if todo.num_rows == 0:
-        return [], 0.0
-    block = batch_size * max(1, math.ceil(todo.num_rows / (batch_size * 256)))  # at most ~256 blocks
+def generate_into(todo: pa.Table, settings: "Settings", actors: int | None, actor_kwargs: dict,
+                  committer: Committer) -> None:
+    """Generate `todo` in the actor pool; the committer commits whole batches as their records arrive."""
+    block = settings.batch_size * max(1, math.ceil(todo.num_rows / (settings.batch_size * 256)))  # ≤ ~256 blocks
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
-    staged = ds.map_batches(GenerateActor, batch_size=batch_size, batch_format="pyarrow",
-                            fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
+    files = ds.map_batches(GenerateActor, batch_size=settings.batch_size, batch_format="pyarrow",
+                           fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
     start = time.time()
-    rows = staged.take_all()
-    return [out.StagedFile(**row) for row in rows], time.time() - start
+    try:
+        for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(records)
+    finally:  # a failed run still commits the whole batches it received: the rerun skips them
+        committer.flush()
+        committer.seconds += time.time() - start
 
 
-def _signature(fingerprint: str, settings: Settings) -> str:
-    """Names everything an image's bytes depend on besides (idx, sample): staged files of a run with
-    another signature are never committed by this one."""
-    config = settings.config
-    named = {"model": fingerprint, "seed": config.seed, "temperature": config.temperature, "top_k": config.top_k,
-             "top_p": config.top_p, "guidance": config.guidance, "candidates": config.candidates,
-             "scorer": config.scorer, "keep_rows": config.keep_rows, "format": config.image_format,
-             "micro_batch": settings.micro_batch, "precision": config.precision,
-             "partition_by": settings.partition_by}
-    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_rejected(rejected: pa.Table, options: Options, run_date: str, storage_options: dict) -> str:
-    root = options.errors or join(options.output.rstrip("/"), "_rejected")
-    buffer = io.BytesIO()
-    pq.write_table(rejected, buffer)
-    return out.write_bytes(join(root, f"run_date={run_date}", "rejected.parquet"), buffer.getvalue(), storage_options)
-
-
-def _sheet_rows(table: out.OutputTable, image_column: str, prompts: int) -> list[list[sheet.SheetItem]]:
-    chosen = sorted(set(table.committed_pairs().column("idx").to_pylist()))[:prompts]
+def _sheet_rows(root: out.OutputRoot, prompts: int) -> list[list[sheet.SheetItem]]:
+    chosen = sorted(set(root.read(["idx"]).column("idx").to_pylist()))[:prompts] if root.table.exists() else []
     if not chosen:
         return []
-    rows = table.read(["idx", "text", "sample", image_column], idx=chosen).sort_by(
+    rows = root.read(["idx", "text", "sample", "image"], idx=chosen).sort_by(
         [("idx", "ascending"), ("sample", "ascending")]).to_pylist()
     grouped: dict[str, list[sheet.SheetItem]] = {}
     for r in rows:
-        grouped.setdefault(r["idx"], []).append(sheet.SheetItem(r[image_column], r["idx"], r["sample"], r["text"]))
+        grouped.setdefault(r["idx"], []).append(sheet.SheetItem(r["image"], r["idx"], r["sample"], r["text"]))
     return [items[:SHEET_SAMPLES] for items in grouped.values()]
 
 
-def write_sheets(table: out.OutputTable, options: Options, storage_options: dict) -> dict:
+def write_sheets(root: out.OutputRoot, options: Options) -> dict:
     """Contact sheet and gallery of the committed night; their paths and the caption font used."""
     result = {"contact_sheet": None, "gallery": None}
     if not (options.contact_sheet or options.gallery):
         return result
-    rows = _sheet_rows(table, options.image_format, options.sheet_prompts)
+    rows = _sheet_rows(root, options.sheet_prompts)
     if not rows:
         return result | {"sheet_note": "no committed images to show"}
-    folder = join(table.output, "_sheets", f"run_date={table.run_date}")
     if options.contact_sheet:
         font = sheet.find_caption_font(options.font)
-        result["contact_sheet"] = out.write_bytes(join(folder, "contact_sheet.png"),
-                                                  sheet.contact_sheet(rows, font), storage_options)
+        result["contact_sheet"] = root.write_sheet("contact_sheet.png", sheet.contact_sheet(rows, font))
         result["caption_font"] = font.path
         result["caption_font_note"] = font.note
     if options.gallery:
-        page = sheet.gallery_html(rows, f"painter {table.run_date}", options.image_format)
-        result["gallery"] = out.write_bytes(join(folder, "gallery.html"), page.encode("utf-8"), storage_options)
+        page = sheet.gallery_html(rows, f"painter {root.run_date}", options.image_format)
+        result["gallery"] = root.write_sheet("gallery.html", page.encode("utf-8"))
     return result
 
 
 def _progress(message: str) -> None:
     """A progress line on stderr (stdout's last line is the summary)."""
-    print(f"[generate] {message}", file=sys.stderr, flush=True)
+    logs.get("generate").info(message)
 
 
 def _fail_after() -> int | None:
@@ -319,18 +313,19 @@ class Settings:
     partition_by: list[str]
     micro_batch: int
     batch_size: int
+    commit_images: int
 
 
 def resolve(options: Options) -> Settings:
     """The run's settings, or InputError naming the option; needs Ray started (GPUs decide defaults)."""
-    for name in ("samples", "batch_size", "micro_batch", "sheet_prompts"):
+    for name in ("samples", "batch_size", "micro_batch", "sheet_prompts", "commit_images"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
     return Settings(parse_storage_options(options.storage_options), _generation_config(options),
                     out.check_run_date(options.run_date or date.today().isoformat()),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
-                    micro_batch, options.batch_size or 4 * micro_batch)
+                    micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
 
 
 def read_prompts(options: Options, storage_options: dict, partition_by: list[str]) -> Prompts:
@@ -344,52 +339,56 @@ def read_prompts(options: Options, storage_options: dict, partition_by: list[str
 
 def run(options: Options) -> dict:
     settings = resolve(options)
-    storage_options, run_date = settings.storage_options, settings.run_date
-    model = load_model(options.model, parts=())  # config, tokenizer and fingerprints: no weights here
-    prompts = read_prompts(options, storage_options, settings.partition_by)
-    errors_path = _write_rejected(prompts.rejected, options, run_date, storage_options)
-    truncated = int(model.tokenizer.encode_batch(prompts.accepted.column("text").to_pylist())[1].sum())
-    table = out.OutputTable(options.output, run_date, storage_options)
-    signature = _signature(model.fingerprint, settings)
-    committed = set(out.pairs(table.committed_pairs()))
-    recovery = table.recover(signature, committed)
-    todo, skipped, recovered = expand_samples(prompts.accepted, options.samples, committed, recovery.pairs)
-    _progress(f"{prompts.rows_in} rows read, {prompts.rejected.num_rows} rejected; {skipped} images already "
-              f"committed, {recovered} recovered from staging, {todo.num_rows} to generate")
+    root = out.OutputRoot(options.output, settings.run_date, settings.storage_options, options.errors)
+    model = load_model(options.model, parts=())  # config and fingerprints: no weights here
+    prompts = read_prompts(options, settings.storage_options, settings.partition_by)
+    errors_path = root.write_rejected(prompts.rejected)
+    schema = output_schema(prompts.accepted.schema, settings.partition_by)
+    root.table.ensure(schema, ["run_date", *settings.partition_by])
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    record = to_dict(options) | {"storage_options": "<not recorded>", "run_date": run_date,
+    actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
+                        table=root.table, schema=schema, partition_by=settings.partition_by,
+                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after())
+    written, skipped = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
+                                 settings.commit_images), None
+    for round_number in range(MAX_ROUNDS + 1):  # more rounds only when concurrent runs took some of our files
+        todo, already = expand_samples(prompts.accepted, options.samples, root.table.committed_pairs(root.run_date))
+        if skipped is None:
+            skipped = already
+            _progress(f"{prompts.rows_in} rows read, {prompts.rejected.num_rows} rejected; {already} images already "
+                      f"in the table, {todo.num_rows} to generate")
+        if todo.num_rows == 0:
+            break
+        if round_number == MAX_ROUNDS:
+            raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo.num_rows} images still missing "
+                               f"after {MAX_ROUNDS} rounds lost to concurrent runs")
+        generate_into(todo, settings, options.actors, actor_kwargs, written)
+    _progress(f"{written.images} images in {written.commits} commits to {options.output}")
+    record = to_dict(options) | {"run_date": root.run_date,  # to_dict records --storage-options' source only
                                  "micro_batch": settings.micro_batch, "batch_size": settings.batch_size}
-    table.start_run(run_id, signature, record)
-    staged, seconds = generate_staged(todo, settings.batch_size, options.actors, dict(
-        model=options.model, config=settings.config, micro_batch=settings.micro_batch, table=table, run_id=run_id,
-        partition_by=settings.partition_by, signature=signature, fail_after=_fail_after()))
-    partitions = table.commit(recovery.files + staged, run_id)
-    table.remove_runs([*recovery.runs, table.staging_dir(run_id)])
-    _progress(f"{len(partitions)} partitions committed under {options.output}")
-    images = sum(s.rows for s in staged)
     summary = {
-        "run_id": run_id, "run_date": run_date, "model": model.fingerprint,
+        "run_id": run_id, "run_date": root.run_date, "model": model.fingerprint,
         "rows_in": prompts.rows_in, "prompts_accepted": prompts.accepted.num_rows,
-        "rows_rejected": prompts.rejected.num_rows, "truncated_texts": truncated, "samples": options.samples,
-        "pairs_total": prompts.accepted.num_rows * options.samples, "skipped_already_done": skipped,
-        "recovered_from_staging": recovered, "images_out": images,
-        "images_per_second": round(images / seconds, 3) if seconds else 0.0, "generation_seconds": round(seconds, 3),
-        "batch_size": settings.batch_size, "micro_batch": settings.micro_batch,
-        "partitions_committed": len(partitions), "output": options.output, "errors": errors_path,
-        "dropped_input_columns": prompts.dropped_columns, "discarded_staged_files": recovery.discarded_files,
-        "ignored_staging_runs": recovery.ignored_runs,
+        "rows_rejected": prompts.rejected.num_rows, "truncated_texts": len(written.truncated),
+        "samples": options.samples, "pairs_total": prompts.accepted.num_rows * options.samples,
+        "skipped_already_done": skipped, "images_out": written.images,
+        "images_per_second": round(written.images / written.seconds, 3) if written.seconds else 0.0,
+        "generation_seconds": round(written.seconds, 3), "batch_size": settings.batch_size,
+        "micro_batch": settings.micro_batch, "commits": written.commits, "commit_conflicts": written.conflicts,
+        "files_left_out": written.files_left_out, "table_version": written.version, "output": options.output,
+        "errors": errors_path, "dropped_input_columns": prompts.dropped_columns,
     }
-    return _finish(table, options, storage_options, summary, record)
+    return _finish(root, options, summary, record)
 
 
-def _finish(table: out.OutputTable, options: Options, storage_options: dict, summary: dict, record: dict) -> dict:
-    """Sheets, TSV and the run record after the commit; the error-rate verdict last."""
-    summary |= write_sheets(table, options, storage_options)
+def _finish(root: out.OutputRoot, options: Options, summary: dict, record: dict) -> dict:
+    """Sheets, TSV, vacuum and the run record after the commits; the error-rate verdict last."""
+    summary |= write_sheets(root, options)
     if options.tsv_output:
-        summary["tsv_lines"] = out.write_easynlp_tsv(table, options.tsv_output, options.image_format, storage_options)
+        summary["tsv_lines"] = write_easynlp_tsv(root.read(), options.tsv_output, "image", root.storage_options)
         summary["tsv_output"] = options.tsv_output
-    table.write_atomic(join(table.root, "_runs", f"run_date={table.run_date}", f"{summary['run_id']}.json"),
-                       json.dumps(record | {"summary": summary}, ensure_ascii=False, default=str).encode())
+    summary["vacuumed_files"] = root.table.vacuum()
+    root.write_run_record(summary["run_id"], record | {"summary": summary})
     rate = summary["rows_rejected"] / summary["rows_in"] if summary["rows_in"] else 0.0
     if rate > options.max_error_rate:
         summary["_failed"] = (f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({rate:.1%}), "

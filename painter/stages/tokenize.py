@@ -16,7 +16,6 @@ later ones are rejected with "duplicate idx (first at FILE:ROW)". Shard rows are
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,11 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from painter import logs
 from painter.checkpoint import load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError
 from painter.io import tables
-from painter.io.images import DEFAULT_MAX_PIXELS
+from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
 from painter.options import option, parse_storage_options
@@ -54,6 +54,10 @@ class Options:
     batch_size: int = option(64, "images per VQGAN batch")
     actors: int | None = option(None, "encoder actors (default: one per GPU, else half the CPUs)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
+    resize: str = option("pil", "pil: EXIF rotation, alpha on white, antialiased bicubic (the default: no aliasing "
+                                "when shrinking photos); easynlp: EasyNLP/taming's plain RGB and OpenCV bilinear "
+                                "SmallestMaxSize, to encode exactly the tokens the reference would",
+                         choices=RESIZE_MODES)
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output "
                                                "paths, e.g. '{\"endpoint_url\": \"http://...\"}'; credentials "
                                                "come from the usual AWS environment variables by default")
@@ -62,7 +66,7 @@ class Options:
 
 
 def _log(message: str) -> None:
-    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+    logs.get(STAGE).info(message)
 
 
 def _check_options(options: Options) -> None:
@@ -118,7 +122,8 @@ def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data
     resources, prepare_cpus = _resources(options.actors)
     rows = read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN})
     prepared = rows.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
-                                fn_kwargs={"size": info.image_size, "max_pixels": options.max_pixels})
+                                fn_kwargs={"size": info.image_size, "max_pixels": options.max_pixels,
+                                           "resize": options.resize})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model}, **resources)
 

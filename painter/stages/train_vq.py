@@ -31,7 +31,6 @@ train job's (`painter.stages.train`): the same run layout under `--run-dir` (def
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from painter import logs, plots
 from painter.checkpoint import load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS
 from painter.errors import CheckpointError, ErrorRateExceeded, InputError
@@ -94,7 +94,7 @@ class Options(RunOptions):
 
 
 def _log(message: str) -> None:
-    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+    logs.get(STAGE).info(message)
 
 
 def _check_options(o: Options) -> None:
@@ -238,10 +238,13 @@ def run(o: Options) -> dict:
                    "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
                    "has_eval": bool(held_out)}
-    result = fit(train_loop, loop_config, datasets, scaling, o, storage_path)
+    with logs.remote_progress(STAGE, total, "steps") as loop_config["progress"]:
+        result = fit(train_loop, loop_config, datasets, scaling, o, storage_path)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
-    summary |= {"checkpoint": result.checkpoint.path, "previous_vqgan": source.vqgan_fingerprint}
+    summary |= {"checkpoint": result.checkpoint.path, "previous_vqgan": source.vqgan_fingerprint,
+                "loss_curve": plots.write_loss_curve(run_path, f"train-vq {o.name}", {
+                    "train loss": "loss", "train L1": "l1", "held-out L1": "eval.l1"})}
     export_model(result.checkpoint, o.output, {"options": to_dict(o) | {"lr": o.peak_lr}, "summary": summary})
     summary["vqgan"] = load_model(o.output, parts=()).vqgan_fingerprint
     summary["seconds"] = round(time.time() - start_time, 3)

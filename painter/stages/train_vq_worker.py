@@ -127,6 +127,7 @@ class VQWorkerRun(WorkerRun):
                                     discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
                                     seed=self.cfg["seed"])
                 self.state["step"] += 1
+                self._tick()
                 self.state["codes_restarted"] += result.restarted
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)

@@ -2,7 +2,9 @@
 
 Owns `WorkerRun`: build or restore the GPT and AdamW (from `ray.train.get_checkpoint()`: a model
 directory plus `train_state.pt`), iterate this worker's split of the shards with a seeded per-epoch
-local shuffle, call `painter.training.train_step`, and when due log metrics (rank 0 prints them and
+local shuffle, copy the micro-batches ahead to the device (`painter.training.prefetch_to_device`), call
+`painter.training.train_step` (on the model compiled with `torch.compile` where `use_compile` says so), and
+when due log metrics (tokens/s, and on a known GPU the model FLOPs utilisation; rank 0 prints them and
 appends them to `<run>/metrics.jsonl`), measure the validation loss, and report a checkpoint (rank 0
 passes it, every rank calls `ray.train.report`). Also the test-only fault switch (`FAULT_ENV`).
 The driver side, options and summary are in `painter.stages.train`.
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from painter.checkpoint import ModelConfig, load_model, save_model
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.training import GPTLoss, TrainConfig, drop_captions, make_optimizer, train_step
+from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions, make_optimizer, mfu,
+                              peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 STATE_FILE = "train_state.pt"
@@ -68,6 +71,30 @@ def _shard_collate():
     return ShardCollate()
 
 
+def shard_in_memory(shard) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This worker's whole split of a (small) training set, read once: text_ids (N, Tt) and image_tokens
+    (N, Ti) as int32, and idx, sorted by idx so that the seeded per-epoch order never depends on the order
+    Ray Data happened to deliver the blocks in."""
+    texts, images, idx = [], [], []
+    for table in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        text_ids, image_tokens, rows = _shard_collate()(table)
+        texts.append(text_ids.to(torch.int32))
+        images.append(image_tokens.to(torch.int32))
+        idx += rows
+    order = np.argsort(np.array(idx, dtype=object), kind="stable")
+    order_t = torch.from_numpy(order.astype(np.int64))
+    return torch.cat(texts)[order_t], torch.cat(images)[order_t], [idx[i] for i in order]
+
+
+def memory_batches(data: tuple, batch_size: int, seed: int):
+    """(text_ids, image_tokens, idx) micro-batches of an in-memory split in a seeded full shuffle, full batches only."""
+    text_ids, image_tokens, idx = data
+    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(idx) - batch_size + 1, batch_size):
+        rows = order[start:start + batch_size]
+        yield text_ids[rows].long(), image_tokens[rows].long(), [idx[i] for i in rows.tolist()]
+
+
 class WorkerRun:
     """One worker's session: model and optimizer (restored from the last checkpoint if any), the loop."""
 
@@ -82,13 +109,17 @@ class WorkerRun:
         self.tc: TrainConfig = cfg["train"]
         self.tokenizer = load_model(cfg["source"], parts=()).tokenizer
         self.gpt, self.state = self._restore(ray.train.get_checkpoint())
-        self.model = ray.train.torch.prepare_model(GPTLoss(self.gpt))  # DDP (gloo on CPU) when world > 1
+        model = ray.train.torch.prepare_model(GPTLoss(self.gpt))  # DDP (gloo on CPU) when world > 1
+        self.compiled = use_compile(self.device, self.tc.compile)
+        self.model = compile_model(model, self.compiled)
+        self.flops_per_token, self.peak_tflops = train_flops_per_token(self.gpt), peak_bf16_tflops(self.device)
         self.optimizer = make_optimizer(self.gpt, self.tc)
         if "optimizer" in self.state:
             self.optimizer.load_state_dict(self.state.pop("optimizer"))
         seed = cfg["seed"] * 1_000_003 + self.rank * 10_007 + self.state["step"]
         self.generator = torch.Generator(self.device).manual_seed(seed)  # pkeep corruption
         self.rows_seen: list[str] = []
+        self.memory: tuple | None = None  # this worker's split of the training set, when the run keeps it in memory
         self.window_rows, self.window_start = 0, time.perf_counter()
 
     def _restore(self, checkpoint) -> tuple[GPT, dict]:
@@ -116,12 +147,13 @@ class WorkerRun:
         shard = ray.train.get_dataset_shard("train")
         while self.state["step"] < total:
             epoch, done = divmod(self.state["step"], spe)
-            batches = self._batches(shard, epoch, skip=done * self.tc.grad_accum)
+            batches = prefetch_to_device(self._batches(shard, epoch, skip=done * self.tc.grad_accum), self.device)
             for done in range(done + 1, spe + 1):
                 micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
                 result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                                     self.config.gpt.img_vocab_size, self.generator)
                 self.state["step"] += 1
+                self._tick()
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)
                 if self.state["step"] >= total:
@@ -129,22 +161,29 @@ class WorkerRun:
             self._flush_rows(epoch)
 
     def _batches(self, shard, epoch: int, skip: int):
-        """This worker's micro-batches of `epoch` (seeded local shuffle), the first `skip` left out."""
+        """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
         c, buffer = self.cfg, self.cfg["shuffle_buffer"]
-        batches = shard.iter_torch_batches(
-            batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
-            local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
-            local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
-        for i, (text_ids, image_tokens, idx) in enumerate(batches):
-            if i < skip:
-                continue
-            if c["record_rows"]:
-                self.rows_seen += idx
-            yield text_ids.to(self.device, non_blocking=True), image_tokens.to(self.device, non_blocking=True)
+        seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
+        if c.get("in_memory"):  # a small run: read the split once, no Ray Data iterator in the step loop
+            self.memory = self.memory or shard_in_memory(shard)
+            batches = memory_batches(self.memory, c["batch_size"], seed)
+        else:
+            batches = shard.iter_torch_batches(
+                batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+                local_shuffle_seed=seed if buffer else None)
+        for i, batch in enumerate(batches):  # (text_ids, image_tokens, idx list)
+            if i >= skip:
+                yield batch
 
     def _next(self, batches, epoch: int):
+        """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
+        (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
         try:
-            return next(batches)
+            text_ids, image_tokens, idx = next(batches)
+            if self.cfg["record_rows"]:
+                self.rows_seen += idx
+            return text_ids, image_tokens
         except StopIteration:
             raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
                                f"{self.state['step'] + 1}; the shards were split unevenly") from None
@@ -182,11 +221,14 @@ class WorkerRun:
         self.state["seconds"] += seconds
         if self.state["step"] == 1:
             self.state["first_loss"] = loss.item()
+        rate = tokens / max(seconds, 1e-9)
+        utilisation = mfu(self.flops_per_token, rate, self.peak_tflops, self.world)
+        gpu = {} if utilisation is None else {"mfu": round(utilisation, 4), "peak_tflops": self.peak_tflops}
         return {"step": self.state["step"], "epoch": epoch, "time": round(time.time(), 3), "loss": loss.item(),
-                "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_second": tokens / max(seconds, 1e-9),
+                "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_second": rate,
                 "run_tokens_per_second": self.state["tokens"] / max(self.state["seconds"], 1e-9),
                 "first_loss": self.state["first_loss"], "val_loss": self.state["val_loss"],
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "compiled": self.compiled, **gpu}
 
     def _validate(self) -> float:
         """Mean image-token loss over the validation shards (every rank its split, then all-reduced)."""
@@ -205,10 +247,16 @@ class WorkerRun:
             dist.all_reduce(sums)
         return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
+    def _tick(self, note: str = "") -> None:
+        """Rank 0 tells the driver's progress display the step (fire and forget)."""
+        if self.rank == 0 and self.cfg.get("progress") is not None:
+            self.cfg["progress"].set.remote(self.state["step"], note)
+
     def _report(self, metrics: dict, checkpoint: bool) -> None:
         import ray.train
 
         self.state["metrics"] = metrics
+        self._tick(f"loss {metrics['loss']:.3f}")
         if self.rank == 0:
             line = json.dumps(metrics)
             print(f"train: {line}", flush=True)

@@ -1,0 +1,81 @@
+"""The VQGAN's encode loop on a device: uint8 pictures -> code ids, the hot path of the tokenize job.
+
+Owns how images reach the VQGAN on each device (`encode_codes`, `model_input`, `prepare_vqgan`) and how
+many go at once (`default_max_batch`). On CUDA that is the GPU path: the uint8 (b, H, W, 3) pixels are
+copied from pinned memory without blocking (4x fewer bytes than floats) and scaled there, their
+permuted view already channels_last; the VQGAN's convolutions run channels_last under bf16 autocast;
+the codes stay on the device until one copy back at the end. On CPU: fp32 on
+`painter.io.images.to_model_input`'s contiguous floats, so the tokens are exactly the reference's.
+`channels_last=False` keeps CUDA in NCHW: torch's CUDA GroupNorm works on NCHW only, so every norm of
+the channels_last VQGAN converts its input; `benchmarks/gpu_train.py` times both layouts.
+`painter.encoder.ImageEncoder` (the tokenize job) and `benchmarks/gpu_train.py` both run it; it needs
+only torch and numpy (no Ray, no fsspec).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from painter.io.images import to_model_input
+from painter.models.vqgan import VQGAN
+from painter.runtime import autocast
+
+# Images per VQGAN call by device type: on a GPU, enough to fill it (a 256x256 image holds ~100 MiB of
+# activations at once at the encoder's full-resolution level, 128 channels with fp32 GroupNorms, so 256
+# take ~25 GiB); on a CPU the whole batch at once, as it comes.
+DEFAULT_MAX_BATCH = {"cuda": 256}
+
+
+def default_max_batch(device: torch.device) -> int | None:
+    """The images per VQGAN call on `device` when none is given: 256 on CUDA, the whole batch elsewhere."""
+    return DEFAULT_MAX_BATCH.get(torch.device(device).type)
+
+
+def prepare_vqgan(vqgan: VQGAN, device: torch.device, channels_last: bool = True) -> VQGAN:
+    """The VQGAN in eval mode on `device`; its weights channels_last on CUDA (cuDNN's NHWC kernels) unless not."""
+    device = torch.device(device)
+    vqgan = vqgan.to(device).eval()
+    layout = torch.channels_last if device.type == "cuda" and channels_last else torch.contiguous_format
+    return vqgan.to(memory_format=layout)
+
+
+def model_input(pixels: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (b, H, W, 3) -> float32 (b, 3, H, W) in [-1, 1] (x / 127.5 - 1) on `device`.
+
+    CUDA: the uint8 array goes over as it is (from pinned memory, non_blocking), its permuted view has
+    channels_last strides (made contiguous if not `channels_last`), and it is scaled there.
+    CPU: `to_model_input`, contiguous NCHW.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.from_numpy(to_model_input(pixels)).to(device)
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)  # (b, H, W, 3)
+    host.numpy()[...] = pixels  # the one host copy, straight into pinned memory
+    x = scale_channels_last(host.to(device, non_blocking=True))
+    return x if channels_last else x.contiguous()
+
+
+def scale_channels_last(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, H, W, 3) on any device -> float32 (b, 3, H, W) in [-1, 1] with channels_last strides (the
+    permuted view of NHWC memory is exactly that layout), by the same x / 127.5 - 1 as `to_model_input`."""
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+@torch.inference_mode()
+def encode_codes(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, max_batch: int | None = None,
+                 channels_last: bool = True) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> VQGAN codes (B, h*w) as int64, `max_batch` images per call (None: all).
+
+    `vqgan` is on `device`, prepared with the same `channels_last` (see `prepare_vqgan`). bf16 autocast
+    on CUDA, fp32 on CPU; the nearest-code search is fp32 on both (`VectorQuantizer.codes_from_latents`).
+    """
+    device = torch.device(device)
+    step = max_batch or max(1, len(pixels))
+    out = []
+    for start in range(0, len(pixels), step):
+        x = model_input(pixels[start:start + step], device, channels_last)  # (b, 3, H, W)
+        with autocast(device):
+            out.append(vqgan.encode(x))  # (b, h*w), left on the device until the end
+    if not out:
+        return np.zeros((0, vqgan.config.image_token_count), dtype=np.int64)
+    return torch.cat(out).cpu().numpy()

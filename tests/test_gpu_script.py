@@ -1,0 +1,36 @@
+"""`benchmarks/gpu.sh` works: its CPU fallback (`--device cpu`: tiny sizes) runs every step of the script
+(the GPU tests, generation, the encoder and the training step),
+without Ray, and writes the JSON the GPU run would write."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_cpu_fallback_runs_every_step_without_ray(tmp_path):
+    blocker = tmp_path / "no_ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('benchmarks/gpu.sh must not need Ray')\n")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = tmp_path / "out"
+    assert {"summary.json", "tests.txt", "generate-tiny.json", "gpu_train.json"} <= {p.name for p in out.iterdir()}
+    assert "skipped" in (out / "tests.txt").read_text()  # no CUDA here: the GPU tests skip, they do not fail
+    summary = json.loads((out / "summary.json").read_text())
+    tiny = summary["runs"]["tiny"]
+    assert summary["device"] == "cpu" and summary["gpu_tests"]["exit_code"] == 0 and tiny["exit_code"] == 0
+    assert tiny["end_to_end_images_per_second"] > 0 and tiny["bound_by"] in ("gpt", "vqgan", "encode")
+    assert tiny["host_calls_per_step"]["new_engine_aten_ops"] > 0
+    train = summary["gpu_train"]  # issue 18's encoder and training-step figures, from benchmarks/gpu_train.py
+    assert train["exit_code"] == 0 and train == {"exit_code": 0, **json.loads((out / "gpu_train.json").read_text())}
+    result = json.loads((out / "generate-tiny.json").read_text())
+    assert [s["micro_batch"] for s in result["sweep"]] == [1] and result["best_micro_batch"] in (1, 2)
+    assert not (ROOT / "benchmarks" / "results" / "gpu-cpu.json").exists()  # only a GPU run names a device file
