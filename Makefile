@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: setup demo bundled-model test test-fast clean
+.PHONY: setup demo bundled-model bundled-model-guided test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,20 @@ bundled-model: setup $(BUNDLE_OUT)/vq/vq-model/config.json
 	rm -rf painter/assets/demo-model && mkdir -p painter/assets/demo-model
 	cp $(BUNDLE_OUT)/gpt/model/config.json $(BUNDLE_OUT)/gpt/model/vocab.txt $(BUNDLE_OUT)/gpt/model/*.safetensors painter/assets/demo-model/
 	cp $(BUNDLE_OUT)/gpt/corpus/_held_out.txt painter/assets/demo-model/held_out_captions.txt
+
+# The guidable bundle (classifier-free guidance, issue #12): the GPT of `bundled-model` fine-tuned with
+# caption dropout (10% of captions replaced by the null caption) on the same corpus, the same captions
+# held out (the demo's seed and --hold-out), through the same demo jobs (make-corpus, tokenize with the
+# bundle's VQGAN, train --init, generate, evaluate). GUIDED_BASE is the model it starts from: the
+# `bundled-model` output (or a copy of the bundle that it made).
+GUIDED_BASE ?= $(BUNDLE_OUT)/gpt/model
+BUNDLE_GUIDED_ARGS ?= --rows 16000 --fine-tune --null-caption-prob 0.1 --steps 100 --lr 5e-4 --workers 1 --batch-size 64 --top-k 1
+bundled-model-guided: setup
+	$(VENV)/bin/painter demo --output $(BUNDLE_OUT)/guided --base-model $(GUIDED_BASE) $(BUNDLE_GUIDED_ARGS)
+	cmp $(BUNDLE_OUT)/guided/corpus/_held_out.txt painter/assets/demo-model/held_out_captions.txt
+	rm -rf painter/assets/demo-model && mkdir -p painter/assets/demo-model
+	cp $(BUNDLE_OUT)/guided/model/config.json $(BUNDLE_OUT)/guided/model/vocab.txt $(BUNDLE_OUT)/guided/model/*.safetensors painter/assets/demo-model/
+	cp $(BUNDLE_OUT)/guided/corpus/_held_out.txt painter/assets/demo-model/held_out_captions.txt
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -41,8 +41,11 @@ class ModelConfig:
     gpt: GPTConfig = field(default_factory=GPTConfig)
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     name: str = "custom"
+    null_caption_prob: float = 0.0  # share of training rows whose caption was dropped (0: no guidance training)
 
     def __post_init__(self):
+        if not 0.0 <= self.null_caption_prob < 1.0:
+            raise ValueError(f"null_caption_prob {self.null_caption_prob} is not in [0, 1)")
         if isinstance(self.gpt, dict):
             self.gpt = GPTConfig(**self.gpt)
         if isinstance(self.vqgan, dict):
@@ -59,11 +62,12 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "image_size": self.image_size,
                 "text_len": self.gpt.text_len, "img_len": self.gpt.img_len,
-                "gpt": dataclasses.asdict(self.gpt), "vqgan": dataclasses.asdict(self.vqgan)}
+                "null_caption_prob": self.null_caption_prob, "gpt": dataclasses.asdict(self.gpt), "vqgan": dataclasses.asdict(self.vqgan)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(gpt=GPTConfig(**d["gpt"]), vqgan=VQGANConfig(**d["vqgan"]), name=d.get("name", "custom"))
+        return cls(gpt=GPTConfig(**d["gpt"]), vqgan=VQGANConfig(**d["vqgan"]), name=d.get("name", "custom"),
+                   null_caption_prob=float(d.get("null_caption_prob", 0.0)))
 
 
 def _reference_vqgan() -> VQGANConfig:

@@ -239,16 +239,17 @@ def _placeholder_shape(program) -> tuple:
     return tuple(int(d) if isinstance(d, int) else None for d in shape)
 
 
-def _archive_kind(data: bytes) -> str:
+def archive_kind(data: bytes, what: str = "feature extractor") -> str:
+    """"export" (torch.export.save) or "torchscript" (torch.jit.save) for a file's bytes; else InputError naming `what`."""
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     except zipfile.BadZipFile:
-        raise InputError("feature extractor: not a torch.export (.pt2) or TorchScript file (not a zip archive)") from None
+        raise InputError(f"{what}: not a torch.export (.pt2) or TorchScript file (not a zip archive)") from None
     if any(n.endswith("archive_format") or "/models/" in n for n in names):
         return "export"
     if any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names):
         return "torchscript"
-    raise InputError("feature extractor: a zip archive, but neither a torch.export program (torch.export.save) "
+    raise InputError(f"{what}: a zip archive, but neither a torch.export program (torch.export.save) "
                      "nor a TorchScript module (torch.jit.save)")
 
 
@@ -260,7 +261,7 @@ def load_feature_extractor(data: bytes, size: int | None = None, device="cpu", b
     input side when the file does not declare one (InputError if it declares another).
     """
     device = torch.device(device)
-    kind = _archive_kind(data)
+    kind = archive_kind(data)
     fixed_batch = declared = None
     try:
         with warnings.catch_warnings():
@@ -375,20 +376,20 @@ def generate_images(generator, captions: Sequence[str], samples: int = 1, batch_
     images: list[bytes] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        encoded, _ = generator.images([r[2] for r in chunk], [r[0] for r in chunk], [r[1] for r in chunk])
+        encoded = generator.images([r[2] for r in chunk], [r[0] for r in chunk], [r[1] for r in chunk])[0]
         images.extend(encoded)
         if progress:
             progress(len(images), len(rows))
     return [r[0] for r in rows], [r[1] for r in rows], images
 
 
-def make_generator(model_or_generator, seed: int = 0, *, temperature: float = 1.0, top_k: int | None = 100,
-                   top_p: float | None = None, device=None, micro_batch: int | None = None):
-    """A `Generator` with this sampling config: from a model directory (loaded here), a `LoadedModel`,
-    or a `Generator` (its loaded model, device and micro-batch are reused; its sampling config is not)."""
+def make_generator(model_or_generator, seed: int = 0, *, device=None, micro_batch: int | None = None, **generation):
+    """A `Generator` with this generation config (`GenerationConfig` fields: temperature, top_k, top_p,
+    guidance, candidates, ...): from a model directory (loaded here), a `LoadedModel`, or a `Generator`
+    (its loaded model, device and micro-batch are reused; its generation config is not)."""
     from painter.generator import GenerationConfig, Generator
 
-    config = GenerationConfig(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
+    config = GenerationConfig(seed=seed, **generation)
     if isinstance(model_or_generator, Generator):
         g = model_or_generator
         return Generator(g.model, config, g.device, micro_batch=micro_batch or g.micro_batch)
@@ -396,15 +397,35 @@ def make_generator(model_or_generator, seed: int = 0, *, temperature: float = 1.
 
 
 def caption_accuracy(model_or_generator, captions: Sequence[str], seed: int = 0, samples: int = 1, *,
-                     temperature: float = 1.0, top_k: int | None = 100, top_p: float | None = None,
-                     device=None, micro_batch: int | None = None, batch_size: int = 64) -> dict:
+                     device=None, micro_batch: int | None = None, batch_size: int = 64, **generation) -> dict:
     """Generate `samples` images per synthetic caption and judge them: `judge_images`' summary plus
-    `samples`. `model_or_generator` as `make_generator` takes it."""
-    generator = make_generator(model_or_generator, seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                               device=device, micro_batch=micro_batch)
+    `samples`. `model_or_generator` and `generation` (temperature, top_k, guidance, ...) as `make_generator`
+    takes them."""
+    generator = make_generator(model_or_generator, seed, device=device, micro_batch=micro_batch, **generation)
     _, _, images = generate_images(generator, captions, samples, batch_size)
     summary, _ = judge_images([c for c in captions for _ in range(samples)], images)
     return summary | {"samples": samples}
+
+
+def diversity(groups: Iterable[Sequence]) -> dict:
+    """How different the samples of one caption are, over groups (one per caption) of >= 2 images
+    (PIL or uint8 (H, W, 3)): mean number of distinct images per group (pixel-identical ones count
+    once), the share of groups whose samples are all one picture, and the mean pairwise pixel
+    distance (mean |a - b| over all values, in 0..1 of the 0..255 range)."""
+    distinct, collapsed, distances = [], 0, []
+    for group in groups:
+        pixels = [np.asarray(image, dtype=np.uint8) for image in group]
+        if len(pixels) < 2:
+            continue
+        unique = len({p.tobytes() for p in pixels})
+        distinct.append(unique)
+        collapsed += unique == 1
+        distances += [float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) / 255.0
+                      for i, a in enumerate(pixels) for b in pixels[i + 1:]]
+    if not distinct:
+        raise ValueError("diversity needs at least one group of two or more images")
+    return {"groups": len(distinct), "distinct_per_group": float(np.mean(distinct)), "collapsed_groups": collapsed,
+            "mean_pairwise_distance": float(np.mean(distances))}
 
 
 # --- VQGAN reconstruction ------------------------------------------------------------------------

@@ -13,6 +13,17 @@ convolution for a batch of one, cuBLAS picks GEMM tiles per shape), so a fixed s
 image byte-identical whatever batch, worker or order it came in. The micro-batch size is therefore
 part of what names an image, like the seed; it defaults by device (`default_micro_batch`).
 
+Guidance, reranking and image prompts steer the same engine (`painter.engine.Steering`): `guidance` S
+runs each row under its caption and under the null caption (all [PAD]) as 2B model rows with one
+cache and samples from `u + S (c - u)` (S = 1 runs the plain engine: exactly the conditional tokens;
+S = 0 samples the null caption); `candidates` N draws each (idx, sample) N times with derived keys
+(`painter.rerank.candidate_keys`) and keeps the best by the model's own caption-vs-null likelihood
+ratio (or `scorer`, a user's image-text model file), returned as the `score` column; an input
+column `prompt_image` (encoded image bytes, or base64 text) with `keep_rows` K forces the first K
+token rows to that image's VQGAN codes and generates the rest. A micro-batch of R rows is always
+R x N candidates (x 2 when guided), so shapes stay fixed and the kept image depends on (seed, idx,
+sample) alone.
+
 Encoding overlaps the model: each chunk's pixels go to a thread pool (Pillow releases the GIL while
 compressing) while the next chunk is sampled. On CUDA the host does not wait for a chunk's pixels
 before queueing the next chunk's work: inputs go up from pinned memory, pixels come back as uint8
@@ -21,6 +32,8 @@ queued, so the GPU always has work while the host tokenizes, launches and encode
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from painter.checkpoint import LoadedModel, load_model
-from painter.engine import DecodeEngine
-from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, encode_image, uint8_on_device
+from painter import logs, rerank
+from painter.checkpoint import LoadedModel, load_model, read_bytes
+from painter.engine import DecodeEngine, Steering
+from painter.io.images import (IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image,
+                               preprocess, uint8_on_device)
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
-from painter.sampling import SamplingConfig, row_keys
+from painter.sampling import SamplingConfig, guided_logits
+
+PROMPT_COLUMN = "prompt_image"  # optional input column: an image (bytes, or base64 text) to continue
+# The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
+# Chosen by measurement on the bundled model (README, "Guidance and reranking").
+DEFAULT_GUIDANCE = 1.5
 
 MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}
 ENCODE_THREADS_MAX = {"cpu": 8, "cuda": 16}  # a 256x256 PNG is ~6-16 ms of one core: a GPU needs many
@@ -56,12 +76,20 @@ class GenerationConfig:
     top_p: float | None = None
     image_format: str = "png"
     precision: str | None = None  # "fp32" or "bf16"; None: bf16 on CUDA, fp32 on CPU
+    guidance: float | None = None  # guidance scale S (1: plain sampling); None: DEFAULT_GUIDANCE for guidable models
+    candidates: int = 1  # images drawn per (idx, sample); the best-scored one is kept
+    scorer: str | None = None  # image-text scorer file (.pt2 / TorchScript) instead of the model's own score
+    keep_rows: int = 0  # token rows of a row's prompt image kept (the rest generated)
     pixel_rounding: str = "round"  # or "truncate", as EasyNLP (painter.io.images)
 
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format {self.image_format!r} is not one of {IMAGE_FORMATS}")
         check_precision(self.precision)
+        if self.guidance is not None and not 0.0 <= self.guidance <= 100.0:
+            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
+        if self.candidates < 1 or self.keep_rows < 0:
+            raise ValueError(f"candidates must be >= 1 and keep_rows >= 0, got {self.candidates}, {self.keep_rows}")
         if self.pixel_rounding not in PIXEL_ROUNDING:
             raise ValueError(f"pixel rounding {self.pixel_rounding!r} is not one of {PIXEL_ROUNDING}")
         self.sampling  # validates temperature, top_k and top_p now rather than on the first batch
@@ -69,6 +97,17 @@ class GenerationConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def prompt_image_problem(cell) -> str | None:
+    """Why a `prompt_image` cell (bytes, or base64 text) cannot be a prompt, or None (also for no prompt)."""
+    if cell is None:
+        return None
+    try:
+        load_image(image_bytes(cell, isinstance(cell, str)))
+    except ImageRejected as e:
+        return f"prompt image: {e}"
+    return None
 
 
 def _padded(values: list, size: int) -> list:
@@ -102,12 +141,46 @@ class Generator:
         self.compile_sampler = compile_sampler
         threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
+        self.guidable = self.model.config.null_caption_prob > 0
+        self.guidance = self._guidance()
+        self.scorer = None
+        if self.config.scorer:
+            self.scorer = rerank.load_scorer(read_bytes(self.config.scorer), self.device, self.config.scorer)
+        side = math.isqrt(self.model.config.gpt.img_len)
+        self.keep_codes = self.config.keep_rows * side
+        if self.keep_codes > self.model.config.gpt.img_len:
+            raise ValueError(f"keep_rows {self.config.keep_rows} is more than the image's {side} token rows")
+
+    def _guidance(self) -> float:
+        """The guidance scale in force: the config's, else DEFAULT_GUIDANCE for a guidable model, else 1."""
+        guidance = self.config.guidance
+        if guidance is None:
+            return DEFAULT_GUIDANCE if self.guidable else 1.0
+        if guidance != 1.0 and not self.guidable:
+            logs.get("generate").warning(f"{self.model.path} was trained without caption dropout "
+                                         f"(train --null-caption-prob); --guidance {guidance} may not help")
+        return guidance
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.config.sampling
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+    @property
+    def reranks(self) -> bool:
+        return self.config.candidates > 1
 
     @property
     def engine(self) -> DecodeEngine:
+        """The decode engine for micro_batch x candidates rows (x 2 model rows when guided)."""
         if self._engine is None:
-            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch,
-                                        compile_sampler=self.compile_sampler)
+            combine = functools.partial(guided_logits, guidance=self.guidance) if self.guided else None
+            steering = Steering(rows_per_sample=2 if self.guided else 1, combine=combine, forcing=self.keep_codes > 0)
+            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch * self.config.candidates,
+                                        steering=steering, compile_sampler=self.compile_sampler)
         return self._engine
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -118,13 +191,57 @@ class Generator:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def codes(self, texts, idxs, samples) -> tuple[torch.Tensor, np.ndarray]:
-        """Image codes (B, img_len) and is_truncated (B,) for rows named by (idx, sample), computed as given.
+    def codes(self, texts, idxs, samples, prompts=None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """Image codes (B, img_len), is_truncated (B,) and scores (B,) (None without reranking) for rows
+        named by (idx, sample), computed as given; `prompts` (B,) prompt image cells or None.
 
         B must be the micro-batch (the engine's shape). On CUDA the codes may still be being computed."""
-        ids, is_truncated = self.model.tokenizer.encode_batch([str(t) for t in texts])
-        keys = row_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples])
-        return self.engine(self._to_device(ids), self._to_device(keys.numpy())), is_truncated
+        n, tokenizer = self.config.candidates, self.model.tokenizer
+        ids, is_truncated = tokenizer.encode_batch([str(t) for t in texts])
+        ids = np.repeat(ids, n, axis=0)  # (B*n, Tt): each row's candidates together
+        null = np.full_like(ids, tokenizer.pad_id)  # the null caption
+        keys = rerank.candidate_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples], n)  # (B*n,)
+        forced_codes, forced_mask = self.forced(prompts, n)
+        model_ids = np.concatenate([ids, null]) if self.guided else ids  # (2Bn or Bn, Tt)
+        codes = self.engine(self._to_device(model_ids), self._to_device(keys.numpy()), forced_codes, forced_mask)
+        if not self.reranks:
+            return codes, is_truncated, None
+        scores = self.score(self._to_device(ids), codes, self._to_device(null))  # (B*n,)
+        rows = torch.arange(len(texts), device=codes.device) * n + rerank.best_of(scores, n)  # (B,)
+        return codes[rows], is_truncated, scores[rows]
+
+    def score(self, text_ids: torch.Tensor, codes: torch.Tensor, null_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) scores of candidate codes (B, img_len): the user's scorer, else the model's own."""
+        if self.scorer is not None:
+            with torch.inference_mode():
+                images = self.vqgan.decode(codes).float().clamp(-1, 1)  # (B, 3, H, W)
+            return self.scorer(images, text_ids)
+        return rerank.likelihood_score(self.gpt, text_ids, codes, null_ids if self.guidable else None).float()
+
+    @torch.inference_mode()
+    def prompt_codes(self, cell) -> torch.Tensor:
+        """(img_len,) VQGAN codes of one prompt image cell, encoded alone (batch 1), so a prompt's codes
+        do not depend on the rows beside it; ImageRejected if unusable."""
+        array, reason = preprocess(cell, self.model.config.image_size, is_base64=isinstance(cell, str))
+        if reason is not None:
+            raise ImageRejected(f"prompt image: {reason}")
+        return self.model.vqgan.encode(torch.from_numpy(array)[None].to(self.device))[0]
+
+    @torch.inference_mode()
+    def forced(self, prompts, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(forced codes (B*n, img_len), forced mask (B*n, img_len)) from the rows' prompt images: the
+        first keep_rows token rows of each image's VQGAN codes; None, None without any. A missing cell
+        keeps nothing; an unusable image raises ImageRejected (the generate stage rejects those first)."""
+        if prompts is None or self.keep_codes == 0 or all(p is None for p in prompts):
+            return None, None
+        img_len = self.model.config.gpt.img_len
+        codes = torch.zeros(len(prompts), img_len, dtype=torch.int64, device=self.device)
+        keep = np.zeros(len(prompts), dtype=np.int64)
+        for i, cell in enumerate(prompts):
+            if cell is not None:
+                codes[i], keep[i] = self.prompt_codes(cell), self.keep_codes
+        mask = torch.arange(img_len, device=self.device)[None, :] < torch.from_numpy(keep).to(self.device)[:, None]
+        return codes.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -156,17 +273,21 @@ class Generator:
     def _start_encoding(self, pixels: np.ndarray):
         return self._pool.submit(self._encode, pixels) if self._pool else self._encode(pixels)
 
-    def images(self, texts, idxs, samples) -> tuple[list[bytes], np.ndarray]:
-        """Encoded images and is_truncated for any number of rows, in fixed-shape micro-batches.
+    def images(self, texts, idxs, samples, prompts=None) -> tuple[list[bytes], np.ndarray, np.ndarray | None]:
+        """Encoded images, is_truncated and scores (None without reranking) for any number of rows, in
+        fixed-shape micro-batches.
 
         Each chunk's pixels are collected only after the next chunk is queued (see the module docstring)."""
         texts, idxs, samples = list(texts), list(idxs), [int(s) for s in samples]
-        pending, truncated, previous = [], [], None
+        prompts = [None] * len(texts) if prompts is None else list(prompts)
+        pending, truncated, scores, previous = [], [], [], None
         for start in range(0, len(texts), self.micro_batch):
             n = min(start + self.micro_batch, len(texts)) - start
-            chunk = [_padded(column[start:start + n], self.micro_batch) for column in (texts, idxs, samples)]
-            codes, is_truncated = self.codes(*chunk)
+            chunk = [_padded(column[start:start + n], self.micro_batch) for column in (texts, idxs, samples, prompts)]
+            codes, is_truncated, score = self.codes(*chunk)
             truncated.append(is_truncated[:n])
+            if score is not None:
+                scores.append(score[:n])
             pixels_later = self._pixels_later(codes)
             if previous is not None:
                 pending.append(self._start_encoding(previous[0]()[:previous[1]]))
@@ -174,13 +295,18 @@ class Generator:
         if previous is not None:
             pending.append(self._start_encoding(previous[0]()[:previous[1]]))
         encoded = [image for part in pending for image in (part.result() if self._pool else part)]
-        return encoded, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool)
+        kept_scores = None
+        if self.reranks:
+            kept_scores = torch.cat(scores).float().cpu().numpy() if scores else np.zeros(0, dtype=np.float32)
+        return encoded, np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool), kept_scores
 
     def __call__(self, batch: dict) -> dict:
         texts, idxs = batch["text"], batch["idx"]
         samples = batch.get("sample", np.zeros(len(texts), dtype=np.int64))
-        encoded, is_truncated = self.images(texts, idxs, samples)
+        encoded, is_truncated, scores = self.images(texts, idxs, samples, batch.get(PROMPT_COLUMN))
         out = dict(batch)
+        if scores is not None:
+            out["score"] = scores.astype(np.float32)
         out["sample"] = np.asarray(samples, dtype=np.int64)
         out["seed"] = np.full(len(texts), self.config.seed, dtype=np.int64)
         out["model"] = np.array([self.model.fingerprint] * len(texts), dtype=object)

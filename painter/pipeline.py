@@ -18,9 +18,10 @@ TASKS = ("text2image_generation",)
 
 
 class TextToImagePipeline:
-    def __init__(self, model_dir: str, device=None):
+    def __init__(self, model_dir: str, device=None, guidance: float | None = None):
         self.device = pick_device(device)
         self.model = load_model(model_dir, device=self.device)
+        self.guidance = guidance  # the calls' default guidance scale (None: the Generator's default)
 
     def _generate(self, texts, samples, config: GenerationConfig) -> list[list[bytes]]:
         if isinstance(texts, str):
@@ -31,10 +32,13 @@ class TextToImagePipeline:
         return [list(images[i * samples:(i + 1) * samples]) for i in range(len(texts))]
 
     def __call__(self, texts, *, samples: int = 1, seed: int = 0, temperature: float = 1.0,
-                 top_k: int | None = 100, top_p: float | None = None) -> list[dict]:
-        """One dict per text: {"text", "gen_imgbase64"}; top_k=1 is greedy decoding."""
+                 top_k: int | None = 100, top_p: float | None = None, guidance: float | None = None,
+                 candidates: int = 1) -> list[dict]:
+        """One dict per text: {"text", "gen_imgbase64"}; top_k=1 is greedy decoding; guidance S and
+        candidates N as `painter generate --guidance S --candidates N`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        config = GenerationConfig(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
+        config = GenerationConfig(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  guidance=self.guidance if guidance is None else guidance, candidates=candidates)
         results = []
         for text, pngs in zip(texts, self._generate(texts, samples, config)):
             encoded = [base64.b64encode(p).decode("ascii") for p in pngs]
@@ -44,18 +48,21 @@ class TextToImagePipeline:
     def images(self, texts, *, samples: int = 1, **kwargs) -> list[list[Image.Image]]:
         """The same generation as PIL images: one list of `samples` images per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        config = GenerationConfig(**kwargs)
+        config = GenerationConfig(**({"guidance": self.guidance} | kwargs))
         return [[open_image(p) for p in pngs] for pngs in self._generate(texts, samples, config)]
 
 
-def pipeline(task: str, model_dir: str | None = None, device=None) -> TextToImagePipeline:
+def pipeline(task: str, model_dir: str | None = None, device=None, *, guidance: float | None = None
+             ) -> TextToImagePipeline:
     """A text-to-image callable on `model_dir` (a path, `s3://` prefix, model-zoo name, or None for the
-    bundled model, which draws the synthetic task's captions, e.g. "白色背景中间的一个大的红色圆形").
+    bundled model, which draws the synthetic task's captions, e.g. "白色背景中间的一个大的红色圆形");
+    `guidance` is its classifier-free guidance scale (default: the model's, see `painter.generator`).
 
     As in EasyNLP, a zoo name alone names both: `pipeline("pai-painter-commercial-base-zh")` (or
     `"alibaba-pai/pai-painter-commercial-base-zh"`) is text2image_generation with that model."""
     if model_dir is None and zoo_name(task):
         task, model_dir = TASKS[0], task
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    return TextToImagePipeline(model_dir or BUNDLED, device=device)
+    return TextToImagePipeline(model_dir or BUNDLED, device=device, guidance=guidance)

@@ -141,6 +141,14 @@ def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Ten
     return codes.gather(-1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
 
 
+def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: (2B, V) logits of [conditional rows; null-caption rows] -> (B, V) fp32
+    `u + S (c - u)`. S = 0 gives the null rows' logits exactly; S = 1 is not computed (the caller then
+    runs the conditional rows alone, which is exact where this would round). Device ops only."""
+    c, u = logits.float().chunk(2)  # (B, V), (B, V)
+    return u + guidance * (c - u)
+
+
 @torch.inference_mode()
 def generate(gpt: GPT, text_ids: torch.Tensor, keys: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Image codes (B, img_len) for text_ids (B, text_len): prefill once, then one token per step."""

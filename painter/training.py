@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from painter.models.gpt import GPT
 from painter.runtime import autocast
+from painter.sampling import row_keys, uniform_noise
 
 
 @dataclass
@@ -143,6 +144,21 @@ def corrupt_tokens(codes: torch.Tensor, pkeep: float, vocab_size: int,
     keep = torch.rand(codes.shape, generator=generator, device=codes.device) < pkeep  # (B, Ti)
     random = torch.randint(0, vocab_size, codes.shape, generator=generator, device=codes.device)  # (B, Ti)
     return torch.where(keep, codes, random.to(codes.dtype))
+
+
+def drop_captions(text_ids: torch.Tensor, prob: float, pad_id: int, seed: int, step: int,
+                  first_row: int) -> torch.Tensor:
+    """text_ids (B, Tt) with each row replaced, with probability `prob`, by the null caption (all `pad_id`).
+
+    Row i's draw is a pure function of (seed, step, first_row + i): the same on every rank, worker
+    count and resume, never a global RNG state. The classifier-free guidance of generation needs it.
+    """
+    if prob <= 0.0:
+        return text_ids
+    rows = range(first_row, first_row + text_ids.size(0))
+    keys = row_keys(seed, [f"null-caption/{step}"] * text_ids.size(0), list(rows), device=text_ids.device)  # (B,)
+    dropped = uniform_noise(keys, 0, 1)[:, 0] < prob  # (B,)
+    return text_ids.masked_fill(dropped[:, None], pad_id)
 
 
 class GPTLoss(nn.Module):

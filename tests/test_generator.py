@@ -100,7 +100,7 @@ def test_generator_codes_are_the_reference_algorithms(loaded):
 
     generator = Generator(loaded, GenerationConfig(seed=4), micro_batch=3)
     rows = ROWS[:3]
-    codes, _ = generator.codes([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
+    codes, _, _ = generator.codes([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
     ids, _ = loaded.tokenizer.encode_batch([r[1] for r in rows])
     keys = row_keys(4, [r[0] for r in rows], [r[2] for r in rows])
     assert torch.equal(codes, reference_generate(loaded.gpt, torch.from_numpy(ids), keys, generator.config.sampling))

@@ -42,10 +42,17 @@ class Options:
     batch_size: int = option(64, "GPT training batch size per worker")
     lr: float = option(5e-3, "GPT peak learning rate (high: the demo has minutes, not hours)")
     dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
+    fine_tune: bool = option(False, "fine-tune the base model's GPT (train --init) instead of training a fresh one; "
+                                    "its dropout stays as its config says")
+    null_caption_prob: float = option(0.0, "caption dropout of the GPT training (the train job's null caption "
+                                           "probability): makes the model guidable")
     workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN; each gets an equal "
                              "share of this machine's cores as torch threads")
     captions: int = option(200, "held-out captions generated and judged by the evaluation")
     top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
+    guidance: float | None = option(None, "classifier-free guidance of generation and evaluation (default: the "
+                                          "trained model's, as in painter generate)")
+    candidates: int = option(1, "images drawn per caption in generation and evaluation; the best-scored is kept")
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
@@ -88,8 +95,8 @@ def _corpus(o: Options, out: str) -> tuple[str, str]:
 
 def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     """The model directory whose VQGAN tokenizes the corpus: trained now, given, or bundled."""
-    if o.train_vq_steps <= 0:
-        return o.base_model or bundled_model_dir()
+    if o.train_vq_steps <= 0:  # an absolute path: the Ray workers run in other folders
+        return _absolute(o.base_model) if o.base_model else bundled_model_dir()
     from painter.stages import train_vq
 
     vocab = posixpath.join(out, "caption_vocab.txt")
@@ -107,7 +114,9 @@ def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
 def run(o: Options) -> dict:
     from painter.stages import evaluate, generate, tokenize, train
 
-    out = os.path.abspath(o.output) if "://" not in o.output else o.output
+    if o.fine_tune and o.dropout:
+        raise InputError("--dropout goes with a fresh GPT; --fine-tune keeps the base model's dropout")
+    out = _absolute(o.output)
     steps: dict = {}
     start = time.time()
     corpus, held_out = _corpus(o, out)
@@ -115,17 +124,19 @@ def run(o: Options) -> dict:
     base = _vqgan_model(o, out, corpus, steps)
     tokens, model = posixpath.join(out, "tokens"), posixpath.join(out, "model")
     _step("tokenize", tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), steps)
+    init = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
     _step("train", train.Options(
-        data=[tokens], preset=o.preset, vqgan=base, output=model, run_dir=posixpath.join(out, "runs"),
+        data=[tokens], **init, output=model, run_dir=posixpath.join(out, "runs"),
         name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
-        lr=o.lr, dropout=o.dropout, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
-        log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
+        lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
+        null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
     _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
                                        samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed,
-                                       gallery=True), steps)
+                                       guidance=o.guidance, candidates=o.candidates, gallery=True), steps)
     evaluation = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
-                                                top_k=o.top_k, seed=o.seed, output=posixpath.join(out, "eval")), steps)
+                                                top_k=o.top_k, seed=o.seed, guidance=o.guidance,
+                                                candidates=o.candidates, output=posixpath.join(out, "eval")), steps)
     scores = evaluation.get("caption_accuracy", {})
     summary = {
         "model": model, "contact_sheet": steps["generate"].get("contact_sheet"), "gallery": steps["generate"].get("gallery"),
@@ -151,6 +162,10 @@ def report(summary: dict) -> None:
         if summary.get(name):
             log.info(f"{name.replace('_', ' ')}: {summary[name]}")
     log.info(f"done in {summary['demo_seconds']} s ({', '.join(f'{k} {v} s' for k, v in summary['seconds_by_step'].items())})")
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
 
 
 def _lines(path: str) -> list[str]:

@@ -80,6 +80,11 @@ class Options:
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")
     top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
     top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
+    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.generator."
+                                          "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
+    candidates: int = option(1, "images drawn per caption and sample; the best-scored one is judged")
+    scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
+                                      "ONLY) instead of the model's own caption-vs-null likelihood ratio")
     batch_size: int = option(64, "images per generator call, VQGAN pass and feature pass")
     micro_batch: int | None = option(None, "rows per model call, which images depend on (default: 8 on CPU, 64 on GPU)")
     device: str | None = option(None, "cpu or cuda (default: cuda when this process has one)")
@@ -294,11 +299,12 @@ def read_captions(options: Options, storage: dict) -> list[str]:
 def _generate(options: Options, model, device) -> tuple[list[Candidate], dict]:
     captions = read_captions(options, parse_storage_options(options.storage_options))
     try:
-        config = GenerationConfig(seed=options.seed, temperature=options.temperature,
-                                  top_k=options.top_k or None, top_p=options.top_p)
+        config = GenerationConfig(seed=options.seed, temperature=options.temperature, top_k=options.top_k or None,
+                                  top_p=options.top_p, guidance=options.guidance, candidates=options.candidates,
+                                  scorer=options.scorer)
+        generator = Generator(model, config, device, micro_batch=options.micro_batch)
     except ValueError as e:
         raise InputError(str(e)) from None
-    generator = Generator(model, config, device, micro_batch=options.micro_batch)
     start = time.time()
     idxs, samples, images = ev.generate_images(
         generator, captions, options.samples, options.batch_size,
@@ -309,7 +315,8 @@ def _generate(options: Options, model, device) -> tuple[list[Candidate], dict]:
     return candidates, {"source": "model", "captions": len(captions), "caption_seed": options.caption_seed,
                         "held_out": options.held_out, "samples": options.samples, "seed": options.seed,
                         "temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
-                        "micro_batch": generator.micro_batch, "generation_seconds": round(seconds, 3)}
+                        "guidance": generator.guidance, "candidates": options.candidates,
+                        "scorer": options.scorer, "micro_batch": generator.micro_batch, "generation_seconds": round(seconds, 3)}
 
 
 class FeaturePass:
@@ -362,6 +369,14 @@ def judge_candidates(candidates: list[Candidate], features: FeaturePass | None, 
         if number % 100 == 0:
             _say(f"judged {number}/{len(candidates)} images")
     return judged, not_captions
+
+
+def sample_diversity(candidates: list[Candidate]) -> dict:
+    """`painter.evaluate.diversity` of the samples of each caption (generated here: every image decodes)."""
+    groups: dict[str, list] = {}
+    for c in candidates:
+        groups.setdefault(c.idx, []).append(load_image(c.image))
+    return ev.diversity(groups.values()) | {"samples": max(len(g) for g in groups.values())}
 
 
 def reference_features(options: Options, storage: dict, extractor: ev.FeatureExtractor, rejected: Rejected):
@@ -481,6 +496,8 @@ def evaluate(options: Options) -> dict:
         else:
             accuracy["note"] = "no image has a synthetic caption as its text: nothing to judge"
         summary["caption_accuracy"] = accuracy
+        if options.samples > 1 and where["source"] == "model":
+            summary["diversity"] = sample_diversity(candidates)
         if extractor:
             _say("computing reference features")
             ref = reference_features(options, storage, extractor, rejected)

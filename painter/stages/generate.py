@@ -38,7 +38,7 @@ import ray
 from painter import logs
 from painter.checkpoint import load_model
 from painter.errors import InputError
-from painter.generator import GenerationConfig, Generator, default_micro_batch
+from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
 from painter.io import sheet
 from painter.io.easynlp_tsv import write_easynlp_tsv
@@ -59,6 +59,7 @@ FIXED_SCHEMA = pa.schema([
     pa.field("seed", pa.int64()), pa.field("image", pa.binary()), pa.field("image_format", pa.string()),
     pa.field("model", pa.string()), pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("is_truncated", pa.bool_()),
+    pa.field("score", pa.float32()),  # --candidates > 1: the kept candidate's score; else null
 ])
 
 
@@ -75,6 +76,13 @@ class Options:
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")
     top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
     top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
+    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.generator."
+                                          "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
+    candidates: int = option(1, "images drawn per (idx, sample); the best-scored is kept, its score a column")
+    scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
+                                      "ONLY) instead of the model's own caption-vs-null likelihood ratio")
+    keep_rows: int = option(0, "with an input column prompt_image (an image, or base64): keep its first K token "
+                               "rows and generate the rest")
     batch_size: int | None = option(None, "rows per actor call, one data file per batch and partition; "
                                     "best a multiple of --micro-batch (default: 4 micro-batches)")
     micro_batch: int | None = option(None, "rows per model call: a fixed shape (short batches are padded) "
@@ -112,7 +120,9 @@ def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
                                 top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
-                                precision=options.precision, pixel_rounding=options.pixel_rounding)
+                                precision=options.precision, pixel_rounding=options.pixel_rounding,
+                                guidance=options.guidance, candidates=options.candidates, scorer=options.scorer,
+                                keep_rows=options.keep_rows)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -150,6 +160,7 @@ def _as_strings(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
 def validate_prompts(rows: pa.Table) -> Prompts:
     """Split rows into accepted prompts and rejected rows (with reasons); idx and text become strings."""
     idx, text = rows.column("idx").to_pylist(), rows.column("text").to_pylist()
+    prompts = rows.column(PROMPT_COLUMN).to_pylist() if PROMPT_COLUMN in rows.column_names else None
     sources, numbers, reasons = (rows.column(c).to_pylist() for c in (SOURCE, ROW, REASON))
     first: dict[str, str] = {}
     for i, reason in enumerate(reasons):
@@ -161,6 +172,8 @@ def validate_prompts(rows: pa.Table) -> Prompts:
             reasons[i] = "empty text"
         elif str(idx[i]) in first:
             reasons[i] = f"duplicate idx (first at {first[str(idx[i])]})"
+        elif prompts is not None and (reason := prompt_image_problem(prompts[i])):
+            reasons[i] = reason
         else:
             first[str(idx[i])] = f"{sources[i]} row {numbers[i]}"
     good = [r is None for r in reasons]
@@ -173,9 +186,9 @@ def validate_prompts(rows: pa.Table) -> Prompts:
 
 
 def output_schema(prompts: pa.Schema, partition_by: list[str]) -> pa.Schema:
-    """The table's columns: the fixed ones, pass-through input columns, then the partition columns
-    (run_date and --partition-by, as strings: their values live in the Delta log as text)."""
-    passed = [f for f in prompts if f.name not in FIXED_SCHEMA.names and f.name not in partition_by]
+    """The table's columns: the fixed ones, pass-through input columns (not a prompt image), then the
+    partition columns (run_date and --partition-by, as strings: their values live in the Delta log as text)."""
+    passed = [f for f in prompts if f.name not in (*FIXED_SCHEMA.names, PROMPT_COLUMN, *partition_by)]
     parts = [pa.field(name, pa.string()) for name in ["run_date", *partition_by]]
     return pa.schema([*FIXED_SCHEMA, *(f.with_nullable(True) for f in passed), *parts])
 
@@ -198,6 +211,7 @@ def output_rows(batch: pa.Table, generated: dict, image_format: str, run_date: s
         "image_format": pa.array([image_format] * n, pa.string()), "model": pa.array(list(generated["model"]), pa.string()),
         "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
         "is_truncated": pa.array(generated["is_truncated"], pa.bool_()), "run_date": pa.array([run_date] * n, pa.string()),
+        "score": pa.array(generated["score"] if "score" in generated else [None] * n, pa.float32()),
     }
     arrays = []
     for f in schema:
@@ -225,8 +239,8 @@ class GenerateActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _fail_point(self.fail_after, self.batches)
-        columns = {name: batch.column(name).to_pylist() for name in ("idx", "text", "sample")}
-        generated = self.generator(columns)
+        names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
+        generated = self.generator({name: batch.column(name).to_pylist() for name in names})
         rows = output_rows(batch, generated, self.generator.config.image_format, self.run_date, self.schema)
         files = self.table.write_files(rows, self.partition_by, new_batch_id(self.run_id))
         self.batches += 1

@@ -24,6 +24,7 @@ restarted worker from raising again).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -89,6 +90,10 @@ class Options(RunOptions):
     warmup_steps: int = option(100, "optimizer steps of linear lr warm-up")
     grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
     pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
+    null_caption_prob: float = option(0.0, "probability a training row's caption is dropped to the null caption (all "
+                                           "[PAD]), which makes the model guidable (classifier-free guidance); 0.1 is "
+                                           "usual. Stored in the model's config (an --init model's own value is "
+                                           "kept when this is 0)")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
     in_memory_mb: int = option(1024, "keep each worker's split of the training shards in memory, fully reshuffled "
                                      "every epoch, when it fits in this many MiB (no Ray Data iterator in the step "
@@ -120,6 +125,8 @@ def resolve_start(o: Options) -> Start:
         raise InputError("--dropout goes with --preset; --init keeps the dropout in its model's config")
     if not 0.0 <= o.dropout < 1.0:
         raise InputError(f"--dropout must be in [0, 1), got {o.dropout}")
+    if not 0.0 <= o.null_caption_prob < 1.0:
+        raise InputError(f"--null-caption-prob must be in [0, 1), got {o.null_caption_prob}")
     source = load_model(o.init or o.vqgan, parts=())
     if not source.vqgan_fingerprint:
         raise InputError(f"{source.path}: its config.json records no VQGAN fingerprint, so shards cannot be checked")
@@ -130,6 +137,8 @@ def resolve_start(o: Options) -> Start:
                         img_len=c.img_len, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
                         embd_pdrop=o.dropout, resid_pdrop=o.dropout)
         config = ModelConfig(gpt, source.config.vqgan, name=o.preset)
+    if o.null_caption_prob > 0:
+        config = dataclasses.replace(config, null_caption_prob=o.null_caption_prob)
     has_gpt = o.init is not None and (bool(source.gpt_fingerprint)
                                       or exists(posixpath.join(source.path, "gpt.safetensors")))
     return Start(source.path, config, ShardInfo.for_model(source), has_gpt)
@@ -276,7 +285,8 @@ def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int,
             "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
             "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
             "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
-            "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch)}
+            "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch),
+            "null_caption_prob": o.null_caption_prob}
 
 
 def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:

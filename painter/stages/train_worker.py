@@ -27,8 +27,8 @@ import torch.distributed as dist
 from painter.checkpoint import ModelConfig, load_model, save_model
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.training import (GPTLoss, TrainConfig, compile_model, make_optimizer, mfu, peak_bf16_tflops,
-                              prefetch_to_device, train_flops_per_token, train_step, use_compile)
+from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions, make_optimizer, mfu,
+                              peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 STATE_FILE = "train_state.pt"
@@ -149,7 +149,7 @@ class WorkerRun:
             epoch, done = divmod(self.state["step"], spe)
             batches = prefetch_to_device(self._batches(shard, epoch, skip=done * self.tc.grad_accum), self.device)
             for done in range(done + 1, spe + 1):
-                micro = [self._next(batches, epoch) for _ in range(self.tc.grad_accum)]
+                micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
                 result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                                     self.config.gpt.img_vocab_size, self.generator)
                 self.state["step"] += 1
@@ -191,6 +191,13 @@ class WorkerRun:
         if self.cfg["record_rows"]:
             self.rows_seen += idx
         return text_ids, image_tokens
+
+    def _drop_captions(self, batch, micro: int):
+        """Caption dropout (`--null-caption-prob`) of this step's micro-batch `micro`; rows numbered across ranks."""
+        text_ids, image_tokens = batch
+        first_row = (self.rank * self.tc.grad_accum + micro) * text_ids.size(0)
+        return drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
+                             self.cfg["seed"], self.state["step"], first_row), image_tokens
 
     def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
         """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
