@@ -179,7 +179,7 @@ def breakdown(generator: Generator, repeats: int) -> dict:
     """Seconds per micro-batch of each part of ours alone, and images/s each would allow."""
     device, n = generator.device, generator.micro_batch
     texts, idxs, samples = _columns(_rows(n))
-    codes, _ = generator.codes(texts, idxs, samples)
+    codes, _, _ = generator.codes(texts, idxs, samples)
     pixels = generator.pixels(codes)
     pool = generator._pool
     parts = {

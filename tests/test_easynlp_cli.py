@@ -131,7 +131,7 @@ def test_easynlp_documented_commands_train_then_predict(ray_session, tmp_path, m
 
     # pixels were truncated to 8 bits as EasyNLP does: the same codes decoded and rounded differ
     generator = Generator(model, GenerationConfig(seed=1234), "cpu", micro_batch=8)  # --random_seed's default
-    codes, _ = generator.codes(["红色的圆"] * 8, ["p1"] * 8, [0] * 8)
+    codes, _, _ = generator.codes(["红色的圆"] * 8, ["p1"] * 8, [0] * 8)
     with torch.inference_mode():
         decoded = model.vqgan.decode(codes)  # the generate job's shape: a micro-batch of 8
     scaled = ((decoded.clamp(-1, 1) + 1) * 127.5).numpy().transpose(0, 2, 3, 1)[0]

@@ -53,7 +53,7 @@ def _images(generator: Generator, rows, batch_size: int) -> dict:
     images = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        encoded, _ = generator.images([r[1] for r in chunk], [r[0] for r in chunk], [r[2] for r in chunk])
+        encoded, _, _ = generator.images([r[1] for r in chunk], [r[0] for r in chunk], [r[2] for r in chunk])
         images.update({(r[0], r[2]): png for r, png in zip(chunk, encoded)})
     return images
 
@@ -100,10 +100,10 @@ def test_generator_queues_a_micro_batch_without_waiting_for_the_gpu():
     next micro-batch while the GPU works (the overlap the Generator's loop relies on)."""
     generator = Generator(tiny_model(), GenerationConfig(seed=1), "cuda", micro_batch=4)
     texts, idxs, samples = [r[1] for r in ROWS[:4]], [r[0] for r in ROWS[:4]], [r[2] for r in ROWS[:4]]
-    first, _ = generator.codes(texts, idxs, samples)  # builds and captures the engine
+    first, _, _ = generator.codes(texts, idxs, samples)  # builds and captures the engine
     torch.cuda.set_sync_debug_mode("error")
     try:
-        codes, _ = generator.codes(texts, idxs, samples)
+        codes, _, _ = generator.codes(texts, idxs, samples)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(codes, first)
@@ -125,7 +125,7 @@ def test_fp32_generator_on_cuda_gives_the_reference_tokens():
     loaded = tiny_model()
     generator = Generator(loaded, GenerationConfig(seed=3, precision="fp32", top_k=1), "cuda", micro_batch=4)
     rows = ROWS[:4]
-    codes, _ = generator.codes([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
+    codes, _, _ = generator.codes([r[1] for r in rows], [r[0] for r in rows], [r[2] for r in rows])
     ids, _ = loaded.tokenizer.encode_batch([r[1] for r in rows])
     keys = row_keys(3, [r[0] for r in rows], [r[2] for r in rows], device="cuda")
     expected = reference_generate(loaded.gpt, torch.from_numpy(ids).cuda(), keys, generator.config.sampling)
