@@ -42,10 +42,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from painter.checkpoint import PRESETS, load_model, new_model  # noqa: E402
 from painter.generator import GenerationConfig, Generator  # noqa: E402
 from painter.io.images import encode_image, uint8_from_tensor  # noqa: E402
+from painter.training import peak_bf16_tflops  # noqa: E402
 from painter.runtime import autocast, pick_device  # noqa: E402
 from painter.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 PROMPTS = ["宽松T恤", "红色连衣裙", "远处的雪山，表面覆盖着厚厚的积雪", "蓝色牛仔裤"]
 
 
@@ -199,7 +199,7 @@ def breakdown(generator: Generator, repeats: int) -> dict:
 def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None) -> dict:
     name = torch.cuda.get_device_name(generator.device)
     if peak_tflops is None:
-        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak_tflops = peak_bf16_tflops(generator.device)
     flops = flops_per_image(generator)
     total = flops["gpt"] + flops["vqgan"]
     out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops}
