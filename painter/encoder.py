@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
 import pyarrow.compute as pc
 
 from painter.checkpoint import LoadedModel, load_model
@@ -83,10 +84,15 @@ class ImageEncoder:
     is used as it is, its VQGAN moved to `device`. Images go through `painter.vq_encode.encode_codes`
     (on CUDA: pinned uint8 copies, channels_last, bf16 autocast; on CPU: fp32, the reference's tokens),
     `max_batch` at a time (default: `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU).
+    `threads` sets this process's torch threads on CPU (a Ray actor otherwise gets one per whole CPU
+    it asked for, which is none of the cores the decode tasks leave idle between batches).
     """
 
-    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None):
+    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None,
+                 threads: int | None = None):
         self.device = pick_device(device)
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         if isinstance(model, LoadedModel):
             if model.vqgan is None:
                 raise ValueError("ImageEncoder needs a model loaded with its VQGAN")

@@ -1,15 +1,14 @@
 """The tokenize job: TSV/Parquet image corpora -> VQGAN token shards, every bad row rejected with a reason.
 
-Pipeline (Ray Data), streaming until the tokens exist:
+Pipeline (Ray Data), streaming end to end; nothing holds the corpus, in memory or on the driver:
   read_input          one task per file; a malformed line becomes a row with a reason
   -> prepare_batch    CPU tasks: idx/text checks, base64, decode, resize + crop -> uint8 pixels
   -> ImageEncoder     actor pool holding the VQGAN (one GPU each where the cluster has GPUs)
-  -> materialize      the token rows only (~1 KB a row; the pixels, up to 200 KB a row, stream past)
-  -> driver           counts and duplicate idx over the small (idx, file, row, reason) columns
-  -> write            shards (good rows) and the rejected rows, both from the materialized tokens
+  -> _TokenSink       write tasks (`painter.io.token_writer.TokenWriter`): good rows to shard files,
+                      rejected rows to the errors table, the good rows' keys to `<output>/_keys/`
+  -> duplicates       Ray tasks over hash buckets of the keys; only duplicates reach the driver,
+                      which removes them from their shard files and adds them to the errors table
   -> verify           the written files' footers: rows_in == rows_out + rows_rejected
-Materializing the tokens is what lets the shards, the errors table and the counts come from one
-pass over the images; the duplicate check needs the whole run anyway.
 
 Duplicate idx: among rows that are otherwise good, the first by (file path, row number) is kept and
 later ones are rejected with "duplicate idx (first at FILE:ROW)". Shard rows are in no set order.
@@ -17,13 +16,14 @@ later ones are rejected with "duplicate idx (first at FILE:ROW)". Shard rows are
 from __future__ import annotations
 
 import time
+import uuid
+import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.block import BlockAccessor
 
 from painter import logs
 from painter.checkpoint import load_model
@@ -33,9 +33,11 @@ from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter, duplicate_rows,
+                                     find_duplicates)  # noqa: F401 (find_duplicates: the job's rule)
 from painter.options import option, parse_storage_options
-from painter.stages.common import (actor_resources, arrow_filesystem, join, painter_error_from, read_input,
-                                   write_rejected)
+from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, join,
+                                   painter_error_from, read_input)
 
 STAGE = "tokenize"
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
@@ -124,108 +126,95 @@ def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data
     prepared = rows.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
                                 fn_kwargs={"size": info.image_size, "max_pixels": options.max_pixels,
                                            "resize": options.resize})
+    # on CPU the encoders share the cluster's cores evenly as torch threads (the decode tasks run between
+    # their batches); Ray would give a half-CPU actor one thread
+    cpus = ray.cluster_resources().get("CPU", 1)
+    threads = None if cluster_has_gpus() else max(1, int(cpus // resources["compute"].min_size))
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
-                                fn_constructor_kwargs={"model": options.model}, **resources)
+                                fn_constructor_kwargs={"model": options.model, "threads": threads}, **resources)
 
 
-def bookkeeping(ds: ray.data.Dataset) -> pa.Table:
-    """The small per-row columns of a materialized dataset, on the driver."""
-    columns = ["idx", SOURCE, ROW, REASON, "is_truncated"]
-    parts = [t for t in ray.get(ds.select_columns(columns).to_arrow_refs()) if t.num_rows]
-    if not parts:
-        return pa.table({c: pa.array([], t) for c, t in zip(columns, (pa.string(), pa.string(), pa.int64(),
-                                                                      pa.string(), pa.bool_()))})
-    return pa.concat_tables(parts)
+class _TokenSink(ray.data.Datasink):
+    """Ray's side of `TokenWriter`: each write task writes its rows; the reports meet on the driver."""
+
+    def __init__(self, writer: TokenWriter, run_id: str, rows_per_file: int):
+        self.writer, self.run_id, self.rows_per_file = writer, run_id, rows_per_file
+        self.report = BatchReport()
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> BatchReport:
+        batch = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
+        return self.writer.write(batch, f"{self.run_id}-{ctx.task_idx:05d}")
+
+    def on_write_complete(self, write_result) -> None:
+        for report in write_result.write_returns:
+            self.report = self.report.merge(report)
 
 
-def find_duplicates(keys: pa.Table) -> dict[tuple[str, int], str]:
-    """{(source, row): reason} for good rows whose idx a good row earlier in (source, row) order has."""
-    good = keys.filter(pc.is_null(keys[REASON]))
-    if good.num_rows < 2:
-        return {}
-    ordered = good.sort_by([("idx", "ascending"), (SOURCE, "ascending"), (ROW, "ascending")])
-    idx = ordered["idx"].to_numpy(zero_copy_only=False)
-    repeat = np.zeros(len(idx), dtype=bool)
-    repeat[1:] = idx[1:] == idx[:-1]
-    first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(idx))))
-    dups = np.flatnonzero(repeat)
-    take = lambda column, at: ordered[column].take(pa.array(at, pa.int64())).to_pylist()  # noqa: E731
-    sources, rows = take(SOURCE, dups), take(ROW, dups)
-    first_sources, first_rows = take(SOURCE, first[dups]), take(ROW, first[dups])
-    return {(s, r): f"duplicate idx (first at {fs}:{fr})"
-            for s, r, fs, fr in zip(sources, rows, first_sources, first_rows)}
+DUPLICATE_BUCKETS = 16  # hash buckets of the idx-only duplicate check (each one a Ray task's group)
 
 
-def _apply_rejections(batch: pa.Table, rejections: dict) -> pa.Table:
-    keys = zip(batch[SOURCE].to_pylist(), batch[ROW].to_pylist(), batch[REASON].to_pylist())
-    reasons = [rejections.get((s, r), old) for s, r, old in keys]
-    return batch.set_column(batch.schema.get_field_index(REASON), REASON, pa.array(reasons, pa.string()))
+def _with_bucket(keys: pa.Table) -> pa.Table:
+    buckets = [zlib.crc32(str(i).encode()) % DUPLICATE_BUCKETS for i in keys["idx"].to_pylist()]
+    return keys.append_column("_bucket", pa.array(buckets, pa.int32()))
 
 
-def _shard_rows(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    return batch.filter(pc.is_null(batch[REASON])).select(schema.names).cast(schema)
+def _bucket_duplicates(keys: pa.Table) -> pa.Table:
+    return duplicate_rows(keys.drop_columns(["_bucket"]))
 
 
-def write_shards(ds: ray.data.Dataset, output: str, info: ShardInfo, storage: dict, rows_per_file: int) -> None:
-    """The good rows of `ds` as token-shard Parquet files (with the ShardInfo metadata) under `output`."""
-    schema = info.schema()
-    filesystem, path = arrow_filesystem(output, storage)
-    shards = ds.map_batches(_shard_rows, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"schema": schema})
-    shards.write_parquet(path, filesystem=filesystem, schema=schema, min_rows_per_file=rows_per_file)
+def duplicate_keys(output: str, storage: dict) -> pa.Table:
+    """The keys of the written rows that repeat an earlier good row's idx, with their reason: found
+    per hash bucket of idx by Ray tasks, so only the duplicates reach the driver."""
+    keys_dir = join(output, KEYS_FOLDER)
+    if not _parquet_files(keys_dir, storage):
+        return KEYS_SCHEMA.empty_table()
+    filesystem, path = arrow_filesystem(keys_dir, storage)
+    keys = ray.data.read_parquet(path, filesystem=filesystem, schema=KEYS_SCHEMA)
+    found = (keys.map_batches(_with_bucket, batch_format="pyarrow", num_cpus=0.25)
+             .groupby("_bucket").map_groups(_bucket_duplicates, batch_format="pyarrow", num_cpus=0.25))
+    parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(parts).cast(KEYS_SCHEMA) if parts else KEYS_SCHEMA.empty_table()
 
 
-def _parquet_files(path: str, storage: dict, exclude: str | None = None) -> list[str]:
+def _parquet_files(path: str, storage: dict, exclude: tuple[str, ...] = ()) -> list[str]:
     """Parquet files under `path` (stripped of protocol, for `arrow_filesystem`), minus those under `exclude`."""
     fs, root = tables.url_to_fs(path, storage)
-    skip = tables.url_to_fs(exclude, storage)[1].rstrip("/") + "/" if exclude else None
+    skips = [tables.url_to_fs(e, storage)[1].rstrip("/") + "/" for e in exclude]
     files = fs.find(root) if fs.exists(root) else []
-    return sorted(f for f in files if f.endswith(".parquet") and not (skip and f.startswith(skip)))
+    return sorted(f for f in files if f.endswith(".parquet") and not any(f.startswith(s) for s in skips))
 
 
 def count_written(output: str, errors: str, storage: dict, info: ShardInfo) -> tuple[int, int, int]:
     """(shard rows, shard files, rejected rows) from the written files' footers; checks shard metadata."""
     filesystem, _ = arrow_filesystem(output, storage)
-    shard_files = _parquet_files(output, storage, exclude=errors)
+    shard_files = _parquet_files(output, storage, exclude=(errors, join(output, KEYS_FOLDER)))
     if shard_files and (reason := read_shard_info(shard_files, filesystem).mismatch(info)):
         raise AssertionError(f"written shards do not carry this run's metadata: {reason}")
     rows = lambda files: sum(pq.read_metadata(f, filesystem=filesystem).num_rows for f in files)  # noqa: E731
     return rows(shard_files), len(shard_files), rows(_parquet_files(errors, storage))
 
 
-def final_reasons(keys: pa.Table, rejections: dict) -> list[str | None]:
-    """Each row's reason once the duplicate rejections are applied (None for a written row)."""
-    rows = zip(keys[SOURCE].to_pylist(), keys[ROW].to_pylist(), keys[REASON].to_pylist())
-    return [rejections.get((s, r), old) for s, r, old in rows]
-
-
-def _reason_counts(reasons: list[str | None]) -> dict[str, int]:
-    """Rejected rows per kind of reason (the reason up to its first parenthesis or colon)."""
-    kinds: dict[str, int] = {}
-    for reason in filter(None, reasons):
-        kind = reason.split(" (", 1)[0].split(":", 1)[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
-
-
-def _first_rejection(keys: pa.Table, reasons: list[str | None]) -> tuple[str, int, str]:
-    rows = zip(keys[SOURCE].to_pylist(), keys[ROW].to_pylist(), reasons)
-    return min((s, r, why) for s, r, why in rows if why is not None)
-
-
-def _execute(options: Options, storage: dict, info: ShardInfo, errors: str):
-    """Run the Ray graph and write everything: (bookkeeping table, duplicate rejections)."""
-    encoded = encode_dataset(options, storage, info).materialize()
-    keys = bookkeeping(encoded)
-    _log(f"encoded {keys.num_rows} rows; checking duplicate idx")
-    rejections = find_duplicates(keys)
-    final = encoded
-    if rejections:
-        final = encoded.map_batches(_apply_rejections, batch_format="pyarrow", num_cpus=0.25,
-                                    fn_kwargs={"rejections": rejections})
+def _execute(options: Options, storage: dict, info: ShardInfo, errors: str) -> BatchReport:
+    """Stream the Ray graph into the shards and the errors table, then reject duplicate idx."""
+    writer = TokenWriter(options.output, errors, info, STAGE, storage)
+    run_id = uuid.uuid4().hex[:8]
+    sink = _TokenSink(writer, run_id, options.rows_per_file)
     _log(f"writing token shards to {options.output} and rejected rows to {errors}")
-    write_shards(final, options.output, info, storage, options.rows_per_file)
-    write_rejected(final, errors, STAGE, storage)
-    return keys, rejections
+    encode_dataset(options, storage, info).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    _log(f"encoded {sink.report.rows} rows; checking duplicate idx")
+    duplicates = duplicate_keys(options.output, storage)
+    report = sink.report
+    if duplicates.num_rows:
+        writer.remove_rows(duplicates, f"{run_id}-duplicates")
+        d = duplicates.to_pydict()
+        report = report.merge(BatchReport.of_rejections(d[REASON], d[SOURCE], d[ROW]))
+        report.truncated -= sum(d["is_truncated"])
+    writer.remove_keys()
+    return report
 
 
 def run(options: Options) -> dict:
@@ -238,32 +227,30 @@ def run(options: Options) -> dict:
     prepare_destinations([options.output, errors], storage, options.overwrite)
     _log(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
     try:
-        keys, rejections = _execute(options, storage, info, errors)
+        report = _execute(options, storage, info, errors)
     except Exception as e:
         cause = painter_error_from(e)
         if cause is None:
             raise
         raise cause from None
-    rows_in = keys.num_rows
+    rows_in = report.rows
     rows_out, files, rows_rejected = count_written(options.output, errors, storage, info)
     if rows_in != rows_out + rows_rejected:
         raise AssertionError(f"rows lost: {rows_in} read, {rows_out} written to shards, "
                              f"{rows_rejected} to the errors table")
     if rows_in == 0:
         raise InputError(f"{', '.join(options.input)}: no rows to read")
-    reasons = final_reasons(keys, rejections)
     if rows_out == 0:
-        source, row, reason = _first_rejection(keys, reasons)
+        source, row, reason = report.first_rejection
         raise InputError(f"{source}: no usable rows (all {rows_in} rejected; first at row {row}: {reason}); "
                          f"rejected rows are in {errors}")
     seconds = time.time() - start
-    truncated = keys["is_truncated"].to_pylist()
     summary = {
         "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_rejected,
         "seconds": round(seconds, 3), "images_per_second": round(rows_out / seconds, 2),
-        "output": options.output, "errors": errors, "files": files,
-        "truncated_texts": sum(1 for t, why in zip(truncated, reasons) if t and why is None),
-        "rejected_by_reason": _reason_counts(reasons), "vqgan": info.vqgan_fingerprint,
+        "output": options.output, "errors": errors, "files": files, "truncated_texts": report.truncated,
+        "rejected_by_reason": dict(sorted(report.by_reason.items(), key=lambda kv: -kv[1])),
+        "vqgan": info.vqgan_fingerprint,
     }
     rate = rows_rejected / rows_in
     if rate > options.max_error_rate:
