@@ -148,6 +148,21 @@ class ImageEncoder:
         return pa.table(columns)
 
 
+class DecodingEncoder:
+    """`prepare_batch` then `ImageEncoder` in one process: the tokenize job's whole per-row work on a
+    CPU-only cluster, where every worker is a CPU and handing pixels from decode tasks to encode actors
+    would only add a hop. `DecodingEncoder(model, threads=1, max_pixels=..., resize=...)(rows) -> batch`."""
+
+    def __init__(self, model: str | LoadedModel, threads: int | None = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 resize: str = "pil"):
+        self.encoder = ImageEncoder(model, device="cpu", threads=threads)
+        self.max_pixels, self.resize = max_pixels, resize
+
+    def __call__(self, batch) -> pa.Table:
+        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        return self.encoder(prepare_batch(table, self.encoder.info.image_size, self.max_pixels, self.resize))
+
+
 def _list_column(values: np.ndarray, null_mask: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """(n, k) array -> list<value_type> column, null where `null_mask`."""
     n, k = values.shape

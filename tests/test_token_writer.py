@@ -43,8 +43,9 @@ def test_a_batch_splits_into_shard_errors_and_keys(tmp_path):
     assert ShardInfo.from_schema(shard.schema, "x") == INFO
     rejected = pq.read_table(tmp_path / "out" / "_rejected" / "part-run-00000.parquet").to_pydict()
     assert rejected["idx"] == ["b", "d"] and rejected["row"] == [2, 4] and set(rejected["stage"]) == {"tokenize"}
-    keys = pq.read_table(tmp_path / "out" / KEYS_FOLDER / "part-run-00000.parquet")
-    assert keys.schema == KEYS_SCHEMA
+    keys = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "out" / KEYS_FOLDER).rglob("*.parquet"))])
+    assert keys.schema == KEYS_SCHEMA and keys.sort_by("_shard_row")["idx"].to_pylist() == ["a", "c"]
+    keys = keys.sort_by("_shard_row")
     assert keys["_shard_row"].to_pylist() == [0, 1] and keys["is_truncated"].to_pylist() == [True, False]
 
 
@@ -54,8 +55,7 @@ def test_duplicates_leave_their_shard_for_the_errors_table(tmp_path):
     writer.write(encoded([("a", "f1.tsv", 5, None, False), ("b", "f1.tsv", 6, None, True)]), "r-1")
     writer.write(encoded([("a", "f1.tsv", 2, "not an image", False), ("a", "f0.tsv", 9, None, True),
                           ("b", "f2.tsv", 1, None, True)]), "r-2")
-    keys = pa.concat_tables([pq.read_table(f) for f in sorted((out / KEYS_FOLDER).glob("*.parquet"))])
-    dups = duplicate_rows(keys)
+    dups = pa.concat_tables([writer.bucket_duplicates(b) for b in writer.key_buckets()])
     # a: f0.tsv:9 comes first (the rejected f1.tsv:2 does not count), so f1.tsv:5 goes; b: f1.tsv:6 stays
     assert sorted(zip(dups[SOURCE].to_pylist(), dups[ROW].to_pylist(), dups[REASON].to_pylist())) == [
         ("f1.tsv", 5, "duplicate idx (first at f0.tsv:9)"), ("f2.tsv", 1, "duplicate idx (first at f1.tsv:6)")]
@@ -72,8 +72,8 @@ def test_a_shard_left_empty_is_deleted(tmp_path):
     writer = TokenWriter(str(out), str(out / "_rejected"), INFO, "tokenize")
     writer.write(encoded([("a", "f.tsv", 1, None, False)]), "r-1")
     writer.write(encoded([("a", "f.tsv", 2, None, False)]), "r-2")
-    keys = pa.concat_tables([pq.read_table(f) for f in sorted((out / KEYS_FOLDER).glob("*.parquet"))])
-    writer.remove_rows(duplicate_rows(keys), "r-dups")
+    assert len(writer.key_buckets()) == 1  # every row of an idx lands in the same bucket
+    writer.remove_rows(writer.bucket_duplicates(writer.key_buckets()[0]), "r-dups")
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-r-1.parquet"]
 
 

@@ -5,16 +5,18 @@ One call takes a batch of encoded rows (`painter.encoder.ImageEncoder`'s output)
   - the good rows as one token-shard file `<output>/part-<name>.parquet` (the `ShardInfo` schema);
   - the rejected rows to `<errors>/part-<name>.parquet` (the rejected-rows schema);
   - the good rows' keys (idx, source file, row, the shard file and the row's place in it) to
-    `<output>/_keys/part-<name>.parquet`, so duplicate idx can be found later without the tokens;
+    `<output>/_keys/<bucket>/part-<name>.parquet`, split into `KEY_BUCKETS` buckets by a hash of idx,
+    so duplicate idx can be found later, bucket by bucket in parallel, without the tokens;
 and returns a small `BatchReport` (counts by reason, truncated texts, the first rejection).
 
-Duplicate idx are found once everything is written (`find_duplicates` over each hash bucket of the
-keys) and `remove_rows` rewrites only the shard files that hold one. Writing first and removing the
+Duplicate idx are found once everything is written (`bucket_duplicates`: `find_duplicates` over one
+bucket of the keys, every row of an idx being in the same bucket) and `remove_rows` rewrites only the shard files that hold one. Writing first and removing the
 few duplicates after is what lets the job stream: nothing holds the corpus, in memory or on the driver.
 """
 from __future__ import annotations
 
 import posixpath
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ from painter.io.shards import ShardInfo
 from painter.io.tables import REASON, ROW, SOURCE
 
 KEYS_FOLDER = "_keys"  # under the shard folder: skipped by `painter train` like every `_*` folder
+KEY_BUCKETS = 32  # a task each when looking for duplicates; 100 M rows make ~3 M keys (~150 MB) a bucket
 SHARD, SHARD_ROW = "_shard", "_shard_row"
 KEYS_SCHEMA = pa.schema([pa.field("idx", pa.string()), pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()),
                          pa.field(REASON, pa.string()), pa.field(SHARD, pa.string()),
@@ -72,8 +75,14 @@ class TokenWriter:
     stage: str
     storage: dict | None = None
 
+    def _fs(self, path: str):
+        """(filesystem, root) for `path`, its cached listings dropped: Ray workers write here too."""
+        fs, root = tables.url_to_fs(path, self.storage)
+        fs.invalidate_cache(root)
+        return fs, root
+
     def _write(self, table: pa.Table, folder: str, name: str) -> str:
-        fs, root = tables.url_to_fs(folder, self.storage)
+        fs, root = self._fs(folder)
         fs.makedirs(root, exist_ok=True)
         path = posixpath.join(root, f"part-{name}.parquet")
         with fs.open(path, "wb") as f:
@@ -96,13 +105,33 @@ class TokenWriter:
                              SHARD: pa.array([shard] * good.num_rows, pa.string()),
                              SHARD_ROW: pa.array(np.arange(good.num_rows), pa.int64()),
                              "is_truncated": good["is_truncated"]}, schema=KEYS_SCHEMA)
-            self._write(keys, posixpath.join(self.output, KEYS_FOLDER), name)
+            self._write_keys(keys, name)
         return report
+
+    def _write_keys(self, keys: pa.Table, name: str) -> None:
+        buckets = np.array([zlib.crc32(i.encode()) % KEY_BUCKETS for i in keys["idx"].to_pylist()])
+        for bucket in np.unique(buckets):
+            part = keys.filter(pa.array(buckets == bucket))
+            self._write(part, posixpath.join(self.output, KEYS_FOLDER, f"{bucket:02d}"), name)
+
+    def key_buckets(self) -> list[str]:
+        """The key buckets written so far (folder names)."""
+        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)) if fs.exists(root) else []
+
+    def bucket_duplicates(self, bucket: str) -> pa.Table:
+        """The keys of one bucket that repeat an earlier good row's idx, with their reason."""
+        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER, bucket))
+        parts = []
+        for path in sorted(fs.find(root)):
+            with fs.open(path, "rb") as f:
+                parts.append(pq.read_table(f))
+        return duplicate_rows(pa.concat_tables(parts)) if parts else KEYS_SCHEMA.empty_table()
 
     def remove_rows(self, duplicates: pa.Table, name: str) -> None:
         """Drop `duplicates` (keys rows with their reason) from their shard files and add them to the
         errors table. A shard left empty is deleted."""
-        fs, _ = tables.url_to_fs(self.output, self.storage)
+        fs, _ = self._fs(self.output)
         for shard in sorted(set(duplicates[SHARD].to_pylist())):
             drop = duplicates.filter(pc.equal(duplicates[SHARD], shard))[SHARD_ROW].to_numpy()
             with fs.open(shard, "rb") as f:
@@ -118,7 +147,7 @@ class TokenWriter:
         self._write(tables.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
 
     def remove_keys(self) -> None:
-        fs, root = tables.url_to_fs(posixpath.join(self.output, KEYS_FOLDER), self.storage)
+        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER))
         if fs.exists(root):
             fs.rm(root, recursive=True)
 

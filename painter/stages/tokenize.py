@@ -3,10 +3,11 @@
 Pipeline (Ray Data), streaming end to end; nothing holds the corpus, in memory or on the driver:
   read_input          one task per file; a malformed line becomes a row with a reason
   -> prepare_batch    CPU tasks: idx/text checks, base64, decode, resize + crop -> uint8 pixels
-  -> ImageEncoder     actor pool holding the VQGAN (one GPU each where the cluster has GPUs)
+  -> ImageEncoder     actor pool holding the VQGAN, one GPU each (on a CPU-only cluster the two are
+                      one actor per CPU, `DecodingEncoder`, each decoding and encoding its own rows)
   -> _TokenSink       write tasks (`painter.io.token_writer.TokenWriter`): good rows to shard files,
                       rejected rows to the errors table, the good rows' keys to `<output>/_keys/`
-  -> duplicates       Ray tasks over hash buckets of the keys; only duplicates reach the driver,
+  -> duplicates       a Ray task per hash bucket of the keys; only duplicates reach the driver,
                       which removes them from their shard files and adds them to the errors table
   -> verify           the written files' footers: rows_in == rows_out + rows_rejected
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -27,13 +27,13 @@ from ray.data.block import BlockAccessor
 
 from painter import logs
 from painter.checkpoint import load_model
-from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, ImageEncoder, prepare_batch
+from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError
 from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
-from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter, duplicate_rows,
+from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter,
                                      find_duplicates)  # noqa: F401 (find_duplicates: the job's rule)
 from painter.options import option, parse_storage_options
 from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, join,
@@ -42,6 +42,9 @@ from painter.stages.common import (actor_resources, arrow_filesystem, cluster_ha
 STAGE = "tokenize"
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 REQUIRED_COLUMNS = ("idx", "text", BASE64_COLUMN)
+# Blocks of the image rows as read (~256 rows of 32 KB images): decoding and encoding start on a file's
+# first rows while the rest is read, and a large file never makes one block of its own
+READ_BLOCK_BYTES = 8 * 2 ** 20
 
 
 @dataclass(kw_only=True)
@@ -54,7 +57,8 @@ class Options:
     max_error_rate: float = option(0.01, "fail the run, after writing everything, when a larger fraction "
                                          "of the rows is rejected")
     batch_size: int = option(64, "images per VQGAN batch")
-    actors: int | None = option(None, "encoder actors (default: one per GPU, else half the CPUs)")
+    actors: int | None = option(None, "encoder actors (default: one per GPU; on a CPU-only cluster one per CPU, "
+                                      "each decoding its own rows)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
     resize: str = option("pil", "pil: EXIF rotation, alpha on white, antialiased bicubic (the default: no aliasing "
                                 "when shrinking photos); easynlp: EasyNLP/taming's plain RGB and OpenCV bilinear "
@@ -102,6 +106,12 @@ def _model_info(model: str) -> ShardInfo:
     return info
 
 
+def _check_pool(actors: int | None, taken: float, cpus: float) -> None:
+    if taken >= cpus:
+        raise InputError(f"--actors {actors}: the encoders would take {taken:g} of this cluster's {cpus:g} CPUs, "
+                         "leaving none to read and decode images")
+
+
 def _resources(actors: int | None) -> tuple[dict, float]:
     """(encoder actor pool kwargs, CPUs per decode task), refusing a pool that leaves no CPU to decode.
 
@@ -113,25 +123,45 @@ def _resources(actors: int | None) -> tuple[dict, float]:
     resources = actor_resources(actors)
     cpus = ray.cluster_resources().get("CPU", 0)
     taken = resources.get("num_cpus", 0) * resources["compute"].min_size
-    if taken >= cpus:
-        raise InputError(f"--actors {actors}: the encoders would take {taken:g} of this cluster's {cpus:g} CPUs, "
-                         "leaving none to read and decode images")
+    _check_pool(actors, taken, cpus)
     return resources, min(1.0, cpus - taken)
 
 
-def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data.Dataset:
-    """The lazy read -> prepare -> encode graph; one output row per input row, rejected rows with reasons."""
-    resources, prepare_cpus = _resources(options.actors)
-    rows = read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN})
-    prepared = rows.map_batches(prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
-                                fn_kwargs={"size": info.image_size, "max_pixels": options.max_pixels,
-                                           "resize": options.resize})
-    # on CPU the encoders share the cluster's cores evenly as torch threads (the decode tasks run between
-    # their batches); Ray would give a half-CPU actor one thread
+def _cpu_resources(actors: int | None) -> dict:
+    """The CPU cluster's decoding encoder pool: one actor per CPU by default, each asking for half of one
+    (the read and write tasks take the rest of the reservations; the actors' own threads fill the cores)."""
     cpus = ray.cluster_resources().get("CPU", 1)
-    threads = None if cluster_has_gpus() else max(1, int(cpus // resources["compute"].min_size))
+    size = actors or max(1, int(cpus))
+    _check_pool(actors, size * 0.5, cpus)
+    return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
+
+
+def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data.Dataset:
+    """The lazy read -> prepare -> encode graph; one output row per input row, rejected rows with reasons.
+
+    With GPUs, CPU tasks decode (`prepare_batch`) and GPU actors encode. On a CPU-only cluster each
+    encoder actor decodes its own rows (`DecodingEncoder`): one per CPU, one torch thread each, which
+    keeps every core busy without the decode tasks and the encoders' thread pools fighting for them.
+    """
+    gpus = cluster_has_gpus()
+    prepare = {"max_pixels": options.max_pixels, "resize": options.resize}
+    if not gpus:
+        resources = _cpu_resources(options.actors)
+        # reads ask for less CPU than the encoders, or Ray would fuse reading into the actors
+        rows = _read(options, storage, num_cpus=0.25)
+        return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
+                                fn_constructor_kwargs={"model": options.model, "threads": 1, **prepare}, **resources)
+    resources, prepare_cpus = _resources(options.actors)
+    prepared = _read(options, storage, num_cpus=0.5).map_batches(
+        prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
+        fn_kwargs={"size": info.image_size, **prepare})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
-                                fn_constructor_kwargs={"model": options.model, "threads": threads}, **resources)
+                                fn_constructor_kwargs={"model": options.model}, **resources)
+
+
+def _read(options: Options, storage: dict, num_cpus: float) -> ray.data.Dataset:
+    return read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
+                      block_bytes=READ_BLOCK_BYTES, num_cpus=num_cpus)
 
 
 class _TokenSink(ray.data.Datasink):
@@ -154,35 +184,27 @@ class _TokenSink(ray.data.Datasink):
             self.report = self.report.merge(report)
 
 
-DUPLICATE_BUCKETS = 16  # hash buckets of the idx-only duplicate check (each one a Ray task's group)
+@ray.remote(num_cpus=0.5)
+def _bucket_duplicates(writer: TokenWriter, buckets: list[str]) -> pa.Table:
+    return pa.concat_tables([writer.bucket_duplicates(bucket) for bucket in buckets])
 
 
-def _with_bucket(keys: pa.Table) -> pa.Table:
-    buckets = [zlib.crc32(str(i).encode()) % DUPLICATE_BUCKETS for i in keys["idx"].to_pylist()]
-    return keys.append_column("_bucket", pa.array(buckets, pa.int32()))
-
-
-def _bucket_duplicates(keys: pa.Table) -> pa.Table:
-    return duplicate_rows(keys.drop_columns(["_bucket"]))
-
-
-def duplicate_keys(output: str, storage: dict) -> pa.Table:
-    """The keys of the written rows that repeat an earlier good row's idx, with their reason: found
-    per hash bucket of idx by Ray tasks, so only the duplicates reach the driver."""
-    keys_dir = join(output, KEYS_FOLDER)
-    if not _parquet_files(keys_dir, storage):
+def duplicate_keys(writer: TokenWriter) -> pa.Table:
+    """The keys of the written rows that repeat an earlier good row's idx, with their reason: Ray tasks
+    (as many as the cluster has CPUs) over the hash buckets of idx, so only the duplicates reach the driver."""
+    buckets = writer.key_buckets()
+    if not buckets:
         return KEYS_SCHEMA.empty_table()
-    filesystem, path = arrow_filesystem(keys_dir, storage)
-    keys = ray.data.read_parquet(path, filesystem=filesystem, schema=KEYS_SCHEMA)
-    found = (keys.map_batches(_with_bucket, batch_format="pyarrow", num_cpus=0.25)
-             .groupby("_bucket").map_groups(_bucket_duplicates, batch_format="pyarrow", num_cpus=0.25))
-    parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(parts).cast(KEYS_SCHEMA) if parts else KEYS_SCHEMA.empty_table()
+    tasks = max(1, min(len(buckets), int(ray.cluster_resources().get("CPU", 1))))
+    found = ray.get([_bucket_duplicates.remote(writer, buckets[k::tasks]) for k in range(tasks)])
+    parts = [t for t in found if t.num_rows]
+    return pa.concat_tables(parts) if parts else KEYS_SCHEMA.empty_table()
 
 
 def _parquet_files(path: str, storage: dict, exclude: tuple[str, ...] = ()) -> list[str]:
     """Parquet files under `path` (stripped of protocol, for `arrow_filesystem`), minus those under `exclude`."""
     fs, root = tables.url_to_fs(path, storage)
+    fs.invalidate_cache(root)  # the files were written by other processes
     skips = [tables.url_to_fs(e, storage)[1].rstrip("/") + "/" for e in exclude]
     files = fs.find(root) if fs.exists(root) else []
     return sorted(f for f in files if f.endswith(".parquet") and not any(f.startswith(s) for s in skips))
@@ -206,7 +228,7 @@ def _execute(options: Options, storage: dict, info: ShardInfo, errors: str) -> B
     _log(f"writing token shards to {options.output} and rejected rows to {errors}")
     encode_dataset(options, storage, info).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     _log(f"encoded {sink.report.rows} rows; checking duplicate idx")
-    duplicates = duplicate_keys(options.output, storage)
+    duplicates = duplicate_keys(writer)
     report = sink.report
     if duplicates.num_rows:
         writer.remove_rows(duplicates, f"{run_id}-duplicates")
