@@ -79,20 +79,21 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
 class ImageEncoder:
     """`ImageEncoder(model_dir_or_loaded, device=None)(batch) -> batch` (see the module docstring).
 
-    A model directory is loaded (VQGAN only) onto `device` (default: CUDA when present); a LoadedModel
-    is used as it is, its VQGAN moved to `device`. Images go through `painter.vq_encode.encode_codes`
-    (on CUDA: pinned uint8 copies, channels_last, bf16 autocast; on CPU: fp32, the reference's tokens),
-    `max_batch` at a time (default: `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU).
+    A model directory is loaded (VQGAN only, through `storage`, a `painter.io.storage.Storage`) onto
+    `device` (default: CUDA when present); a LoadedModel is used as it is, its VQGAN moved to `device`.
+    Images go through `painter.vq_encode.encode_codes` (on CUDA: pinned uint8 copies, channels_last,
+    bf16 autocast; on CPU: fp32, the reference's tokens), `max_batch` at a time (default:
+    `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU).
     """
 
-    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None):
+    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None, storage=None):
         self.device = pick_device(device)
         if isinstance(model, LoadedModel):
             if model.vqgan is None:
                 raise ValueError("ImageEncoder needs a model loaded with its VQGAN")
             self.model = model
         else:
-            self.model = load_model(model, parts=("vqgan",), device=self.device)
+            self.model = load_model(model, parts=("vqgan",), device=self.device, storage=storage)
         self.model.vqgan = prepare_vqgan(self.model.vqgan, self.device)
         self.info = ShardInfo.for_model(self.model)
         self.max_batch = max_batch or default_max_batch(self.device)

@@ -33,7 +33,8 @@ from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
-from painter.options import option, parse_storage_options
+from painter.io.storage import Storage
+from painter.options import option
 from painter.stages.common import (actor_resources, arrow_filesystem, join, painter_error_from, read_input,
                                    write_rejected)
 
@@ -92,9 +93,9 @@ def prepare_destinations(paths: list[str], storage: dict, overwrite: bool) -> No
             raise PainterError(f"{path} already exists and is not empty; choose another path or pass --overwrite")
 
 
-def _model_info(model: str) -> ShardInfo:
+def _model_info(model: str, storage: Storage) -> ShardInfo:
     """What the shards will record, read from the model directory without loading weights on the driver."""
-    info = ShardInfo.for_model(load_model(model, parts=()))
+    info = ShardInfo.for_model(load_model(model, parts=(), storage=storage))
     if not info.vqgan_fingerprint:
         raise CheckpointError(f"{model}: config.json records no VQGAN fingerprint; re-save the model directory")
     return info
@@ -125,7 +126,7 @@ def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data
                                 fn_kwargs={"size": info.image_size, "max_pixels": options.max_pixels,
                                            "resize": options.resize})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
-                                fn_constructor_kwargs={"model": options.model}, **resources)
+                                fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
 
 
 def bookkeeping(ds: ray.data.Dataset) -> pa.Table:
@@ -232,9 +233,9 @@ def run(options: Options) -> dict:
     """Tokenize the corpus; the summary counts rows in, out and rejected (see the module docstring)."""
     start = time.time()
     _check_options(options)
-    storage = parse_storage_options(options.storage_options)
+    storage = Storage.from_option(options.storage_options)
     errors = options.errors or join(options.output, "_rejected")
-    info = _model_info(options.model)
+    info = _model_info(options.model, storage)
     prepare_destinations([options.output, errors], storage, options.overwrite)
     _log(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
     try:
