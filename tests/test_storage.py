@@ -138,6 +138,7 @@ def test_tokenize_reads_and_writes_through_the_options(remote, endpoint_only_in_
     assert sum(pq.read_metadata(p, filesystem=filesystem).num_rows for p in shards) == CORPUS_ROWS
 
 
+@pytest.mark.slow  # a Ray Train run: tens of seconds, like the train job's other tests
 def test_train_reads_model_and_shards_and_checkpoints_through_the_options(remote, endpoint_only_in_options, capsys):
     root, storage = remote["root"], remote["storage"]
     summary = painter(capsys, "train", "--data", f"{root}/shards", "--init", f"{root}/model",
