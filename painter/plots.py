@@ -4,7 +4,8 @@ in their run directory for people to look at.
 `loss_curve(series)` draws lines of (step, value) on shared axes with ticks and a legend;
 `write_loss_curve(run_path, ...)` reads the run's `metrics.jsonl` (one JSON object per logged step;
 a step logged twice, as after a restart, keeps its last value; a value repeated unchanged from the line
-before, as the validation loss between epochs, is drawn once) and writes `<run_path>/loss_curve.png`, both through the job's `Storage`.
+before, as the validation loss between epochs, is drawn once) and writes `<run_path>/loss_curve.png`,
+both through the job's `Storage`.
 """
 from __future__ import annotations
 
