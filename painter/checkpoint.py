@@ -1,7 +1,8 @@
 """The model directory: presets, save/load, fingerprints, model-zoo names and foreign-checkpoint import.
 
 A model directory holds `config.json` (a `ModelConfig`), `vocab.txt`, `gpt.safetensors` and
-`vqgan.safetensors`; every path goes through fsspec so `s3://` directories work like local ones.
+`vqgan.safetensors`; every path goes through the job's `painter.io.storage.Storage` so `s3://` directories work
+like local ones.
 A tensor that is missing, unexpected or misshapen raises `CheckpointError` naming the file and the
 first tensor that does not fit. Importers of foreign layouts are in `painter.importers`.
 """
@@ -14,12 +15,12 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from painter.errors import CheckpointError
+from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPT, GPTConfig
 from painter.models.vqgan import VQGAN, VQGANConfig
 from painter.text import TextTokenizer
@@ -122,17 +123,11 @@ def _fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, storage: Storage | None = None) -> bytes:
     try:
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+        return as_storage(storage).read_bytes(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with fsspec.open(path, "wb") as f:
-        f.write(data)
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:
@@ -149,8 +144,8 @@ def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
 
 
-def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None) -> str:
-    data = read_bytes(path)
+def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None, storage: Storage) -> str:
+    data = read_bytes(path, storage)
     actual = _fingerprint(data)
     if fingerprint and actual != fingerprint:
         raise CheckpointError(f"{path}: contents do not match the fingerprint in config.json "
@@ -164,19 +159,19 @@ def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None) -
     return actual
 
 
-def load_tokenizer(path: str, text_len: int) -> TextTokenizer:
+def load_tokenizer(path: str, text_len: int, storage: Storage | None = None) -> TextTokenizer:
     """A vocab.txt as a tokenizer; a missing or unusable file is a CheckpointError naming it."""
     try:
-        return TextTokenizer.from_file(path, text_len=text_len)
+        return TextTokenizer.from_file(path, text_len=text_len, storage=storage)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read the vocabulary ({type(e).__name__}: {e})") from None
 
 
-def read_manifest(model_dir: str) -> tuple[ModelConfig, dict]:
+def read_manifest(model_dir: str, storage: Storage | None = None) -> tuple[ModelConfig, dict]:
     """The model directory's config and the fingerprints of its weight files."""
     path = posixpath.join(model_dir, "config.json")
     try:
-        d = json.loads(read_bytes(path))
+        d = json.loads(read_bytes(path, storage))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if d.get("format") != FORMAT:
@@ -188,12 +183,14 @@ def read_manifest(model_dir: str) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(model_dir: str, *, parts: tuple[str, ...] = ("gpt", "vqgan"), device="cpu") -> LoadedModel:
-    """Load a model directory (a path, `s3://` prefix or zoo name); only `parts` get weights."""
+def load_model(model_dir: str, *, parts: tuple[str, ...] = ("gpt", "vqgan"), device="cpu",
+               storage: Storage | None = None) -> LoadedModel:
+    """Load a model directory (a path, `s3://` prefix or zoo name) through `storage`; only `parts` get weights."""
+    storage = as_storage(storage)
     model_dir = resolve_model_dir(model_dir)
-    config, fingerprints = read_manifest(model_dir)
+    config, fingerprints = read_manifest(model_dir, storage)
     vocab_path = posixpath.join(model_dir, "vocab.txt")
-    tokenizer = load_tokenizer(vocab_path, config.gpt.text_len)
+    tokenizer = load_tokenizer(vocab_path, config.gpt.text_len, storage)
     if tokenizer.vocab_size > config.gpt.text_vocab_size:
         raise CheckpointError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the GPT embeds only "
                               f"{config.gpt.text_vocab_size} text ids")
@@ -203,43 +200,47 @@ def load_model(model_dir: str, *, parts: tuple[str, ...] = ("gpt", "vqgan"), dev
         if part not in parts:
             continue
         path = posixpath.join(model_dir, f"{part}.safetensors")
-        if part not in fingerprints and not fsspec.core.url_to_fs(path)[0].exists(path):
+        if part not in fingerprints and not storage.exists(path):
             raise CheckpointError(f"{path}: this model directory has no {part.upper()} weights")
         module = cls(part_config).eval()
-        setattr(loaded, f"{part}_fingerprint", _load_weights(module, path, fingerprints.get(part)))
+        setattr(loaded, f"{part}_fingerprint", _load_weights(module, path, fingerprints.get(part), storage))
         setattr(loaded, part, module.to(device))
     return loaded
 
 
 def save_model(model_dir: str, config: ModelConfig, tokenizer: TextTokenizer, *,
-               gpt: GPT | dict | None = None, vqgan: VQGAN | dict | None = None) -> str:
-    """Write a model directory; weights given as None keep the files (and fingerprints) already there."""
-    fs, root = fsspec.core.url_to_fs(model_dir)
-    fs.makedirs(root, exist_ok=True)
+               gpt: GPT | dict | None = None, vqgan: VQGAN | dict | None = None, storage: Storage | None = None) -> str:
+    """Write a model directory through `storage`; weights given as None keep the files (and fingerprints)
+    already there. config.json, which names the weights by fingerprint, is replaced last and atomically."""
+    storage = as_storage(storage)
+    storage.makedirs(model_dir)
+    config_path = posixpath.join(model_dir, "config.json")
     fingerprints = {}
-    if fs.exists(posixpath.join(root, "config.json")):
-        fingerprints = json.loads(read_bytes(posixpath.join(model_dir, "config.json"))).get("fingerprints", {})
+    if storage.exists(config_path):
+        fingerprints = json.loads(read_bytes(config_path, storage)).get("fingerprints", {})
     for name, part in (("gpt", gpt), ("vqgan", vqgan)):
         if part is None:
             continue
         state = part.state_dict() if isinstance(part, torch.nn.Module) else part
         data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
-        _write_bytes(posixpath.join(model_dir, f"{name}.safetensors"), data)
+        with storage.open(posixpath.join(model_dir, f"{name}.safetensors"), "wb") as f:
+            f.write(data)
         fingerprints[name] = _fingerprint(data)
-    tokenizer.save(posixpath.join(model_dir, "vocab.txt"))
+    tokenizer.save(posixpath.join(model_dir, "vocab.txt"), storage)
     manifest = config.to_dict() | {"fingerprints": fingerprints}
-    _write_bytes(posixpath.join(model_dir, "config.json"), json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    storage.write_atomic(config_path, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
     return model_dir
 
 
-def new_model(preset: str, output: str, *, seed: int = 0, vocab: str | None = None) -> str:
+def new_model(preset: str, output: str, *, seed: int = 0, vocab: str | None = None,
+              storage: Storage | None = None) -> str:
     """A randomly initialised model directory from a preset (for tests and from-scratch training)."""
     config = preset_config(preset)
-    tokenizer = (load_tokenizer(vocab, config.gpt.text_len) if vocab
+    tokenizer = (load_tokenizer(vocab, config.gpt.text_len, storage) if vocab
                  else TextTokenizer.default(text_len=config.gpt.text_len))
     config.gpt.text_vocab_size = max(config.gpt.text_vocab_size, tokenizer.vocab_size)
     torch.manual_seed(seed)
-    return save_model(output, config, tokenizer, gpt=GPT(config.gpt), vqgan=VQGAN(config.vqgan))
+    return save_model(output, config, tokenizer, gpt=GPT(config.gpt), vqgan=VQGAN(config.vqgan), storage=storage)
 
 
 def models_home() -> str:

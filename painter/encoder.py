@@ -80,15 +80,15 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
 class ImageEncoder:
     """`ImageEncoder(model_dir_or_loaded, device=None)(batch) -> batch` (see the module docstring).
 
-    A model directory is loaded (VQGAN only) onto `device` (default: CUDA when present); a LoadedModel
-    is used as it is, its VQGAN moved to `device`. Images go through `painter.vq_encode.encode_codes`
-    (on CUDA: pinned uint8 copies, channels_last, bf16 autocast; on CPU: fp32, the reference's tokens),
-    `max_batch` at a time (default: `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU).
-    `threads` sets this process's torch threads on CPU (a Ray actor otherwise gets one per whole CPU
-    it asked for, which is none of the cores the decode tasks leave idle between batches).
+    A model directory is loaded (VQGAN only, through `storage`, a `painter.io.storage.Storage`) onto
+    `device` (default: CUDA when present); a LoadedModel is used as it is, its VQGAN moved to `device`.
+    Images go through `painter.vq_encode.encode_codes` (on CUDA: pinned uint8 copies, channels_last,
+    bf16 autocast; on CPU: fp32, the reference's tokens), `max_batch` at a time (default:
+    `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU). `threads` sets this process's
+    torch threads on CPU (a Ray actor otherwise gets one per whole CPU it asked for).
     """
 
-    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None,
+    def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None, storage=None,
                  threads: int | None = None):
         self.device = pick_device(device)
         if threads is not None and self.device.type == "cpu":
@@ -98,7 +98,7 @@ class ImageEncoder:
                 raise ValueError("ImageEncoder needs a model loaded with its VQGAN")
             self.model = model
         else:
-            self.model = load_model(model, parts=("vqgan",), device=self.device)
+            self.model = load_model(model, parts=("vqgan",), device=self.device, storage=storage)
         self.model.vqgan = prepare_vqgan(self.model.vqgan, self.device)
         self.info = ShardInfo.for_model(self.model)
         self.max_batch = max_batch or default_max_batch(self.device)
@@ -154,8 +154,8 @@ class DecodingEncoder:
     would only add a hop. `DecodingEncoder(model, threads=1, max_pixels=..., resize=...)(rows) -> batch`."""
 
     def __init__(self, model: str | LoadedModel, threads: int | None = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 resize: str = "pil"):
-        self.encoder = ImageEncoder(model, device="cpu", threads=threads)
+                 resize: str = "pil", storage=None):
+        self.encoder = ImageEncoder(model, device="cpu", storage=storage, threads=threads)
         self.max_pixels, self.resize = max_pixels, resize
 
     def __call__(self, batch) -> pa.Table:

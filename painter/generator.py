@@ -121,13 +121,16 @@ class Generator:
     Adds `seed`, `model` (fingerprint), `is_truncated` and the encoded image under a column named
     after the image format (`png` by default). `micro_batch` fixes the shape the model computes in
     (see the module docstring); `encode_threads` sizes the image-encoding pool (0: encode inline);
-    `compile_sampler` is `DecodeEngine`'s (same images; measured by benchmarks/gpu.sh).
+    `compile_sampler` is `DecodeEngine`'s (same images; measured by benchmarks/gpu.sh). A model
+    directory and the scorer file are read through `storage` (a `painter.io.storage.Storage`).
     """
 
     def __init__(self, model: str | LoadedModel, config: GenerationConfig | None = None, device=None, *,
-                 micro_batch: int | None = None, encode_threads: int | None = None, compile_sampler: bool = False):
+                 micro_batch: int | None = None, encode_threads: int | None = None, compile_sampler: bool = False,
+                 storage=None):
         self.device = pick_device(device)
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
+        self.model = (model if isinstance(model, LoadedModel)
+                      else load_model(model, device=self.device, storage=storage))
         if self.model.gpt is None or self.model.vqgan is None:
             raise ValueError("Generator needs a model loaded with both its GPT and its VQGAN")
         self.config = config or GenerationConfig()
@@ -145,7 +148,8 @@ class Generator:
         self.guidance = self._guidance()
         self.scorer = None
         if self.config.scorer:
-            self.scorer = rerank.load_scorer(read_bytes(self.config.scorer), self.device, self.config.scorer)
+            self.scorer = rerank.load_scorer(read_bytes(self.config.scorer, storage), self.device,
+                                              self.config.scorer)
         side = math.isqrt(self.model.config.gpt.img_len)
         self.keep_codes = self.config.keep_rows * side
         if self.keep_codes > self.model.config.gpt.img_len:

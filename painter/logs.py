@@ -1,6 +1,6 @@
 """What a job shows on the terminal, and where everything else goes: the one logging mechanism.
 
-- `setup(job, log_path)` (called by the CLI only, so `painter <job>` and `jobs/<job>.py` share it):
+- `setup(job, log_path)` (called by the CLI only, so `painter <job>` and `jobs/<job>_job.py` share it):
   painter's messages go to stderr as `[stage] message`; Ray's own output (its driver loggers, every
   worker's and actor's stdout/stderr, Python warnings) goes to the file `log_path`, which the CLI moves
   into the job's output folder at the end (`move_file`; a job may refuse a non-empty output) and the

@@ -4,7 +4,8 @@ in their run directory for people to look at.
 `loss_curve(series)` draws lines of (step, value) on shared axes with ticks and a legend;
 `write_loss_curve(run_path, ...)` reads the run's `metrics.jsonl` (one JSON object per logged step;
 a step logged twice, as after a restart, keeps its last value; a value repeated unchanged from the line
-before, as the validation loss between epochs, is drawn once) and writes `<run_path>/loss_curve.png`.
+before, as the validation loss between epochs, is drawn once) and writes `<run_path>/loss_curve.png`,
+both through the job's `Storage`.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import json
 import math
 import posixpath
 
-import fsspec
 from PIL import Image, ImageDraw, ImageFont
+
+from painter.io.storage import Storage, as_storage
 
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 Series = dict[str, list[tuple[float, float]]]
@@ -76,20 +78,20 @@ def loss_curve(series: Series, title: str, *, size: tuple[int, int] = (720, 420)
     return out.getvalue()
 
 
-def read_metrics(run_path: str) -> list[dict]:
+def read_metrics(run_path: str, storage: Storage | None = None) -> list[dict]:
     """The run's logged metrics, one dict per step (the last one where a step was logged twice), by step."""
-    with fsspec.open(posixpath.join(run_path, "metrics.jsonl"), "r", encoding="utf-8") as f:
+    with as_storage(storage).open(posixpath.join(run_path, "metrics.jsonl"), "r", encoding="utf-8") as f:
         by_step = {m["step"]: m for m in (json.loads(line) for line in f if line.strip())}
     return [by_step[step] for step in sorted(by_step)]
 
 
-def write_loss_curve(run_path: str, title: str, series: dict[str, str]) -> str | None:
+def write_loss_curve(run_path: str, title: str, series: dict[str, str], storage: Storage | None = None) -> str | None:
     """Draw `series` ({legend name: metrics key, dotted for nested keys}) from the run's metrics.jsonl into
     `<run_path>/loss_curve.png`; its path, or None when the run logged nothing to draw."""
     lines: Series = {}
     for name, key in series.items():
         values = []
-        for m in read_metrics(run_path):
+        for m in read_metrics(run_path, storage):
             value = m
             for part in key.split("."):
                 value = value.get(part) if isinstance(value, dict) else None
@@ -101,6 +103,4 @@ def write_loss_curve(run_path: str, title: str, series: dict[str, str]) -> str |
     if not lines:
         return None
     path = posixpath.join(run_path, "loss_curve.png")
-    with fsspec.open(path, "wb") as f:
-        f.write(loss_curve(lines, title))
-    return path
+    return as_storage(storage).write_atomic(path, loss_curve(lines, title))

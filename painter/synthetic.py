@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
+
+from painter.io.storage import Storage, as_storage
 
 SHAPES = ("圆形", "正方形", "三角形", "星形")
 COLOURS = {"红": (220, 40, 40), "绿": (40, 170, 60), "蓝": (40, 80, 225), "黄": (240, 210, 40),
@@ -199,7 +200,7 @@ def png_base64(image: Image.Image) -> str:
 
 
 def write_corpus(output_dir: str, rows: int, shards: int = 1, size: int = 32, seed: int = 0,
-                 held_out: Iterable[str] = (), storage_options: dict | None = None) -> list[str]:
+                 held_out: Iterable[str] = (), storage_options: Storage | dict | None = None) -> list[str]:
     """Write `rows` rows as `shards` headerless TSV files `part-NNNNN.tsv` (idx, text, base64 PNG)
     under `output_dir` (local or fsspec URL); returns their paths. Same arguments, same bytes;
     row i shows `sample_scenes(rows, seed, held_out)[i]`."""
@@ -207,7 +208,7 @@ def write_corpus(output_dir: str, rows: int, shards: int = 1, size: int = 32, se
         raise ValueError(f"need rows >= 1, shards >= 1, size >= 8 (got {rows}, {shards}, {size})")
     shards = min(shards, rows)
     bounds = np.linspace(0, rows, shards + 1).round().astype(int)
-    fs, root = fsspec.core.url_to_fs(output_dir, **(storage_options or {}))
+    fs, root = as_storage(storage_options).fs(output_dir)
     fs.makedirs(root, exist_ok=True)
     prefix = output_dir.split("://", 1)[0] + "://" if "://" in output_dir else ""
     paths, rows_iter = [], _rows(rows, seed, held_out)

@@ -34,12 +34,13 @@ import json
 import posixpath
 from typing import Iterable, Sequence
 
-import fsspec
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
+
+from painter.io.storage import Storage, as_storage
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
@@ -164,13 +165,13 @@ def default_vocab() -> list[str]:
     return list(_default_vocab_tuple())
 
 
-def read_settings(vocab_path: str) -> TokenizerSettings:
+def read_settings(vocab_path: str, storage: Storage | None = None) -> TokenizerSettings:
     """The ``tokenizer_config.json`` beside ``vocab_path``, or the defaults when there is none."""
+    storage = as_storage(storage)
     path = posixpath.join(posixpath.dirname(str(vocab_path)), SETTINGS_FILE)
-    fs, stripped = fsspec.core.url_to_fs(path)
-    if not fs.exists(stripped):
+    if not storage.exists(path):
         return TokenizerSettings()
-    with fsspec.open(path, "r", encoding="utf-8") as f:
+    with storage.open(path, "r", encoding="utf-8") as f:
         try:
             d = json.load(f)
         except json.JSONDecodeError as e:
@@ -180,9 +181,8 @@ def read_settings(vocab_path: str) -> TokenizerSettings:
     return TokenizerSettings.from_config(d, path)
 
 
-def _read_vocab(path: str) -> list[str]:
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+def _read_vocab(path: str, storage: Storage | None = None) -> list[str]:
+    text = as_storage(storage).read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # trailing newline
@@ -238,29 +238,26 @@ class TextTokenizer:
                                             for t in SPECIAL_TOKENS if t in index])
 
     @classmethod
-    def from_file(cls, path: str, text_len: int = 32) -> "TextTokenizer":
-        """Load a BERT ``vocab.txt`` (one token per line, id = line number; fsspec path/URL), with the
-        settings of a ``tokenizer_config.json`` beside it."""
-        return cls(_read_vocab(str(path)), text_len=text_len, settings=read_settings(str(path)))
+    def from_file(cls, path: str, text_len: int = 32, storage: Storage | None = None) -> "TextTokenizer":
+        """Load a BERT ``vocab.txt`` (one token per line, id = line number; fsspec path/URL, read through
+        ``storage``), with the settings of a ``tokenizer_config.json`` beside it."""
+        return cls(_read_vocab(str(path), storage), text_len=text_len, settings=read_settings(str(path), storage))
 
     @classmethod
     def default(cls, text_len: int = 32) -> "TextTokenizer":
         """A tokenizer over ``default_vocab()``."""
         return cls(_default_vocab_tuple(), text_len=text_len)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, storage: Storage | None = None) -> None:
         """Write the vocabulary as ``vocab.txt`` (one token per line, trailing newline), and settings
         other than the defaults as ``tokenizer_config.json`` beside it (a stale one is removed)."""
-        with fsspec.open(str(path), "w", encoding="utf-8") as f:
-            f.write("\n".join(self._vocab) + "\n")
+        storage = as_storage(storage)
+        storage.write_text(str(path), "\n".join(self._vocab) + "\n")
         settings_path = posixpath.join(posixpath.dirname(str(path)), SETTINGS_FILE)
         if not self._settings.is_default:
-            with fsspec.open(settings_path, "w", encoding="utf-8") as f:
-                json.dump(dataclasses.asdict(self._settings), f)
+            storage.write_text(settings_path, json.dumps(dataclasses.asdict(self._settings)))
             return
-        fs, stripped = fsspec.core.url_to_fs(settings_path)
-        if fs.exists(stripped):
-            fs.rm(stripped)
+        storage.remove(settings_path)
 
     def __reduce__(self):
         return (type(self), (self._vocab, self._text_len, self._settings))

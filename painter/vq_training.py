@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from painter.evaluate import codebook_usage
+from painter.reconstruction import codebook_usage
 from painter.models.vqgan import VQGAN
 from painter.runtime import autocast
 from painter.training import TrainConfig, lr_at
@@ -145,7 +145,7 @@ def _distributed() -> bool:
 
 
 def usage_from_counts(counts) -> dict:
-    """`painter.evaluate.codebook_usage`'s dict (codes_used, codebook_usage, perplexity, ...) of a histogram."""
+    """`painter.reconstruction.codebook_usage`'s dict (codes_used, codebook_usage, perplexity, ...) of a histogram."""
     counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.int64)
     return codebook_usage(np.repeat(np.arange(len(counts)), counts), len(counts))
 

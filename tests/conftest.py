@@ -10,18 +10,42 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+# What the s3_server fixture puts in this process's environment besides the endpoint: dummy credentials
+# (moto takes any). Ray's processes inherit the environment as it is when Ray starts, so ray_session
+# starts Ray with these and without AWS_ENDPOINT_URL, whichever fixture came first: a job's workers
+# reach moto only through --storage-options, as a cluster's reach an S3-compatible endpoint.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray with 2 CPUs, shared by every test that asks for it; stopped at the end."""
+    """A real local Ray with 2 CPUs, shared by every test that asks for it; stopped at the end. Its
+    workers have S3_CREDENTIALS and no AWS endpoint variable in their environment (see above)."""
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        saved = {k: os.environ.get(k) for k in (*S3_CREDENTIALS, *ENDPOINT_VARIABLES)}
+        for name in ENDPOINT_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ.update(S3_CREDENTIALS)
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        finally:
+            _restore(saved)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def _restore(saved: dict) -> None:
+    """Put environment variables back as `saved` ({name: value or None for unset})."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +90,13 @@ def s3_server():
                 server.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    env = S3_CREDENTIALS | {"AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore(saved)
         server.terminate()
         server.wait(timeout=30)
 

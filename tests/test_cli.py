@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import painter.cli as cli
+from painter import registry
 from painter.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,26 +38,26 @@ def squash(text: str) -> str:
 
 
 def test_top_level_help_lists_every_command():
-    commands = cli.available_commands()
+    commands = registry.available_commands()
     assert {"new-model", "import-easynlp", "import-vqgan"} <= set(commands)
-    assert set(commands) <= set(cli.COMMANDS)
+    assert set(commands) <= set(registry.COMMANDS)
     for script in (False, True):
         result = run_painter("--help", script=script)
         assert result.returncode == 0, result.stderr
         for name in commands:
             assert re.search(rf"^\s+{re.escape(name)}\b", result.stdout, re.M), (name, result.stdout)
-            assert squash(cli.COMMANDS[name].help) in squash(result.stdout)
+            assert squash(registry.COMMANDS[name].help) in squash(result.stdout)
 
 
-@pytest.mark.parametrize("name", cli.available_commands())
+@pytest.mark.parametrize("name", registry.available_commands())
 def test_command_help_lists_every_option(name, capsys):
-    options_cls, run = cli._load(name)
+    options_cls, run = registry.load(name)
     assert dataclasses.is_dataclass(options_cls) and callable(run)
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
     text = squash(capsys.readouterr().out)
-    assert squash(cli.COMMANDS[name].help) in text
+    assert squash(registry.COMMANDS[name].help) in text
     for field in dataclasses.fields(options_cls):
         meta = field.metadata
         description = meta.get("help", "")

@@ -46,7 +46,7 @@ def _rayjob_entrypoints() -> list[tuple[str, str]]:
 
 def test_every_job_has_a_rayjob_manifest():
     scripts = {shlex.split(entry)[1].rsplit("/", 1)[-1] for _, entry in _rayjob_entrypoints()}
-    assert scripts == {"tokenize.py", "train.py", "generate.py"}
+    assert scripts == {"tokenize_job.py", "train_job.py", "generate_job.py"}
 
 
 @pytest.mark.parametrize("name,entrypoint", _rayjob_entrypoints(), ids=lambda v: str(v)[:20])
@@ -57,7 +57,7 @@ def test_rayjob_entrypoint_names_a_script_and_options_it_accepts(name, entrypoin
     assert script.startswith(IMAGE_ROOT), f"{name}: script {script!r} is not under the image's {IMAGE_ROOT}"
     local = REPO / script[len(IMAGE_ROOT):]
     assert local.is_file(), f"{name}: {script} does not exist in the repository"
-    job = local.stem
+    job = local.stem.removesuffix("_job")
     build_parser().parse_args([job, *argv[2:]])  # argparse exits on an unknown or malformed option
 
 
@@ -220,7 +220,7 @@ def test_generate_submitted_to_a_ray_head(ray_head, tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.tsv"
     prompts.write_text("1\t红色圆形\n2\t蓝色方形\n3\t\n", encoding="utf-8")
     out = tmp_path / "generated"
-    status, logs = _submit(ray_head, "python", "jobs/generate.py", "--input", str(prompts), "--model",
+    status, logs = _submit(ray_head, "python", "jobs/generate_job.py", "--input", str(prompts), "--model",
                            tiny_model_dir, "--output", str(out), "--samples", "2", "--run-date", "2026-11-25",
                            "--max-error-rate", "0.5")
     assert status == "SUCCEEDED", logs[-3000:]
@@ -248,7 +248,7 @@ def test_tokenize_submitted_to_a_ray_head(ray_head, tiny_model_dir, tmp_path):
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "tokens"
-    status, logs = _submit(ray_head, "python", "jobs/tokenize.py", "--input", str(corpus), "--model",
+    status, logs = _submit(ray_head, "python", "jobs/tokenize_job.py", "--input", str(corpus), "--model",
                            tiny_model_dir, "--output", str(out), "--max-error-rate", "0.5")
     assert status == "SUCCEEDED", logs[-3000:]
     summary = _last_json(logs)
@@ -257,7 +257,7 @@ def test_tokenize_submitted_to_a_ray_head(ray_head, tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_failed_submitted_job_exits_non_zero_with_reason_last(ray_head, tmp_path):
-    status, logs = _submit(ray_head, "python", "jobs/generate.py", "--input", str(tmp_path / "missing.tsv"),
+    status, logs = _submit(ray_head, "python", "jobs/generate_job.py", "--input", str(tmp_path / "missing.tsv"),
                            "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"))
     assert status == "FAILED"
     summary = _last_json(logs)
@@ -302,7 +302,7 @@ def test_storage_options_from_the_heads_environment(ray_head, tiny_model_dir, s3
     # folder it "created", which S3 never had: FileNotFoundError), a bug apart from this test
     fs.pipe(f"{bucket}/corpus/part-0.tsv", _tsv_corpus(["red", "green", "blue"]) + b"3\tbroken\tnot-base64!!\n")
     job_id = f"secrets-{uuid.uuid4().hex[:8]}"
-    status, logs = _submit(ray_head, "python", "jobs/tokenize.py", "--input", f"s3://{bucket}/corpus/", "--model",
+    status, logs = _submit(ray_head, "python", "jobs/tokenize_job.py", "--input", f"s3://{bucket}/corpus/", "--model",
                            tiny_model_dir, "--output", f"s3://{bucket}/tokens", "--max-error-rate", "0.5",
                            "--storage-options", f"env:{STORAGE_ENV}", submission_id=job_id)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -321,6 +321,6 @@ def test_storage_options_from_the_heads_environment(ray_head, tiny_model_dir, s3
         assert not leaked, f"the planted {name} is in {leaked}"
 
     inline = json.dumps({"endpoint_url": server["endpoint_url"], **_REGION})
-    status, logs = _submit(ray_head, "python", "jobs/tokenize.py", "--input", f"s3://{bucket}/corpus/", "--model",
+    status, logs = _submit(ray_head, "python", "jobs/tokenize_job.py", "--input", f"s3://{bucket}/corpus/", "--model",
                            tiny_model_dir, "--output", f"s3://{bucket}/tokens-2", "--storage-options", inline)
     assert status == "FAILED" and "NoCredentialsError" in logs, logs[-3000:]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from painter import cli
+from painter import cli, registry
 from painter.checkpoint import ZOO_NAMES, load_model, new_model, resolve_model_dir
 from painter.easynlp import check_flags, painter_schema, parse_user_defined_parameters
 from painter.easynlp_modes import easynlp_text
@@ -39,7 +39,7 @@ def png(colour, size=(4, 4)) -> bytes:
 
 def flags(*argv: str):
     args = cli.build_parser().parse_args(["easynlp", *argv])
-    options_cls, _ = cli._load("easynlp")
+    options_cls, _ = registry.load("easynlp")
     return from_args(options_cls, args)
 
 

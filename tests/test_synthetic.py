@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from painter import cli, synthetic
+from painter import cli, registry, synthetic
 from painter.io.images import decode_base64, load_image, preprocess
 from painter.io.tables import REASON, iter_rows, parse_schema
 from painter.synthetic import (ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Reading, Scene,
@@ -169,7 +169,7 @@ def test_write_corpus_to_s3(s3_bucket, tmp_path):
 
 def test_make_corpus_command(tmp_path, capsys):
     out = tmp_path / "corpus"
-    assert "make-corpus" in cli.available_commands()
+    assert "make-corpus" in registry.available_commands()
     code = cli.main(["make-corpus", "--output", str(out), "--rows", "12", "--shards", "2", "--size", "32",
                      "--seed", "5", "--hold-out-pairs", "2"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -9,8 +9,8 @@ Layout (every path goes through fsspec or delta-rs, so `s3://bucket/prefix` work
     <output>/_runs/run_date=D/<run id>.json         one record per run: options and summary
 
 `OutputRoot` is the one owner of these paths; the names starting with `_` are ignored by Delta readers
-and by the table's vacuum. Single files are replaced atomically (`write_atomic`: a temp file, then a
-rename locally or a single PUT on S3).
+and by the table's vacuum. Single files are replaced atomically (`Storage.write_atomic`: a temp file, then
+a rename locally or a server-side copy on S3).
 
 No Ray in this module.
 """
@@ -20,7 +20,6 @@ import io
 import json
 import posixpath
 import re
-import uuid
 from datetime import date
 from typing import Iterable
 
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from painter.errors import InputError
 from painter.io.output_table import OutputTable
-from painter.io.tables import url_to_fs
+from painter.io.storage import Storage, as_storage
 
 REJECTED, SHEETS, RUNS = "_rejected", "_sheets", "_runs"
 _COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
@@ -60,36 +59,18 @@ def check_partition_columns(columns: Iterable[str], reserved: Iterable[str] = ()
     return columns
 
 
-def _temp_beside(path: str) -> str:
-    head, tail = posixpath.split(path)
-    return posixpath.join(head, f"_{tail}.{uuid.uuid4().hex}.tmp")  # '_': hidden from table readers
-
-
-def write_atomic(fs, path: str, data: bytes) -> None:
-    """Replace `path` in one step: a temp file beside it, then a rename (local) or a PUT-copy (S3)."""
-    head = posixpath.dirname(path)
-    if head:
-        fs.makedirs(head, exist_ok=True)
-    tmp = _temp_beside(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> str:
-    """`write_atomic` for a local path or URL; returns the URL."""
-    fs, path = url_to_fs(url, storage_options)
-    write_atomic(fs, path, data)
-    return url
+def write_bytes(url: str, data: bytes, storage_options: "Storage | dict | None" = None) -> str:
+    """Replace the file at a local path or URL in one step (`Storage.write_atomic`); returns the URL."""
+    return as_storage(storage_options).write_atomic(url, data)
 
 
 class OutputRoot:
     """The generate output root for one run date: the Delta table and the folders beside it."""
 
-    def __init__(self, output: str, run_date: str, storage_options: dict | None = None,
+    def __init__(self, output: str, run_date: str, storage_options: Storage | dict | None = None,
                  errors: str | None = None):
         self.output, self.run_date = output.rstrip("/"), check_run_date(run_date)
-        self.storage_options = storage_options or {}
+        self.storage_options = as_storage(storage_options).options
         self.table = OutputTable(self.output, self.storage_options)
         self.errors_root = (errors or posixpath.join(self.output, REJECTED)).rstrip("/")
 

@@ -52,7 +52,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
 from painter.errors import InputError
-from painter.io.tables import url_to_fs
+from painter.io.storage import Storage, as_storage
 
 APP_ID = "painter-generate"
 DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
@@ -161,8 +161,8 @@ def _truncated(part: pa.Table) -> list[str]:
 class OutputTable:
     """The Delta table of generated images at `root`; `partition_by` is run_date + the user's columns."""
 
-    def __init__(self, root: str, storage_options: dict | None = None):
-        self.root, self.storage_options = root.rstrip("/"), storage_options or {}
+    def __init__(self, root: str, storage_options: Storage | dict | None = None):
+        self.root, self.storage_options = root.rstrip("/"), as_storage(storage_options).options
         self.delta_options = delta_storage_options(self.root, self.storage_options)
         self._pairs_by_file: dict[str, list[tuple[str, int]]] = {}
         self._fs = None
@@ -173,7 +173,7 @@ class OutputTable:
     @property
     def fs(self):
         if self._fs is None:
-            self._fs, self._fs_root = url_to_fs(self.root, self.storage_options)
+            self._fs, self._fs_root = as_storage(self.storage_options).fs(self.root)
         return self._fs
 
     def _path(self, rel: str) -> str:

@@ -12,11 +12,11 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
+from painter.io.storage import Storage, as_storage
 
 SOURCE, ROW, REASON = "_source", "_row", "_reason"
 DEFAULT_CHUNK_ROWS = 256
@@ -50,9 +50,9 @@ def parse_schema(spec: str) -> list[Column]:
     return columns
 
 
-def url_to_fs(path: str, storage_options: dict | None = None):
+def url_to_fs(path: str, storage_options: Storage | dict | None = None):
     """(fsspec filesystem, path without protocol) for a local path or URL such as s3://bucket/key."""
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return as_storage(storage_options).fs(path)
 
 
 def _with_protocol(fs, path: str, like: str) -> str:
@@ -60,7 +60,7 @@ def _with_protocol(fs, path: str, like: str) -> str:
     return protocol + path if protocol and not path.startswith(protocol) else path
 
 
-def expand_paths(paths: list[str], storage_options: dict | None = None,
+def expand_paths(paths: list[str], storage_options: Storage | dict | None = None,
                  extensions: tuple[str, ...] = TABLE_EXTENSIONS) -> list[str]:
     """Files named by paths, globs or directories/prefixes (searched for `extensions`), sorted."""
     found: list[str] = []
@@ -89,14 +89,14 @@ def _chunk(columns: list[str], rows: list[tuple]) -> dict[str, list]:
     return {name: [r[i] for r in rows] for i, name in enumerate(columns)}
 
 
-def iter_tsv(path: str, schema: list[Column], storage_options: dict | None = None,
+def iter_tsv(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[dict[str, list]]:
     """Chunks of rows of a headerless TSV; a row with the wrong field count or bad UTF-8 gets a reason."""
     names = [c.name for c in schema]
     columns = names + [SOURCE, ROW, REASON]
     empty = (None,) * len(names)
     rows: list[tuple] = []
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
+    with as_storage(storage_options).open(path, "rb") as f:
         pending_blank: list[int] = []
         for number, raw in enumerate(f, start=1):
             line = raw.rstrip(b"\r\n")
@@ -127,7 +127,7 @@ def _split_line(line: bytes, names: list[str], path: str, number: int) -> tuple:
     return tuple(fields) + (path, number, None)
 
 
-def iter_parquet(path: str, schema: list[Column], storage_options: dict | None = None,
+def iter_parquet(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None
                  ) -> Iterator[dict[str, list]]:
     """Chunks of a Parquet file: every column of the file, plus the bookkeeping columns.
@@ -136,7 +136,7 @@ def iter_parquet(path: str, schema: list[Column], storage_options: dict | None =
     makes every row of the file rejected with that reason. Null cells are left for the stage to judge.
     """
     alternatives = alternatives or {}
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
+    with as_storage(storage_options).open(path, "rb") as f:
         try:
             parquet = pq.ParquetFile(f)
         except Exception as e:  # not Parquet at all
@@ -157,7 +157,7 @@ def iter_parquet(path: str, schema: list[Column], storage_options: dict | None =
             yield chunk
 
 
-def iter_rows(path: str, schema: list[Column], storage_options: dict | None = None,
+def iter_rows(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
               chunk_rows: int = DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None
               ) -> Iterator[dict[str, list]]:
     """Chunks of rows of one input file, TSV or Parquet by its extension."""

@@ -73,7 +73,7 @@ class TokenWriter:
     errors: str
     info: ShardInfo
     stage: str
-    storage: dict | None = None
+    storage: "Storage | dict | None" = None  # painter.io.storage.Storage (or its options)
 
     def _fs(self, path: str):
         """(filesystem, root) for `path`, its cached listings dropped: Ray workers write here too."""

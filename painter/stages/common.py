@@ -2,7 +2,8 @@
 
 - `read_input` lists the input files on the driver and reads each one in a Ray task with
   `painter.io.tables.iter_rows`, so every row keeps its file, row number and reason.
-- `write_rejected` writes the rows that carry a reason to the errors table.
+- `write_parquet` writes a Dataset through the job's Storage; `write_rejected` writes the rows that
+  carry a reason to the errors table with it.
 - `actor_resources` asks for a GPU per actor only when the cluster has GPUs (a GPU request on a
   cluster without one hangs), with the CPUs its image encoders need, and for a fraction of a CPU
   otherwise so small machines keep a core free for the read tasks.
@@ -15,18 +16,17 @@ import posixpath
 import re
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 
 from painter import errors
 from painter.io import tables
+from painter.io.storage import Storage, as_storage, is_remote
 from painter.io.tables import REASON, ROW, SOURCE
 
 
-def arrow_filesystem(path: str, storage_options: dict | None = None):
-    """(pyarrow filesystem, path) for Ray's readers and writers: fsspec underneath, so s3:// works."""
-    fs, stripped = tables.url_to_fs(path, storage_options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), stripped
+def arrow_filesystem(path: str, storage_options: Storage | dict | None = None):
+    """(pyarrow filesystem, path) for Ray's readers and writers (`Storage.arrow`)."""
+    return as_storage(storage_options).arrow(path)
 
 
 def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives):
@@ -35,7 +35,7 @@ def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives):
             yield chunk
 
 
-def read_input(paths: list[str], schema_spec: str, storage_options: dict | None = None, *,
+def read_input(paths: list[str], schema_spec: str, storage_options: Storage | dict | None = None, *,
                chunk_rows: int = tables.DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None,
                num_cpus: float = 0.5, block_bytes: int | None = None) -> ray.data.Dataset:
     """A Dataset of every row of every input file: schema columns + `_source`, `_row`, `_reason`.
@@ -70,10 +70,16 @@ def rejected_only(ds: ray.data.Dataset, stage: str) -> ray.data.Dataset:
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=0.25)
 
 
-def write_rejected(ds: ray.data.Dataset, path: str, stage: str, storage_options: dict | None = None) -> None:
+def write_parquet(ds: ray.data.Dataset, path: str, storage: Storage | dict | None = None, **kwargs) -> None:
+    """Write `ds` as Parquet files under `path` through `storage`. In a bucket Ray is not asked to make
+    the folder: it would make none there, then fail to delete it when no row was written."""
+    filesystem, stripped = arrow_filesystem(path, storage)
+    ds.write_parquet(stripped, filesystem=filesystem, try_create_dir=not is_remote(path), **kwargs)
+
+
+def write_rejected(ds: ray.data.Dataset, path: str, stage: str, storage_options: Storage | dict | None = None) -> None:
     """Write the rows of `ds` that carry a reason to the errors table at `path` (Parquet files)."""
-    filesystem, stripped = arrow_filesystem(path, storage_options)
-    rejected_only(ds, stage).write_parquet(stripped, filesystem=filesystem, min_rows_per_file=1)
+    write_parquet(rejected_only(ds, stage), path, storage_options, min_rows_per_file=1)
 
 
 def good_only(ds: ray.data.Dataset) -> ray.data.Dataset:

@@ -22,6 +22,7 @@ from painter import logs, synthetic
 from painter.checkpoint import bundled_model_dir, new_model
 from painter.errors import InputError
 from painter.options import option
+from painter.registry import run_command
 from painter.text import TextTokenizer
 
 log = logs.get("demo")
@@ -57,9 +58,7 @@ class Options:
 
 
 def _step(name: str, options, steps: dict) -> dict:
-    """Run one job in-process (as `painter <name>` would) and keep its summary."""
-    from painter.cli import run_command
-
+    """Run one job in-process (as `painter <name>` would, in the Ray the CLI started) and keep its summary."""
     start = time.time()
     summary = run_command(name, options)
     failed = summary.get("_failed")

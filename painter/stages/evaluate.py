@@ -39,7 +39,6 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +56,8 @@ from painter.io import sheet
 from painter.io import tables
 from painter.io.easynlp_tsv import parse_images_cell
 from painter.io.images import IMAGE_FORMATS, ImageRejected, fit_square, image_bytes, load_image, to_model_input
-from painter.options import option, parse_storage_options
+from painter.io.storage import Storage, as_storage
+from painter.options import option
 from painter.runtime import pick_device
 
 STAGE = "evaluate"
@@ -179,17 +179,17 @@ def _image_column(chunk: dict, is_text_file: bool) -> tuple[str | None, bool]:
     return None, False
 
 
-def _table_rows(paths: list[str], schema_spec: str, storage: dict, need_text: bool, limit: int,
+def _table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: bool, limit: int,
                 rejected: Rejected) -> Iterator[tuple]:
     """(idx, text, source, row, image file bytes) of usable rows of TSV/Parquet files, at most `limit`
     (0: all); unusable rows go to `rejected`."""
     schema = tables.parse_schema(schema_spec)
-    files = tables.expand_paths(paths, storage or None)
+    files = tables.expand_paths(paths, storage)
     kept = 0
     for path in files:
         parquet = tables.is_parquet(path)
         wanted = [c for c in schema if c.name == "text" and need_text] if parquet else schema
-        for chunk in tables.iter_rows(path, wanted, storage or None):
+        for chunk in tables.iter_rows(path, wanted, storage):
             column, is_base64 = _image_column(chunk, not parquet)
             n = len(chunk[tables.ROW])
             idx = chunk.get("idx", [None] * n)
@@ -227,7 +227,7 @@ def _cell_images(cell, is_base64: bool) -> list[bytes]:
     return [image_bytes(cell, is_base64)]
 
 
-def _generate_output(paths: list[str], date: str | None, storage: dict) -> tuple[str, str] | None:
+def _generate_output(paths: list[str], date: str | None, storage: Storage) -> tuple[str, str] | None:
     """(root, run date) when `paths` names a generate output table (its root, or one run_date=D folder of it)."""
     if len(paths) != 1:
         return None
@@ -248,7 +248,7 @@ def _generate_output(paths: list[str], date: str | None, storage: dict) -> tuple
     return path, dates[-1]
 
 
-def read_generated(options: Options, storage: dict, rejected: Rejected) -> tuple[list[Candidate], dict]:
+def read_generated(options: Options, storage: Storage, rejected: Rejected) -> tuple[list[Candidate], dict]:
     """The images of --generated, at most --limit, and where they came from."""
     found = _generate_output(options.generated, options.generated_date, storage)
     candidates: list[Candidate] = []
@@ -273,11 +273,11 @@ def read_generated(options: Options, storage: dict, rejected: Rejected) -> tuple
     return candidates, {"source": "generate output", "root": root, "run_date": date}
 
 
-def read_captions(options: Options, storage: dict) -> list[str]:
+def read_captions(options: Options, storage: Storage | dict) -> list[str]:
     held_out = None
     if options.held_out:
         try:
-            with fsspec.open(options.held_out, "r", encoding="utf-8", **storage) as f:
+            with as_storage(storage).open(options.held_out, "r", encoding="utf-8") as f:
                 lines = [line.strip() for line in f]
         except FileNotFoundError:
             raise InputError(f"--held-out {options.held_out}: no such file") from None
@@ -296,13 +296,13 @@ def read_captions(options: Options, storage: dict) -> list[str]:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def _generate(options: Options, model, device) -> tuple[list[Candidate], dict]:
-    captions = read_captions(options, parse_storage_options(options.storage_options))
+def _generate(options: Options, model, device, storage: Storage) -> tuple[list[Candidate], dict]:
+    captions = read_captions(options, storage)
     try:
         config = GenerationConfig(seed=options.seed, temperature=options.temperature, top_k=options.top_k or None,
                                   top_p=options.top_p, guidance=options.guidance, candidates=options.candidates,
                                   scorer=options.scorer)
-        generator = Generator(model, config, device, micro_batch=options.micro_batch)
+        generator = Generator(model, config, device, micro_batch=options.micro_batch, storage=storage)
     except ValueError as e:
         raise InputError(str(e)) from None
     start = time.time()
@@ -379,7 +379,7 @@ def sample_diversity(candidates: list[Candidate]) -> dict:
     return ev.diversity(groups.values()) | {"samples": max(len(g) for g in groups.values())}
 
 
-def reference_features(options: Options, storage: dict, extractor: ev.FeatureExtractor, rejected: Rejected):
+def reference_features(options: Options, storage: Storage, extractor: ev.FeatureExtractor, rejected: Rejected):
     fp = FeaturePass(extractor, options.batch_size)
     for idx, _, source, row, data in _table_rows(options.reference, options.input_schema, storage, False,
                                                  options.limit, rejected):
@@ -390,7 +390,7 @@ def reference_features(options: Options, storage: dict, extractor: ev.FeatureExt
     return fp.result()
 
 
-def reconstruction(options: Options, storage: dict, vqgan, rejected: Rejected) -> dict:
+def reconstruction(options: Options, storage: Storage, vqgan, rejected: Rejected) -> dict:
     size = vqgan.config.resolution
     meter = ev.ReconstructionMeter(vqgan.config.n_embed)
     batch: list[np.ndarray] = []
@@ -462,7 +462,7 @@ def _sheet(judged: list[tuple[Candidate, ev.Verdict]], options: Options) -> tupl
 def evaluate(options: Options) -> dict:
     """The whole evaluation in this process (see the module docstring); the run's summary."""
     check(options)
-    storage = parse_storage_options(options.storage_options)
+    storage = Storage.from_option(options.storage_options)
     device = pick_device(options.device)
     rejected = Rejected()
     started = time.time()
@@ -471,7 +471,7 @@ def evaluate(options: Options) -> dict:
     parts = tuple(p for p, needed in (("gpt", generating), ("vqgan", generating or bool(options.corpus))) if needed)
     model = None
     if parts:
-        model = load_model(options.model, parts=parts, device=device)
+        model = load_model(options.model, parts=parts, device=device, storage=storage)
         summary["model"] = model.fingerprint  # GPT and VQGAN, from config.json even when only the VQGAN is loaded
         summary["model_dir"] = options.model
 
@@ -480,11 +480,11 @@ def evaluate(options: Options) -> dict:
         candidates, where = read_generated(options, storage, rejected)
         _say(f"read {len(candidates)} images from {' '.join(options.generated)}")
     elif generating:
-        candidates, where = _generate(options, model, device)
+        candidates, where = _generate(options, model, device, storage)
 
     extractor = None
     if options.feature_extractor:
-        extractor = ev.load_feature_extractor(read_bytes(options.feature_extractor), options.feature_size, device,
+        extractor = ev.load_feature_extractor(read_bytes(options.feature_extractor, storage), options.feature_size, device,
                                               options.batch_size, source=options.feature_extractor)
     if candidates or options.generated:
         features = FeaturePass(extractor, options.batch_size) if extractor else None

@@ -45,7 +45,8 @@ from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.tables import REASON, ROW, SOURCE, rejected_table
-from painter.options import option, parse_storage_options, to_dict
+from painter.io.storage import Storage
+from painter.options import option, to_dict
 from painter.stages.common import actor_resources, cluster_has_gpus, painter_error_from, read_input
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -127,9 +128,9 @@ def _generation_config(options: Options) -> GenerationConfig:
         raise InputError(str(e)) from None
 
 
-def gather_prompts(options: Options, storage_options: dict) -> pa.Table:
+def gather_prompts(options: Options, storage: Storage) -> pa.Table:
     """Every input row on the driver (schema columns, pass-through columns, `_source`, `_row`, `_reason`)."""
-    ds = read_input(options.input, options.input_schema, storage_options or None)
+    ds = read_input(options.input, options.input_schema, storage)
     try:
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     except Exception as e:  # a worker's InputError (e.g. a file that is not Parquet) arrives wrapped
@@ -232,8 +233,9 @@ class GenerateActor:
     """Ray actor: generate a batch; the output table writes it as data files; returns their records."""
 
     def __init__(self, *, model: str, config: GenerationConfig, micro_batch: int, table: OutputTable,
-                 schema: pa.Schema, partition_by: list[str], run_date: str, run_id: str, fail_after: int | None):
-        self.generator = Generator(model, config, micro_batch=micro_batch)
+                 schema: pa.Schema, partition_by: list[str], run_date: str, run_id: str, fail_after: int | None,
+                 storage: Storage):
+        self.generator = Generator(model, config, micro_batch=micro_batch, storage=storage)
         self.table, self.schema, self.partition_by = table, schema, ["run_date", *partition_by]
         self.run_date, self.run_id, self.fail_after, self.batches = run_date, run_id, fail_after, 0
 
@@ -307,7 +309,7 @@ def _fail_after() -> int | None:
 @dataclass(frozen=True)
 class Settings:
     """Options checked and resolved before any work."""
-    storage_options: dict
+    storage: Storage
     config: GenerationConfig
     run_date: str
     partition_by: list[str]
@@ -322,14 +324,14 @@ def resolve(options: Options) -> Settings:
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
-    return Settings(parse_storage_options(options.storage_options), _generation_config(options),
+    return Settings(Storage.from_option(options.storage_options), _generation_config(options),
                     out.check_run_date(options.run_date or date.today().isoformat()),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
 
 
-def read_prompts(options: Options, storage_options: dict, partition_by: list[str]) -> Prompts:
-    prompts = validate_prompts(gather_prompts(options, storage_options))
+def read_prompts(options: Options, storage: Storage, partition_by: list[str]) -> Prompts:
+    prompts = validate_prompts(gather_prompts(options, storage))
     missing = [c for c in partition_by if c not in prompts.accepted.column_names]
     if missing and prompts.accepted.num_rows:
         raise InputError(f"--partition-by {missing[0]!r}: no such input column "
@@ -339,16 +341,16 @@ def read_prompts(options: Options, storage_options: dict, partition_by: list[str
 
 def run(options: Options) -> dict:
     settings = resolve(options)
-    root = out.OutputRoot(options.output, settings.run_date, settings.storage_options, options.errors)
-    model = load_model(options.model, parts=())  # config and fingerprints: no weights here
-    prompts = read_prompts(options, settings.storage_options, settings.partition_by)
+    root = out.OutputRoot(options.output, settings.run_date, settings.storage, options.errors)
+    model = load_model(options.model, parts=(), storage=settings.storage)  # config and fingerprints: no weights
+    prompts = read_prompts(options, settings.storage, settings.partition_by)
     errors_path = root.write_rejected(prompts.rejected)
     schema = output_schema(prompts.accepted.schema, settings.partition_by)
     root.table.ensure(schema, ["run_date", *settings.partition_by])
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
-                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after())
+                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after(), storage=settings.storage)
     written, skipped = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
                                  settings.commit_images), None
     for round_number in range(MAX_ROUNDS + 1):  # more rounds only when concurrent runs took some of our files

@@ -33,9 +33,10 @@ from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.storage import Storage
 from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter,
                                      find_duplicates)  # noqa: F401 (find_duplicates: the job's rule)
-from painter.options import option, parse_storage_options
+from painter.options import option
 from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, join,
                                    painter_error_from, read_input)
 
@@ -86,7 +87,7 @@ def _check_options(options: Options) -> None:
         raise InputError(f"--max-error-rate must be between 0 and 1, got {options.max_error_rate}")
 
 
-def prepare_destinations(paths: list[str], storage: dict, overwrite: bool) -> None:
+def prepare_destinations(paths: list[str], storage: Storage, overwrite: bool) -> None:
     """Refuse to mix a run's files with another's: each destination must be empty unless overwriting."""
     for path in paths:
         fs, root = tables.url_to_fs(path, storage)
@@ -98,9 +99,9 @@ def prepare_destinations(paths: list[str], storage: dict, overwrite: bool) -> No
             raise PainterError(f"{path} already exists and is not empty; choose another path or pass --overwrite")
 
 
-def _model_info(model: str) -> ShardInfo:
+def _model_info(model: str, storage: Storage) -> ShardInfo:
     """What the shards will record, read from the model directory without loading weights on the driver."""
-    info = ShardInfo.for_model(load_model(model, parts=()))
+    info = ShardInfo.for_model(load_model(model, parts=(), storage=storage))
     if not info.vqgan_fingerprint:
         raise CheckpointError(f"{model}: config.json records no VQGAN fingerprint; re-save the model directory")
     return info
@@ -136,7 +137,7 @@ def _cpu_resources(actors: int | None) -> dict:
     return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
 
 
-def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data.Dataset:
+def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.data.Dataset:
     """The lazy read -> prepare -> encode graph; one output row per input row, rejected rows with reasons.
 
     With GPUs, CPU tasks decode (`prepare_batch`) and GPU actors encode. On a CPU-only cluster each
@@ -150,16 +151,16 @@ def encode_dataset(options: Options, storage: dict, info: ShardInfo) -> ray.data
         # reads ask for less CPU than the encoders, or Ray would fuse reading into the actors
         rows = _read(options, storage, num_cpus=0.25)
         return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
-                                fn_constructor_kwargs={"model": options.model, "threads": 1, **prepare}, **resources)
+                                fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
     prepared = _read(options, storage, num_cpus=0.5).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
-                                fn_constructor_kwargs={"model": options.model}, **resources)
+                                fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
 
 
-def _read(options: Options, storage: dict, num_cpus: float) -> ray.data.Dataset:
+def _read(options: Options, storage: Storage, num_cpus: float) -> ray.data.Dataset:
     return read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
                       block_bytes=READ_BLOCK_BYTES, num_cpus=num_cpus)
 
@@ -201,7 +202,7 @@ def duplicate_keys(writer: TokenWriter) -> pa.Table:
     return pa.concat_tables(parts) if parts else KEYS_SCHEMA.empty_table()
 
 
-def _parquet_files(path: str, storage: dict, exclude: tuple[str, ...] = ()) -> list[str]:
+def _parquet_files(path: str, storage: Storage, exclude: tuple[str, ...] = ()) -> list[str]:
     """Parquet files under `path` (stripped of protocol, for `arrow_filesystem`), minus those under `exclude`."""
     fs, root = tables.url_to_fs(path, storage)
     fs.invalidate_cache(root)  # the files were written by other processes
@@ -210,7 +211,7 @@ def _parquet_files(path: str, storage: dict, exclude: tuple[str, ...] = ()) -> l
     return sorted(f for f in files if f.endswith(".parquet") and not any(f.startswith(s) for s in skips))
 
 
-def count_written(output: str, errors: str, storage: dict, info: ShardInfo) -> tuple[int, int, int]:
+def count_written(output: str, errors: str, storage: Storage, info: ShardInfo) -> tuple[int, int, int]:
     """(shard rows, shard files, rejected rows) from the written files' footers; checks shard metadata."""
     filesystem, _ = arrow_filesystem(output, storage)
     shard_files = _parquet_files(output, storage, exclude=(errors, join(output, KEYS_FOLDER)))
@@ -220,7 +221,7 @@ def count_written(output: str, errors: str, storage: dict, info: ShardInfo) -> t
     return rows(shard_files), len(shard_files), rows(_parquet_files(errors, storage))
 
 
-def _execute(options: Options, storage: dict, info: ShardInfo, errors: str) -> BatchReport:
+def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -> BatchReport:
     """Stream the Ray graph into the shards and the errors table, then reject duplicate idx."""
     writer = TokenWriter(options.output, errors, info, STAGE, storage)
     run_id = uuid.uuid4().hex[:8]
@@ -243,9 +244,9 @@ def run(options: Options) -> dict:
     """Tokenize the corpus; the summary counts rows in, out and rejected (see the module docstring)."""
     start = time.time()
     _check_options(options)
-    storage = parse_storage_options(options.storage_options)
+    storage = Storage.from_option(options.storage_options)
     errors = options.errors or join(options.output, "_rejected")
-    info = _model_info(options.model)
+    info = _model_info(options.model, storage)
     prepare_destinations([options.output, errors], storage, options.overwrite)
     _log(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
     try:

@@ -30,7 +30,6 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow.parquet as pq
 
 from painter import logs, plots
@@ -38,10 +37,11 @@ from painter.checkpoint import PRESETS, ModelConfig, load_model, preset_config
 from painter.errors import InputError, PainterError
 from painter.io import tables
 from painter.io.shards import ShardInfo, check_shards_fit
+from painter.io.storage import Storage, as_storage, is_remote
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
-from painter.stages.common import arrow_filesystem, cluster_has_gpus
-from painter.stages.train_worker import FAULT_ENV, copy_file, exists, train_loop
+from painter.stages.common import cluster_has_gpus
+from painter.stages.train_worker import FAULT_ENV, train_loop
 from painter.training import TrainConfig
 
 log = logs.get("train")
@@ -67,6 +67,8 @@ class RunOptions:
     checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
     log_every: int = option(10, "optimizer steps between logged metrics")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
+                                               "models, run directory, output), on the driver and every worker")
 
 
 @dataclass(kw_only=True)
@@ -113,7 +115,7 @@ class Start:
     has_gpt: bool
 
 
-def resolve_start(o: Options) -> Start:
+def resolve_start(o: Options, storage: Storage | None = None) -> Start:
     """The model to train, from --init or --preset/--vqgan, without loading any weights."""
     if (o.init is None) == (o.preset is None):
         raise InputError("give exactly one of --init MODEL_DIR or --preset NAME (with --vqgan MODEL_DIR)")
@@ -127,7 +129,8 @@ def resolve_start(o: Options) -> Start:
         raise InputError(f"--dropout must be in [0, 1), got {o.dropout}")
     if not 0.0 <= o.null_caption_prob < 1.0:
         raise InputError(f"--null-caption-prob must be in [0, 1), got {o.null_caption_prob}")
-    source = load_model(o.init or o.vqgan, parts=())
+    storage = as_storage(storage)
+    source = load_model(o.init or o.vqgan, parts=(), storage=storage)
     if not source.vqgan_fingerprint:
         raise InputError(f"{source.path}: its config.json records no VQGAN fingerprint, so shards cannot be checked")
     config = source.config
@@ -140,20 +143,20 @@ def resolve_start(o: Options) -> Start:
     if o.null_caption_prob > 0:
         config = dataclasses.replace(config, null_caption_prob=o.null_caption_prob)
     has_gpt = o.init is not None and (bool(source.gpt_fingerprint)
-                                      or exists(posixpath.join(source.path, "gpt.safetensors")))
+                                      or storage.exists(posixpath.join(source.path, "gpt.safetensors")))
     return Start(source.path, config, ShardInfo.for_model(source), has_gpt)
 
 
-def list_shards(paths: list[str]) -> list[str]:
+def list_shards(paths: list[str], storage: Storage | None = None) -> list[str]:
     """Shard files (as given: local paths or URLs) named by files, globs or directories.
 
     Below a directory, folders named `_*` or `.*` are skipped (the tokenize job's `_rejected/`).
     """
     files = []
     for path in paths:
-        root = tables.url_to_fs(path)[1].rstrip("/") + "/"
-        for file in tables.expand_paths([path], extensions=(".parquet",)):
-            stripped = tables.url_to_fs(file)[1]
+        root = tables.url_to_fs(path, storage)[1].rstrip("/") + "/"
+        for file in tables.expand_paths([path], storage, extensions=(".parquet",)):
+            stripped = tables.url_to_fs(file, storage)[1]
             below = stripped[len(root):] if stripped.startswith(root) else posixpath.basename(stripped)
             if not any(part.startswith(("_", ".")) for part in below.split("/")[:-1]):
                 files.append(file)
@@ -163,12 +166,12 @@ def list_shards(paths: list[str]) -> list[str]:
     return files
 
 
-def read_shards(files: list[str], model_info: ShardInfo):
+def read_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None):
     """A Ray Dataset over `files`, after refusing (naming the file) any shard that does not fit the model."""
     import ray.data
 
-    filesystem, _ = arrow_filesystem(files[0])
-    stripped = [tables.url_to_fs(f)[1] for f in files]
+    filesystem, _ = as_storage(storage).arrow(files[0])
+    stripped = [tables.url_to_fs(f, storage)[1] for f in files]
     for file, path in zip(files, stripped):
         check_shards_fit(ShardInfo.from_schema(pq.read_schema(path, filesystem=filesystem), file), model_info, file)
     return ray.data.read_parquet(stripped, filesystem=filesystem)
@@ -206,13 +209,14 @@ def scaling_config(o: Options):
 
 
 def run(o: Options) -> dict:
-    start = resolve_start(o)
+    storage = Storage.from_option(o.storage_options)
+    start = resolve_start(o, storage)
     scaling = scaling_config(o)
-    storage, run_path = run_location(o)
-    files, val_files = list_shards(o.data), list_shards(o.val_data)
-    datasets = {"train": read_shards(files, start.shard_info)}
+    runs, run_path = run_location(o, storage)
+    files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
+    datasets = {"train": read_shards(files, start.shard_info, storage)}
     if val_files:
-        datasets["val"] = read_shards(val_files, start.shard_info)
+        datasets["val"] = read_shards(val_files, start.shard_info, storage)
     rows = datasets["train"].count()
     steps_per_epoch, total = plan_steps(rows, o)
     log.info(f"{len(files)} shards, {rows} rows, {o.workers} workers, {steps_per_epoch} steps/epoch, "
@@ -220,40 +224,42 @@ def run(o: Options) -> dict:
     if not start.has_gpt:
         log.info(f"{start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})")
-    loop_config = worker_config(o, start, run_path, steps_per_epoch, total)
+    loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
     with logs.remote_progress("train", total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, storage)
+        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
                "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
-               "checkpoint": result.checkpoint.path, "output": o.output, "workers": o.workers, "threads": m.get("threads"),
+               "checkpoint": checkpoint_url(result.checkpoint, run_path), "output": o.output, "workers": o.workers, "threads": m.get("threads"),
                "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path,
                "data_path": "memory" if loop_config["in_memory"] else "stream"}
     summary["loss_curve"] = plots.write_loss_curve(run_path, f"train {o.name}",
-                                                   {"train loss": "loss", "validation loss": "val_loss"})
-    export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary})
+                                                   {"train loss": "loss", "validation loss": "val_loss"}, storage)
+    export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary}, storage)
     return summary
 
 
-def run_location(o) -> tuple[str, str]:
-    """(storage path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
+def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
+    """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
 
     An existing run is refused unless `o.resume`, and `o.resume` needs one (a reused name would
     otherwise silently resume, or do nothing).
     """
-    storage = o.run_dir or posixpath.join(o.output, "_runs")
-    run_path = posixpath.join(storage, o.name)
-    if exists(run_path) and not o.resume:
+    runs = o.run_dir or posixpath.join(o.output, "_runs")
+    run_path = posixpath.join(runs, o.name)
+    exists = as_storage(storage).exists(run_path)
+    if exists and not o.resume:
         raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
                          "or --name to start another")
-    if o.resume and not exists(run_path):
+    if o.resume and not exists:
         raise InputError(f"{run_path}: no run {o.name!r} to resume")
-    return storage, run_path
+    return runs, run_path
 
 
-def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
-    """Run `loop` on a TorchTrainer as run `o.name` under `storage` (`o.max_failures` restarts from
-    the last checkpoint, the last two checkpoints kept, the test fault switch passed on); the Result.
+def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None):
+    """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage`
+    (`o.max_failures` restarts from the last checkpoint, the last two checkpoints kept, the test fault
+    switch passed on); the Result.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -264,20 +270,30 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     if o.threads_per_worker is not None:
         env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
+    storage_path, filesystem = as_storage(storage).train_location(runs)
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
-        run_config=RunConfig(name=o.name, storage_path=storage,
+        run_config=RunConfig(name=o.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=o.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}))
     result = trainer.fit()
     if result.checkpoint is None:
-        raise PainterError(f"{posixpath.join(storage, o.name)}: the run ended without a checkpoint")
+        raise PainterError(f"{posixpath.join(runs, o.name)}: the run ended without a checkpoint")
     return result
 
 
-def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int) -> dict:
-    """Everything a worker needs, as plain values (it travels to every worker)."""
+def checkpoint_url(checkpoint, run_path: str) -> str:
+    """Where a checkpoint of the run at `run_path` is: Ray's local path, or the URL that Ray names without
+    its protocol when the run lives in a bucket."""
+    if not is_remote(run_path):
+        return checkpoint.path
+    return posixpath.join(run_path, posixpath.basename(checkpoint.path.rstrip("/")))
+
+
+def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int,
+                  storage: Storage | None = None) -> dict:
+    """Everything a worker needs, as plain values (it travels to every worker, the Storage handle too)."""
     train = TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, total_steps=total,
                         min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum,
                         compile=o.compile)
@@ -286,7 +302,7 @@ def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int,
             "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
             "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
             "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch),
-            "null_caption_prob": o.null_caption_prob}
+            "null_caption_prob": o.null_caption_prob, "storage": as_storage(storage)}
 
 
 def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:
@@ -296,13 +312,14 @@ def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:
     return rows * per_row <= o.in_memory_mb * 2**20
 
 
-def export_model(checkpoint, output: str, manifest: dict) -> None:
-    """Copy the final checkpoint's model files to `output`, with `train.json` beside them."""
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
+def export_model(checkpoint, output: str, manifest: dict, storage: Storage | None = None) -> None:
+    """Copy the final checkpoint's model files to `output` (config.json, which names the weights, last),
+    with `train.json` beside them."""
+    storage = as_storage(storage)
+    storage.makedirs(output)
     with checkpoint.as_directory() as local:
-        for name in MODEL_FILES:
+        for name in sorted(MODEL_FILES, key=lambda n: n == "config.json"):
             if os.path.exists(os.path.join(local, name)):
-                copy_file(os.path.join(local, name), posixpath.join(output, name))
-    with fsspec.open(posixpath.join(output, "train.json"), "w") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False, default=str)
+                storage.copy(os.path.join(local, name), posixpath.join(output, name))
+    storage.write_text(posixpath.join(output, "train.json"),
+                       json.dumps(manifest, indent=2, ensure_ascii=False, default=str))

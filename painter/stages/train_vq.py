@@ -45,12 +45,13 @@ from painter.errors import CheckpointError, ErrorRateExceeded, InputError
 from painter.io import tables
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.tables import REASON, ROW, SOURCE
-from painter.options import option, parse_storage_options, to_dict
+from painter.io.storage import Storage
+from painter.options import option, to_dict
 from painter.stages.common import join, painter_error_from, read_input, write_rejected
 from painter.stages.tokenize import DEFAULT_SCHEMA
-from painter.stages.train import RunOptions, export_model, fit, plan_steps, run_location, scaling_config
+from painter.stages.train import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
+                                  scaling_config)
 from painter.stages.train_vq_worker import train_loop
-from painter.stages.train_worker import exists
 from painter.vq_training import VQTrainConfig
 
 STAGE = "train-vq"
@@ -82,7 +83,6 @@ class Options(RunOptions):
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
     max_error_rate: float = option(0.01, "fail before training, after writing the rejected rows, when a larger "
                                          "fraction of the rows is rejected")
-    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output paths")
 
     @property
     def grad_accum(self) -> int:  # `painter.stages.train.plan_steps` sizes runs by it; no accumulation here
@@ -150,7 +150,7 @@ def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
                      REASON: pa.array(reasons, pa.string())})
 
 
-def image_dataset(o: Options, storage: dict, size: int, keep: str, eval_keys: frozenset = frozenset(),
+def image_dataset(o: Options, storage: Storage, size: int, keep: str, eval_keys: frozenset = frozenset(),
                   paths: list[str] | None = None) -> ray.data.Dataset:
     """The lazy read -> decode graph of `prepare_images` (reading at 0.25 CPU, decoding at 0.5: unfused)."""
     rows = read_input(paths or o.input, o.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
@@ -160,16 +160,14 @@ def image_dataset(o: Options, storage: dict, size: int, keep: str, eval_keys: fr
                                        "eval_keys": eval_keys})
 
 
-def check_corpus(o: Options, storage: dict, size: int, errors: str) -> pa.Table:
+def check_corpus(o: Options, storage: Storage, size: int, errors: str) -> pa.Table:
     """Decode every row once; write the rejected rows to `errors` (replacing what is there); the keys table."""
     checked = image_dataset(o, storage, size, "check").materialize()
     parts = [t for t in ray.get(checked.to_arrow_refs()) if t.num_rows]
     keys = pa.concat_tables(parts) if parts else pa.table(
         {"idx": pa.array([], pa.string()), SOURCE: pa.array([], pa.string()), ROW: pa.array([], pa.int64()),
          REASON: pa.array([], pa.string())})
-    fs, root = tables.url_to_fs(errors, storage)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    storage.remove(errors, recursive=True)
     if pc.sum(pc.is_valid(keys[REASON])).as_py():
         write_rejected(checked, errors, STAGE, storage)
     return keys
@@ -194,14 +192,15 @@ def run(o: Options) -> dict:
     """Train the VQGAN; the summary has the losses, held-out reconstruction and code use, and row counts."""
     start_time = time.time()
     _check_options(o)
-    storage = parse_storage_options(o.storage_options)
-    source = load_model(o.model, parts=())
-    if not o.from_scratch and not source.vqgan_fingerprint and not exists(join(source.path, "vqgan.safetensors")):
+    storage = Storage.from_option(o.storage_options)
+    source = load_model(o.model, parts=(), storage=storage)
+    if (not o.from_scratch and not source.vqgan_fingerprint
+            and not storage.exists(join(source.path, "vqgan.safetensors"))):
         raise CheckpointError(f"{source.path}: no VQGAN weights to start from (pass --from-scratch)")
-    if tables.url_to_fs(source.path)[1].rstrip("/") == tables.url_to_fs(o.output)[1].rstrip("/"):
+    if storage.fs(source.path)[1].rstrip("/") == storage.fs(o.output)[1].rstrip("/"):
         raise InputError(f"--output {o.output} is the --model directory; write the trained model elsewhere")
     scaling = scaling_config(o)
-    storage_path, run_path = run_location(o)
+    runs, run_path = run_location(o, storage)
     size = source.config.vqgan.resolution
     errors = join(o.output, "_rejected")
     _log(f"checking {', '.join(o.input)}: decoding every image at {size}x{size}")
@@ -237,16 +236,16 @@ def run(o: Options) -> dict:
                    "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
                    "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
-                   "has_eval": bool(held_out)}
+                   "has_eval": bool(held_out), "storage": storage}
     with logs.remote_progress(STAGE, total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, storage_path)
+        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
-    summary |= {"checkpoint": result.checkpoint.path, "previous_vqgan": source.vqgan_fingerprint,
+    summary |= {"checkpoint": checkpoint_url(result.checkpoint, run_path), "previous_vqgan": source.vqgan_fingerprint,
                 "loss_curve": plots.write_loss_curve(run_path, f"train-vq {o.name}", {
-                    "train loss": "loss", "train L1": "l1", "held-out L1": "eval.l1"})}
-    export_model(result.checkpoint, o.output, {"options": to_dict(o) | {"lr": o.peak_lr}, "summary": summary})
-    summary["vqgan"] = load_model(o.output, parts=()).vqgan_fingerprint
+                    "train loss": "loss", "train L1": "l1", "held-out L1": "eval.l1"}, storage)}
+    export_model(result.checkpoint, o.output, {"options": to_dict(o) | {"lr": o.peak_lr}, "summary": summary}, storage)
+    summary["vqgan"] = load_model(o.output, parts=(), storage=storage).vqgan_fingerprint
     summary["seconds"] = round(time.time() - start_time, 3)
     return summary
 

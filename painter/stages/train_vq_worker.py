@@ -8,8 +8,8 @@ replaces what is model-specific: restoring the VQGAN (and discriminator) and Ada
 (uint8 (B, H, W, 3) rows from Ray Data, turned into [-1, 1] floats on the worker's device), the
 step (`painter.vq_training.train_step`: reconstruction + codebook loss, dead-code restarts, optional
 GAN), the metrics (loss, L1, codebook usage and perplexity over the logging window, lr) and the
-held-out reconstruction measurement (`painter.evaluate.ReconstructionMeter` on every rank's part of
-the `eval` dataset, summed over ranks) before the first step and after the last.
+held-out reconstruction measurement (`painter.reconstruction.ReconstructionMeter` on every rank's
+part of the `eval` dataset, summed over ranks) before the first step and after the last.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from painter.checkpoint import ModelConfig, load_model, save_model
 from painter.encoder import PIXELS
-from painter.evaluate import ReconstructionMeter
+from painter.io.storage import Storage, as_storage
 from painter.models.vqgan import VQGAN
+from painter.reconstruction import ReconstructionMeter
 from painter.stages.train_worker import STATE_FILE, WorkerRun, copy_source_files
 from painter.vq_training import (CodeCounter, PatchDiscriminator, VQTrainConfig, make_optimizers, train_step,
                                  usage_from_counts)
@@ -68,7 +69,8 @@ class VQWorkerRun(WorkerRun):
         self.config = ModelConfig.from_dict(cfg["model"])
         self.tc: VQTrainConfig = cfg["train"]
         self.size = self.config.vqgan.resolution
-        self.tokenizer = load_model(cfg["source"], parts=()).tokenizer
+        self.storage: Storage = as_storage(cfg.get("storage"))
+        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
         self.vqgan, self.disc, self.state = self._restore(ray.train.get_checkpoint())
         self.model = ray.train.torch.prepare_model(self.vqgan)  # DDP (gloo on CPU) when world > 1
         self.discriminator = None
@@ -101,7 +103,7 @@ class VQWorkerRun(WorkerRun):
             torch.manual_seed(c["seed"])
             vqgan = VQGAN(self.config.vqgan)
         else:
-            vqgan = load_model(c["source"], parts=("vqgan",)).vqgan
+            vqgan = load_model(c["source"], parts=("vqgan",), storage=self.storage).vqgan
         if disc is not None:
             torch.manual_seed(c["seed"] + 1)
             disc = PatchDiscriminator.for_resolution(self.size)
@@ -212,7 +214,7 @@ class VQWorkerRun(WorkerRun):
 
     def _save(self, directory: str) -> None:
         """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
-        copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"))
+        copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(), "counter": self.counter.state_dict(),

@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
 import tempfile
 import time
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from painter.checkpoint import ModelConfig, load_model, save_model
+from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPT
 from painter.runtime import autocast
 from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions, make_optimizer, mfu,
@@ -34,22 +33,12 @@ FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 STATE_FILE = "train_state.pt"
 
 
-def exists(path: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(path)
-    return fs.exists(root)
-
-
-def copy_file(src: str, dst: str) -> None:
-    with fsspec.open(src, "rb") as fin, fsspec.open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, length=16 << 20)
-
-
-def copy_source_files(source: str, directory: str, names: tuple[str, ...]) -> None:
+def copy_source_files(source: str, directory: str, names: tuple[str, ...], storage: Storage) -> None:
     """Copy those of `names` that `source` has into the local checkpoint `directory`, in order (the part
     not being trained travels as bytes, never loaded; config.json goes first since it carries its fingerprint)."""
     for name in names:
-        if exists(posixpath.join(source, name)):
-            copy_file(posixpath.join(source, name), os.path.join(directory, name))
+        if storage.exists(posixpath.join(source, name)):
+            storage.copy(posixpath.join(source, name), os.path.join(directory, name))
 
 
 def train_loop(cfg: dict) -> None:
@@ -107,7 +96,8 @@ class WorkerRun:
         self.device = ray.train.torch.get_device()
         self.config = ModelConfig.from_dict(cfg["model"])
         self.tc: TrainConfig = cfg["train"]
-        self.tokenizer = load_model(cfg["source"], parts=()).tokenizer
+        self.storage: Storage = as_storage(cfg.get("storage"))
+        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
         self.gpt, self.state = self._restore(ray.train.get_checkpoint())
         model = ray.train.torch.prepare_model(GPTLoss(self.gpt))  # DDP (gloo on CPU) when world > 1
         self.compiled = use_compile(self.device, self.tc.compile)
@@ -130,7 +120,7 @@ class WorkerRun:
             print(f"train: rank {self.rank} resumes at step {state['step']} from {checkpoint.path}", flush=True)
             return gpt.train(), state
         if self.cfg["has_gpt"]:
-            gpt = load_model(self.cfg["source"], parts=("gpt",)).gpt
+            gpt = load_model(self.cfg["source"], parts=("gpt",), storage=self.storage).gpt
         else:
             torch.manual_seed(self.cfg["seed"])
             gpt = GPT(self.config.gpt)
@@ -264,7 +254,7 @@ class WorkerRun:
         if self.rank == 0:
             line = json.dumps(metrics)
             print(f"train: {line}", flush=True)
-            with fsspec.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a", auto_mkdir=True) as f:
+            with self.storage.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a") as f:
                 f.write(line + "\n")
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
@@ -276,7 +266,7 @@ class WorkerRun:
 
     def _save(self, directory: str) -> None:
         """A full model directory (the source's VQGAN copied, never loaded) plus train_state.pt."""
-        copy_source_files(self.cfg["source"], directory, ("config.json", "vqgan.safetensors"))
+        copy_source_files(self.cfg["source"], directory, ("config.json", "vqgan.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, gpt=self.gpt)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(),
@@ -291,15 +281,14 @@ class WorkerRun:
         if not fail_at or int(fail_at) != step or self.rank != self.world - 1:
             return
         marker = posixpath.join(self.cfg["run_path"], f"_fault_injected_at_step_{step}")
-        if exists(marker):
+        if self.storage.exists(marker):
             return
-        with fsspec.open(marker, "w") as f:
-            f.write("injected\n")
+        self.storage.write_text(marker, "injected\n")
         raise RuntimeError(f"{FAULT_ENV}={fail_at}: injected worker failure after step {step}")
 
     def _flush_rows(self, epoch: int) -> None:
         if self.cfg["record_rows"] and self.rows_seen:
             path = posixpath.join(self.cfg["run_path"], "rows", f"epoch{epoch}-rank{self.rank}.txt")
-            with fsspec.open(path, "a", auto_mkdir=True) as f:
+            with self.storage.open(path, "a") as f:
                 f.write("\n".join(self.rows_seen) + "\n")
             self.rows_seen = []

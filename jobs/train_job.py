@@ -1,0 +1,12 @@
+"""Entry for `ray job submit -- python jobs/train_job.py …`: the same code path as `painter train`.
+
+Works with the package installed on the cluster or shipped with `--working-dir .` (Ray puts the working
+directory on the job's PYTHONPATH). Python puts this script's folder first on sys.path; the `_job` suffix
+keeps every name in it from shadowing a module (`jobs/tokenize.py` once hid the standard library's).
+"""
+import sys
+
+from painter.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

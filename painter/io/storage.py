@@ -1,0 +1,146 @@
+"""One storage handle per job: every read and write of a job goes through the `Storage` built from its
+`--storage-options`.
+
+A job parses `--storage-options` once (`Storage.from_option`: inline JSON without credentials, `env:NAME`
+or `@PATH`, see `painter.options.parse_storage_options`) and hands the handle to everything that
+touches a path: corpora, model directories, the tokenizer's vocab, token shards, outputs, Ray Data
+readers and writers (`arrow`) and Ray Train's run storage (`train_location`). So an S3-compatible
+endpoint named only in `--storage-options` is where the model, the data and the outputs are read and
+written, on the driver and on every worker (the handle pickles as its options and travels with the
+work). With no options, fsspec's defaults apply (for S3: the process's AWS environment).
+
+`filesystem` is the one place a filesystem is built from options. No Ray in this module.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from painter.options import parse_storage_options
+
+COPY_CHUNK = 16 << 20
+
+
+def filesystem(path: str, options: dict | None = None):
+    """(fsspec filesystem, path without protocol) for a local path or URL such as s3://bucket/key."""
+    return fsspec.core.url_to_fs(path, **(options or {}))
+
+
+def is_remote(path: str) -> bool:
+    """True for a URL with a protocol other than file:// (s3://, gs://, memory://...)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def temp_beside(path: str) -> str:
+    """A fresh name beside `path` for writing it atomically ('_': hidden from table readers)."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f"_{tail}.{uuid.uuid4().hex}.tmp")
+
+
+class Storage:
+    """fsspec/s3fs options and what a job does with them. Its repr names the options, never their values."""
+
+    def __init__(self, options: dict | None = None):
+        self.options = dict(options or {})
+
+    @classmethod
+    def from_option(cls, text: str | None) -> "Storage":
+        """The handle for a job's `--storage-options` text (None or empty: fsspec's defaults)."""
+        return cls(parse_storage_options(text))
+
+    def __repr__(self) -> str:
+        return f"Storage(options={sorted(self.options)})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Storage) and other.options == self.options
+
+    __hash__ = None  # options are a dict
+
+    # --- filesystems ------------------------------------------------------------------------------
+
+    def fs(self, path: str):
+        """(fsspec filesystem, path without protocol) for `path`."""
+        return filesystem(path, self.options)
+
+    def arrow(self, path: str):
+        """(pyarrow filesystem, path without protocol) for Ray Data and pyarrow: fsspec underneath."""
+        import pyarrow.fs as pafs
+
+        fs, stripped = self.fs(path)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), stripped
+
+    def train_location(self, path: str):
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: a local path as it is (None: Ray's
+        own local filesystem), a URL stripped of its protocol with this handle's pyarrow filesystem."""
+        if not is_remote(path):
+            return path, None
+        filesystem_, stripped = self.arrow(path)
+        return stripped, filesystem_
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def open(self, path: str, mode: str = "rb", **kwargs):
+        """An open file (a context manager); text modes take encoding/errors/newline. Writing creates the
+        parent folder where folders exist (a local disk), as `fsspec.open` does."""
+        fs, stripped = self.fs(path)
+        if "r" not in mode and isinstance(fs, LocalFileSystem):
+            fs.makedirs(posixpath.dirname(stripped), exist_ok=True)
+        return fs.open(stripped, mode, **kwargs)
+
+    def exists(self, path: str) -> bool:
+        fs, stripped = self.fs(path)
+        return fs.exists(stripped)
+
+    def read_bytes(self, path: str) -> bytes:
+        """The file's bytes (FileNotFoundError when there is none)."""
+        with self.open(path, "rb") as f:
+            return f.read()
+
+    def read_text(self, path: str) -> str:
+        with self.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+
+    def makedirs(self, path: str) -> None:
+        fs, stripped = self.fs(path)
+        fs.makedirs(stripped, exist_ok=True)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete `path` if it exists."""
+        fs, stripped = self.fs(path)
+        if fs.exists(stripped):
+            fs.rm(stripped, recursive=recursive)
+
+    def copy(self, src: str, dst: str) -> str:
+        """Copy one file, streaming, between any two places this handle reaches (local, S3, ...); `dst`."""
+        with self.open(src, "rb") as fin, self.open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, length=COPY_CHUNK)
+        return dst
+
+    def write_atomic(self, path: str, data: bytes) -> str:
+        """Replace `path` in one step, so a reader sees the old bytes or the new, never part: a temp file
+        beside it, then a rename (local) or a server-side copy (object stores); returns `path`."""
+        fs, stripped = self.fs(path)
+        head = posixpath.dirname(stripped)
+        if head:
+            fs.makedirs(head, exist_ok=True)
+        tmp = temp_beside(stripped)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, stripped)
+        else:
+            fs.mv(tmp, stripped)
+        return path
+
+    def write_text(self, path: str, text: str) -> str:
+        return self.write_atomic(path, text.encode("utf-8"))
+
+
+def as_storage(value: "Storage | dict | None") -> Storage:
+    """A Storage from a Storage (itself), a dict of options or None (fsspec's defaults)."""
+    return value if isinstance(value, Storage) else Storage(value)
