@@ -14,8 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+# benchmarks/tokenize.py shadows the standard library's `tokenize` for a script run from this folder:
+# take the folder off the import path and put the repository root on it (and on the workers' path)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_ROOT]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
@@ -59,9 +63,11 @@ class StorePeak:
     """Samples the local object store's bytes in use on a thread until stopped; keeps the peak."""
 
     def __init__(self, every: float = 0.2):
+        import ray
         from ray._private import internal_api
 
-        self.state = internal_api.get_state_from_address()
+        # this driver's own Ray (other local Rays may be running)
+        self.state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
         self.every, self.peak, self.samples = every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -114,7 +120,7 @@ def run_case(job: str, rows: int, model: str, root: str) -> dict:
     subprocess.run([sys.executable, script, "--make-corpus", job, str(rows), corpus_dir], check=True)
     corpus = sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir))
     done = subprocess.run([sys.executable, script, "--measure", job, model, os.path.join(folder, "out"), *corpus],
-                          check=True, capture_output=True, text=True)
+                          check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"rows": rows}
 
 
