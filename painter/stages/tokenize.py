@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 import ray
 
 from painter import logs
-from painter.checkpoint import load_model
+from painter.checkpoint import check_model_files, load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError
 from painter.io import tables
+from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
@@ -226,6 +227,16 @@ def _execute(options: Options, storage: dict, info: ShardInfo, errors: str):
     write_shards(final, options.output, info, storage, options.rows_per_file)
     write_rejected(final, errors, STAGE, storage)
     return keys, rejections
+
+
+def preflight(options: Options) -> None:
+    """What can be checked before Ray starts: options, model files, input files, output folders."""
+    _check_options(options)
+    storage = parse_storage_options(options.storage_options)
+    check_model_files(options.model, parts=("vqgan",))
+    check_inputs("--input", options.input, storage)
+    for option_name, path in (("--output", options.output), ("--errors", options.errors)):
+        check_output(option_name, path, storage)
 
 
 def run(options: Options) -> dict:

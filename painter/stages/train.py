@@ -31,17 +31,19 @@ import posixpath
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter import logs, plots
-from painter.checkpoint import PRESETS, ModelConfig, load_model, preset_config
-from painter.errors import InputError, PainterError
+from painter.checkpoint import PRESETS, ModelConfig, check_model_files, load_model, preset_config
+from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io import tables
+from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
 from painter.stages.common import arrow_filesystem, cluster_has_gpus
-from painter.stages.train_worker import FAULT_ENV, copy_file, exists, train_loop
+from painter.stages.train_worker import DIVERGED, FAULT_ENV, copy_file, exists, train_loop
 from painter.training import TrainConfig
 
 log = logs.get("train")
@@ -163,15 +165,39 @@ def list_shards(paths: list[str]) -> list[str]:
     return files
 
 
+def check_shards(files: list[str], model_info: ShardInfo) -> None:
+    """Refuse, naming the file, any shard that is not readable Parquet or does not fit the model."""
+    if not files:
+        raise InputError("no token shards found")
+    filesystem, _ = arrow_filesystem(files[0])
+    for file in files:
+        try:
+            schema = pq.read_schema(tables.url_to_fs(file)[1], filesystem=filesystem)
+        except pa.ArrowException as e:  # truncated, or not Parquet: "Parquet magic bytes not found"
+            raise InputError(f"{file}: not a readable token shard ({describe(e)})") from None
+        check_shards_fit(ShardInfo.from_schema(schema, file), model_info, file)
+
+
 def read_shards(files: list[str], model_info: ShardInfo):
     """A Ray Dataset over `files`, after refusing (naming the file) any shard that does not fit the model."""
     import ray.data
 
+    check_shards(files, model_info)
     filesystem, _ = arrow_filesystem(files[0])
-    stripped = [tables.url_to_fs(f)[1] for f in files]
-    for file, path in zip(files, stripped):
-        check_shards_fit(ShardInfo.from_schema(pq.read_schema(path, filesystem=filesystem), file), model_info, file)
-    return ray.data.read_parquet(stripped, filesystem=filesystem)
+    return ray.data.read_parquet([tables.url_to_fs(f)[1] for f in files], filesystem=filesystem)
+
+
+def preflight(o: Options) -> None:
+    """What can be checked before Ray starts: the start model's files, every shard's footer, the run and
+    output paths."""
+    start = resolve_start(o)
+    check_model_files(start.source, parts=("gpt", "vqgan") if start.has_gpt else ("vqgan",))
+    for paths in (o.data, o.val_data):
+        if paths:
+            check_shards(list_shards(paths), start.shard_info)
+    check_output("--output", o.output)
+    check_output("--run-dir", o.run_dir)
+    run_location(o)
 
 
 def plan_steps(rows: int, o: Options) -> tuple[int, int]:
@@ -271,6 +297,12 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}))
     result = trainer.fit()
+    step = (result.metrics or {}).get(DIVERGED)
+    if step is not None:
+        kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
+        raise TrainingDiverged(f"{posixpath.join(storage, o.name)}: the training loss is {result.metrics.get('loss')} "
+                               f"at step {step}; stopped there without saving it. Last good checkpoint: {kept}; "
+                               "continue from it with --resume (with a lower --lr)")
     if result.checkpoint is None:
         raise PainterError(f"{posixpath.join(storage, o.name)}: the run ended without a checkpoint")
     return result

@@ -1,0 +1,95 @@
+"""Cheap checks a job makes before it starts any work: inputs readable, outputs writable, storage reachable.
+
+Each raises a `PainterError` whose one line names the option and the path, so a job that cannot work
+stops in a second with that reason instead of after starting Ray, or part-way with a library's traceback:
+- `check_inputs`: the paths name files; Parquet files have a readable footer; the first bytes of a TSV
+  hold no NUL byte (binary data is no table). At most `SNIFF_FILES` files are opened; bad rows of the
+  others are still rejected row by row as they are read.
+- `check_output`: a local path has no file where a folder must be and a writable folder above it; on
+  object storage the bucket exists and answers (transient errors are retried, `painter.io.retries`).
+No Ray in this module.
+"""
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from painter.errors import InputError, StorageError
+from painter.io import tables
+
+SNIFF_FILES = 64
+SNIFF_BYTES = 4096
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line` of a library's error (no traceback, no credentials: botocore never puts them in
+    its messages)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def check_inputs(option: str, paths: list[str], storage: dict | None = None,
+                 extensions: tuple[str, ...] = tables.TABLE_EXTENSIONS) -> list[str]:
+    """The input files named by `paths`, after refusing missing, unreachable, binary or broken ones."""
+    try:
+        files = tables.expand_paths(paths, storage or None, extensions)
+    except InputError as e:
+        raise InputError(f"{option} {e}") from None
+    except Exception as e:  # refused connections, denied access: after the retries
+        raise StorageError(f"{option} {', '.join(paths)}: cannot list the input ({describe(e)})") from None
+    for path in files[:SNIFF_FILES]:
+        _sniff(option, path, storage)
+    return files
+
+
+def _sniff(option: str, path: str, storage: dict | None) -> None:
+    fs, stripped = tables.url_to_fs(path, storage)
+    try:
+        with fs.open(stripped, "rb") as f:
+            if tables.is_parquet(path):
+                pq.read_schema(f)
+                return
+            head = f.read(SNIFF_BYTES)
+    except IsADirectoryError:
+        raise InputError(f"{option} {path}: a directory, not a table file") from None
+    except pa.ArrowException as e:  # "Parquet magic bytes not found", a footer cut short, ...
+        raise InputError(f"{option} {path}: not a readable Parquet file ({describe(e)})") from None
+    except Exception as e:  # denied access, refused connections (after the retries)
+        raise StorageError(f"{option} {path}: cannot read it ({describe(e)})") from None
+    if b"\x00" in head:
+        raise InputError(f"{option} {path}: binary data, not a TSV table (a NUL byte at offset {head.index(0)})")
+
+
+def check_output(option: str, path: str | None, storage: dict | None = None) -> None:
+    """Refuse an output `path` that cannot be written: a file in the way, no writable folder, no bucket."""
+    if not path:
+        return
+    if "://" not in path or path.startswith("file://"):
+        _check_local_output(option, path.removeprefix("file://"))
+        return
+    fs, stripped = tables.url_to_fs(path, storage)
+    bucket = stripped.split("/", 1)[0]
+    try:
+        if hasattr(fs, "call_s3"):  # s3fs: ask for the bucket itself (its `exists` says False for a dead endpoint)
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{option} {path}: no such bucket {bucket!r}") from None
+    except Exception as e:  # refused connections, unknown hosts, denied access: after the retries
+        raise StorageError(f"{option} {path}: cannot reach the storage ({describe(e)})") from None
+
+
+def _check_local_output(option: str, path: str) -> None:
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        raise InputError(f"{option} {path}: is a file, not a folder")
+    above = os.path.dirname(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise InputError(f"{option} {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: the folder {above} is not writable")
