@@ -86,15 +86,21 @@ def _file_handler(path: str) -> logging.Handler:
 
 
 class _RayConsole(logging.Filter):
-    """On Ray's own console handlers: every record to the log file; WARNING+ ones that are not `NOISE` also
-    to the terminal, in painter's format (`[ray] warning: ...`); Ray's handler itself prints nothing."""
+    """On Ray's own console handlers: every record to the log file; WARNING+ ones that are not `NOISE` and
+    carry no traceback also to the terminal, in painter's format (`[ray] warning: ...`); Ray's handler itself
+    prints nothing. (A traceback belongs to a failure, which the job reports in one line, and `--debug` in full.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _state["file"] is not None:
             _state["file"].handle(record)
-        if record.levelno >= logging.WARNING and not is_noise(record.getMessage()):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING and not is_noise(message) and not _has_traceback(record, message):
             _TERMINAL.emit(record, to_file=False)
         return False
+
+
+def _has_traceback(record: logging.LogRecord, message: str) -> bool:
+    return bool(record.exc_info) or "Traceback (most recent call last)" in message
 
 
 def setup(job: str, log_path: str | None) -> None:
