@@ -12,6 +12,7 @@ The driver side, options and summary are in `painter.stages.train`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -31,6 +32,7 @@ from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions
                               peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
+DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
 STATE_FILE = "train_state.pt"
 
 
@@ -145,7 +147,7 @@ class WorkerRun:
             ray.train.report(self.state["metrics"])
             return
         shard = ray.train.get_dataset_shard("train")
-        while self.state["step"] < total:
+        while self.state["step"] < total and not self.stopped:
             epoch, done = divmod(self.state["step"], spe)
             batches = prefetch_to_device(self._batches(shard, epoch, skip=done * self.tc.grad_accum), self.device)
             for done in range(done + 1, spe + 1):
@@ -156,7 +158,7 @@ class WorkerRun:
                 self._tick()
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total:
+                if self.state["step"] >= total or self.stopped:
                     break
             self._flush_rows(epoch)
 
@@ -208,6 +210,8 @@ class WorkerRun:
         validate = c["has_val"] and (epoch_end or final)
         if log or checkpoint or validate:
             metrics = self._metrics(result, epoch)
+            if self._diverged(metrics):
+                return
             if validate:
                 self.state["val_loss"] = metrics["val_loss"] = self._validate()
             self._report(metrics, checkpoint)
@@ -250,6 +254,24 @@ class WorkerRun:
         if self.world > 1:
             dist.all_reduce(sums)
         return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+    @property
+    def stopped(self) -> bool:
+        return self.state.get(DIVERGED) is not None
+
+    def _diverged(self, metrics: dict) -> bool:
+        """When the (rank-averaged, so every rank agrees) loss is NaN or infinite: report the step without a
+        checkpoint, so the last good one stays the run's latest, and stop (True). Checked at every logging and
+        checkpoint step (a check per step would cost a device sync per step on a GPU)."""
+        import ray.train
+
+        if math.isfinite(metrics["loss"]):
+            return False
+        self.state[DIVERGED] = metrics["step"]
+        if self.rank == 0:
+            print(f"train: loss {metrics['loss']} at step {metrics['step']}: stopping", flush=True)
+        ray.train.report(metrics | {DIVERGED: metrics["step"]}, checkpoint=None)
+        return True
 
     def _tick(self, note: str = "") -> None:
         """Rank 0 tells the driver's progress display the step (fire and forget)."""
