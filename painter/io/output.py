@@ -27,7 +27,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from painter.errors import InputError
+from painter.errors import InputError, StorageError
 from painter.io.output_table import OutputTable
 from painter.io.tables import url_to_fs
 
@@ -79,7 +79,10 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> str:
     """`write_atomic` for a local path or URL; returns the URL."""
     fs, path = url_to_fs(url, storage_options)
-    write_atomic(fs, path, data)
+    try:
+        write_atomic(fs, path, data)
+    except OSError as e:  # a full disk, a read-only mount: the errno text alone names no file
+        raise StorageError(f"{url}: cannot write it ({e.strerror or e})") from None
     return url
 
 
