@@ -1,9 +1,9 @@
 """Cheap checks a job makes before it starts any work: inputs readable, outputs writable, storage reachable.
 
-Each raises a `PainterError` whose one line names the option and the path, so a job that cannot work
+Each raises a `PainterError` whose one line names the path (first) and the option, so a job that cannot work
 stops in a second with that reason instead of after starting Ray, or part-way with a library's traceback:
 - `check_inputs`: the paths name files; Parquet files have a readable footer; the first bytes of a TSV
-  hold no NUL byte (binary data is no table). At most `SNIFF_FILES` files are opened; bad rows of the
+  are not binary data (`looks_binary`). At most `SNIFF_FILES` files are opened; bad rows of the
   others are still rejected row by row as they are read.
 - `check_output`: a local path has no file where a folder must be and a writable folder above it; on
   object storage the bucket exists and answers (transient errors are retried, `painter.io.retries`).
@@ -35,10 +35,10 @@ def check_inputs(option: str, paths: list[str], storage: dict | None = None,
     """The input files named by `paths`, after refusing missing, unreachable, binary or broken ones."""
     try:
         files = tables.expand_paths(paths, storage or None, extensions)
-    except InputError as e:
-        raise InputError(f"{option} {e}") from None
     except Exception as e:  # refused connections, denied access: after the retries
-        raise StorageError(f"{option} {', '.join(paths)}: cannot list the input ({describe(e)})") from None
+        if isinstance(e, InputError):
+            raise
+        raise StorageError(f"{', '.join(paths)}: cannot list the {option} files ({describe(e)})") from None
     for path in files[:SNIFF_FILES]:
         _sniff(option, path, storage)
     return files
@@ -53,13 +53,26 @@ def _sniff(option: str, path: str, storage: dict | None) -> None:
                 return
             head = f.read(SNIFF_BYTES)
     except IsADirectoryError:
-        raise InputError(f"{option} {path}: a directory, not a table file") from None
+        raise InputError(f"{path}: a directory, not a table file ({option})") from None
     except pa.ArrowException as e:  # "Parquet magic bytes not found", a footer cut short, ...
-        raise InputError(f"{option} {path}: not a readable Parquet file ({describe(e)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({option}; {describe(e)})") from None
     except Exception as e:  # denied access, refused connections (after the retries)
-        raise StorageError(f"{option} {path}: cannot read it ({describe(e)})") from None
-    if b"\x00" in head:
-        raise InputError(f"{option} {path}: binary data, not a TSV table (a NUL byte at offset {head.index(0)})")
+        raise StorageError(f"{path}: cannot read the {option} file ({describe(e)})") from None
+    if looks_binary(head):
+        raise InputError(f"{path}: binary data, not a TSV table ({option}; not UTF-8 text and a NUL byte at "
+                         f"offset {head.index(0)})")
+
+
+def looks_binary(head: bytes) -> bool:
+    """A file's first bytes are binary data: a NUL byte and not UTF-8 (a text table may hold a NUL in a
+    field, and a row that is not UTF-8 is rejected on its own; both at once is no table)."""
+    if b"\x00" not in head:
+        return False
+    try:
+        head.decode("utf-8")
+        return False
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 3  # not merely a character cut by the read
 
 
 def check_output(option: str, path: str | None, storage: dict | None = None) -> None:
