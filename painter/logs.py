@@ -167,13 +167,18 @@ def _route_worker_output() -> None:
     """Workers' and actors' stdout/stderr (Ray's log_to_driver stream) into the log file instead of the terminal.
 
     Ray 2.60 hands every batch of worker lines to `global_worker_stdstream_dispatcher`; its printing handler
-    is replaced by one that writes to the file (the terminal keeps only what the driver itself raises).
+    is replaced by one that writes to the file (the terminal keeps only what the driver itself raises), and so
+    is `print_to_stdstream`, which prints the cluster's error messages.
     """
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("painter")
     dispatcher.add_handler("painter", _worker_lines)
+    # Errors the cluster publishes ("(raylet) Task ... failed", actors killed when a job stops) are printed to
+    # stdout by this function, after a job's last line too: to the file with the rest
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
 
 
 def _worker_lines(data: dict) -> None:

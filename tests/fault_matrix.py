@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ FAULTS = ("input-missing", "input-directory", "input-binary", "input-truncated-r
           "shard-foreign", "model-missing-weight", "model-truncated-weight", "output-parent-file", "disk-full",
           "s3-refused", "s3-flaky", "s3-no-bucket", "sigkill", "sigterm", "nan-loss")
 MATRIX: dict[tuple[str, str], str] = {}
+TIMINGS: list[str] = []  # wall time of every painter process the matrix ran
 TABLE_FILE: list[Path] = []
 CORPUS_ROWS, PROMPTS, SHARD_ROWS = 12, 16, 16
 
@@ -155,7 +157,9 @@ class Result:
 
 
 def run_painter(args: list[str], env: dict, timeout: float = 300) -> Result:
+    start = time.time()
     done = subprocess.run(_command(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    TIMINGS.append(f"{time.time() - start:6.1f} s  painter {' '.join(args[:1] + args[-2:])}")
     return Result(args, done.returncode, done.stdout, done.stderr)
 
 
@@ -165,7 +169,9 @@ def run_batch(cases: list[tuple[list[str], dict]], env: dict, folder: Path, time
     cases_file, results_file = folder / f"cases-{name}.json", folder / f"results-{name}.json"
     cases_file.write_text(json.dumps([{"argv": argv, "env": extra} for argv, extra in cases]), encoding="utf-8")
     runner = [sys.executable, str(ROOT / "tests" / "fault_runner.py"), str(cases_file), str(results_file)]
+    start = time.time()
     done = subprocess.run(runner, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    TIMINGS.append(f"{time.time() - start:6.1f} s  fault_runner: {len(cases)} cells")
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(results_file.read_text(encoding="utf-8"))
     return [Result(argv, r["code"], r["stdout"], r["stderr"]) for (argv, _), r in zip(cases, results)]
@@ -177,11 +183,13 @@ def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess
     Its output goes to files, which a run that is signalled part-way cannot block on."""
     name = uuid.uuid4().hex[:8]
     out, err = open(log_dir / f"{name}.out", "w+"), open(log_dir / f"{name}.err", "w+")
+    start = time.time()
     process = subprocess.Popen(_command(args), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
 
     def finish(timeout: float = 300) -> Result:
         process.wait(timeout=timeout)
         out.seek(0), err.seek(0)
+        TIMINGS.append(f"{time.time() - start:6.1f} s  painter {args[0]} (signalled part-way)")
         result = Result(args, process.returncode, out.read(), err.read())
         out.close(), err.close()
         return result
@@ -225,7 +233,7 @@ def table() -> str:
 
 def write_table(folder: Path) -> None:
     path = folder / "fault_matrix.txt"
-    path.write_text(table() + "\n", encoding="utf-8")
+    path.write_text(table() + "\n\n" + "\n".join(TIMINGS) + "\n", encoding="utf-8")
     TABLE_FILE[:] = [path]
 
 
@@ -235,6 +243,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     terminalreporter.section("fault matrix: job x fault -> outcome")
     terminalreporter.write_line(table())
+    terminalreporter.write_line("\n".join(["painter processes the matrix ran:", *TIMINGS]))
     if TABLE_FILE:
         terminalreporter.write_line(f"(also in {TABLE_FILE[0]})")
 

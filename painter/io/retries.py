@@ -2,18 +2,19 @@
 
 `configure_storage_retries()` (run when `painter` is imported, so on the driver and in every Ray worker)
 sets fsspec's defaults for `s3://`: botocore's own "standard" retry mode (`STORAGE_ATTEMPTS` attempts in
-all, exponential back-off with jitter, on throttling, 5xx answers and dropped or refused connections),
-and one extra s3fs-level try for a body read cut off part-way; s3fs would otherwise repeat every failed
-call five times on top of botocore's attempts, so a dead endpoint would take minutes to report.
-`delta_retry_options()` gives the Delta Lake writer (delta-rs's object store) the same bound.
+all, exponential back-off with jitter, on throttling, 5xx answers and dropped or refused connections)
+as the only retry layer: s3fs would otherwise repeat every failed call five times on top of botocore's
+attempts, so a dead endpoint would take a minute to report. `delta_retry_options()` bounds the Delta
+Lake log's reads and commits (delta-rs's object store; its back-off starts at 100 ms, so it can afford
+more retries, and a dead endpoint is found by the jobs' preflight before it is reached).
 Permanent errors (no such bucket or key, access denied) are not retried by either library.
 The `Storage` handle can take this over as it is: it is the only place retries are set.
 """
 from __future__ import annotations
 
-STORAGE_ATTEMPTS = 3  # first try + 2 retries; back-off up to 1 s, then 2 s (botocore standard mode)
-S3FS_TRIES = 2  # s3fs's own loop around each call (it retries a truncated body, which botocore cannot)
-DELTA_RETRY_TIMEOUT = "30s"
+STORAGE_ATTEMPTS = 4  # first try + 3 retries, after up to 1, 2 and 4 s (botocore standard mode: random jitter)
+S3FS_TRIES = 1  # s3fs's own loop around each call: botocore's attempts are the one retry layer
+DELTA_RETRIES, DELTA_RETRY_TIMEOUT = 5, "30s"  # delta-rs's object store: back-off from 100 ms, doubling
 
 
 def configure_storage_retries() -> None:
@@ -33,4 +34,4 @@ def configure_storage_retries() -> None:
 
 def delta_retry_options() -> dict[str, str]:
     """delta-rs storage options bounding its object-store retries the same way."""
-    return {"max_retries": str(STORAGE_ATTEMPTS - 1), "retry_timeout": DELTA_RETRY_TIMEOUT}
+    return {"max_retries": str(DELTA_RETRIES), "retry_timeout": DELTA_RETRY_TIMEOUT}

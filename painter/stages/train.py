@@ -36,14 +36,14 @@ import pyarrow.parquet as pq
 
 from painter import logs, plots
 from painter.checkpoint import PRESETS, ModelConfig, check_model_files, load_model, preset_config
-from painter.errors import InputError, PainterError, TrainingDiverged
+from painter.errors import InputError, PainterError, StorageError, TrainingDiverged
 from painter.io import tables
 from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
 from painter.stages.common import arrow_filesystem, cluster_has_gpus
-from painter.stages.train_worker import DIVERGED, FAULT_ENV, copy_file, exists, train_loop
+from painter.stages.train_worker import DIVERGED_FILE, FAULT_ENV, copy_file, exists, train_loop
 from painter.training import TrainConfig
 
 log = logs.get("train")
@@ -194,7 +194,13 @@ def preflight(o: Options) -> None:
     check_model_files(start.source, parts=("gpt", "vqgan") if start.has_gpt else ("vqgan",))
     for paths in (o.data, o.val_data):
         if paths:
-            check_shards(list_shards(paths), start.shard_info)
+            try:
+                files = list_shards(paths)
+            except Exception as e:  # refused connections, denied access: after the retries
+                if isinstance(e, PainterError):
+                    raise
+                raise StorageError(f"{', '.join(paths)}: cannot list the token shards ({describe(e)})") from None
+            check_shards(files, start.shard_info)
     check_output("--output", o.output)
     check_output("--run-dir", o.run_dir)
     run_location(o)
@@ -296,12 +302,16 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, storage: str):
                              failure_config=FailureConfig(max_failures=o.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}))
+    marker = posixpath.join(storage, o.name, DIVERGED_FILE)  # a resumed run starts without its old verdict
+    if exists(marker):
+        fsspec.core.url_to_fs(marker)[0].rm(fsspec.core.url_to_fs(marker)[1])
     result = trainer.fit()
-    step = (result.metrics or {}).get(DIVERGED)
-    if step is not None:
+    if exists(marker):
+        with fsspec.open(marker, "r") as f:
+            diverged = json.load(f)
         kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
-        raise TrainingDiverged(f"{posixpath.join(storage, o.name)}: the training loss is {result.metrics.get('loss')} "
-                               f"at step {step}; stopped there without saving it. Last good checkpoint: {kept}; "
+        raise TrainingDiverged(f"{posixpath.join(storage, o.name)}: the training loss is {diverged['loss']} after step "
+                               f"{diverged['step']}; stopped there without saving it. Last good checkpoint: {kept}; "
                                "continue from it with --resume (with a lower --lr)")
     if result.checkpoint is None:
         raise PainterError(f"{posixpath.join(storage, o.name)}: the run ended without a checkpoint")
