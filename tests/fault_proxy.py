@@ -26,7 +26,7 @@ ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError
 class FaultProxy:
     """`with FaultProxy("http://127.0.0.1:PORT") as proxy:` then point clients at `proxy.url`."""
 
-    def __init__(self, target: str, period: int = 16):
+    def __init__(self, target: str, period: int = 8):
         self.target = urlsplit(target)
         self.period = period
         self.counts: Counter = Counter()

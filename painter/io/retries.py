@@ -12,7 +12,7 @@ The `Storage` handle can take this over as it is: it is the only place retries a
 """
 from __future__ import annotations
 
-STORAGE_ATTEMPTS = 4  # first try + 3 retries, after up to 1, 2 and 4 s (botocore standard mode: random jitter)
+STORAGE_ATTEMPTS = 3  # in all: the first try and 2 retries, after up to 1 and 2 s (botocore standard mode's jitter)
 S3FS_TRIES = 1  # s3fs's own loop around each call: botocore's attempts are the one retry layer
 DELTA_RETRIES, DELTA_RETRY_TIMEOUT = 5, "30s"  # delta-rs's object store: back-off from 100 ms, doubling
 
@@ -23,7 +23,7 @@ def configure_storage_retries() -> None:
 
     s3 = fsspec.config.conf.setdefault("s3", {})
     config_kwargs = dict(s3.get("config_kwargs") or {})
-    config_kwargs.setdefault("retries", {"max_attempts": STORAGE_ATTEMPTS, "mode": "standard"})
+    config_kwargs.setdefault("retries", {"total_max_attempts": STORAGE_ATTEMPTS, "mode": "standard"})
     s3["config_kwargs"] = config_kwargs
     try:
         import s3fs
