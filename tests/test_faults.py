@@ -133,7 +133,7 @@ def env(ray_session, s3_server) -> dict:
 
 
 @pytest.fixture(scope="module")
-def preflight_results(world, env) -> dict:
+def preflight_results(world, env, train_lane) -> dict:
     """Every cell that fails before any work. The issue's three run as `painter` processes of their own; the
     others run in two `tests/fault_runner.py` processes (`painter.cli.main` per cell: one import for all)."""
     refused = {"endpoint": f"http://127.0.0.1:{_free_port()}", "file": str(world.tmp / "refused.json")}
@@ -164,32 +164,32 @@ def _good_run(args: list[str], env: dict) -> dict:
     return summary
 
 
-class Background:
-    """Runs that need no order among them, in two threads beside generate's night: the jobs mostly wait
-    (on Ray's start-ups, Ray Train's above all) and the 2 cores are idle most of the time."""
-
-    def __init__(self, world, env, s3_server):
-        self.pool = ThreadPoolExecutor(max_workers=2)
-        self.train = self.pool.submit(lambda: (train_nan_run(world, env),
-                                               _good_run(base_args("tokenize", world), env)))
-        self.light = self.pool.submit(lambda: (_good_run(base_args("evaluate", world), env),
-                                               flaky_runs(world, env, s3_server)))
+@pytest.fixture(scope="module")
+def train_lane(world, env):
+    """train's run in a thread from the start, beside everything else: Ray Train mostly waits (~40 s of
+    start-up on 2 cores). It writes to a folder of its own, where no failed cell looks."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(train_nan_run, world, env)
 
 
 @pytest.fixture(scope="module")
-def background(world, env, s3_server, preflight_results):
-    runs = Background(world, env, s3_server)
-    yield runs
-    runs.pool.shutdown(wait=True)
+def light_lane(world, env, s3_server, preflight_results):
+    """evaluate's rerun, the flaky-S3 runs and tokenize's rerun, in a thread beside generate's night."""
+    def work() -> tuple:
+        return (_good_run(base_args("evaluate", world), env), flaky_runs(world, env, s3_server),
+                _good_run(base_args("tokenize", world), env))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(work)
 
 
 @pytest.fixture(scope="module")
-def reruns(world, env, preflight_results, generate_night, background) -> dict:
+def reruns(world, env, preflight_results, generate_night, light_lane) -> dict:
     """Each job's run on good inputs, into the output its failed cells left untouched: the rerun once the
     fault is removed. tokenize and evaluate read a corpus cut mid-row: that row is rejected. (train's and
     train-vq's are not run: a Ray Train run costs ~40 s here; tests/test_stage_train*.py run them.)"""
-    return {"generate": generate_night["summary"], "tokenize": background.train.result()[1],
-            "evaluate": background.light.result()[0]}
+    evaluate, _, tokenize = light_lane.result()
+    return {"generate": generate_night["summary"], "tokenize": tokenize, "evaluate": evaluate}
 
 
 def assert_accounted(job: str, s: dict) -> str:
@@ -219,9 +219,9 @@ def test_fault(job, fault, request):
     elif job == "generate" and fault in ("sigterm", "sigkill", "disk-full"):
         outcome = request.getfixturevalue("generate_night")[fault]
     elif fault == "s3-flaky":
-        outcome = request.getfixturevalue("background").light.result()[1][job]
+        outcome = request.getfixturevalue("light_lane").result()[1][job]
     else:  # train, nan-loss
-        outcome = request.getfixturevalue("background").train.result()[0]
+        outcome = request.getfixturevalue("train_lane").result()
     record(job, fault, outcome)
     if outcome.startswith("skipped: "):
         pytest.skip(outcome.removeprefix("skipped: "))
@@ -285,7 +285,7 @@ def _signalled(args, env, output: str, signum, tmp: Path):
 
 
 @pytest.fixture(scope="module")
-def generate_night(world, env, preflight_results, small_disk, tmp_path_factory, background) -> dict:
+def generate_night(world, env, preflight_results, small_disk, tmp_path_factory, light_lane) -> dict:
     folder, no_disk = small_disk
     output, logs = world.out("generate"), tmp_path_factory.mktemp("night-logs")
     args, outcome = base_args("generate", world), {}
@@ -324,7 +324,8 @@ def _disk_full(args, env, output: str, folder: Path) -> str:
 def train_nan_run(world, env) -> str:
     """A schedule that climbs (--min-lr-ratio 1e25: the cosine 'decay' rises from 0 to 2.5e21 at step 2) makes
     the weights non-finite after step 2: the run stops there and keeps the step-1 checkpoint, which is finite."""
-    diverged = run_painter([*base_args("train", world), "--min-lr-ratio", "1e25"], env)
+    args = base_args("train", world, output=str(world.tmp / "out-train-nan"))
+    diverged = run_painter([*args, "--min-lr-ratio", "1e25"], env)
     error = assert_failed_cleanly(diverged, "after step 2", "Last good checkpoint")
     kept = re.search(r"Last good checkpoint: (\S+?);", error).group(1)
     assert torch.load(os.path.join(kept, "train_state.pt"), weights_only=True)["step"] == 1, error
