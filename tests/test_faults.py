@@ -5,10 +5,13 @@ Faults found before any work (inputs, model files, outputs, storage: the jobs' `
 second, before Ray; those cells run up front (`preflight_results`): the issue's three as `painter`
 processes, the rest through `painter.cli.main` in two `tests/fault_runner.py` processes (one import for
 all). The others run the `painter` console script on the session's Ray (`RAY_ADDRESS`), each job's
-good run doubling as the rerun of its failed cells: tokenize, train-vq and evaluate read a corpus whose
-last row is cut mid-row (recovered: that row rejected), train resumes the run a NaN loss stopped, and
-generate runs one night on a small tmpfs through SIGTERM, SIGKILL and a full disk to completion. The
-table job x fault -> outcome is printed at the end of the session (`fault_matrix.pytest_terminal_summary`).
+good run doubling as the rerun of its failed cells: tokenize and evaluate read a corpus whose last row
+is cut mid-row (recovered: that row rejected), and generate runs one night on a small tmpfs through
+SIGTERM, SIGKILL and a full disk to completion. train's one run is the NaN loss (Ray Train costs ~40 s
+of start-up here; train and train-vq have no rerun in this file: tests/test_stage_train*.py run them).
+Independent runs go in two threads (`train_lane`, `light_lane`) beside the night: the jobs mostly wait,
+and the file stays near 120 s on 2 cores. The table job x fault -> outcome (and the wall time of every
+`painter` process) is printed at the end of the session (`fault_matrix.pytest_terminal_summary`).
 """
 from __future__ import annotations
 
