@@ -5,6 +5,10 @@ tokenize|train|generate`) live in `painter.stages` and are started from `painter
 """
 __version__ = "0.1.0"
 
+from painter.io.retries import configure_storage_retries as _configure_storage_retries
+
+_configure_storage_retries()  # bounded retries of transient storage errors in every process (painter.io.retries)
+
 
 def pipeline(task: str, model_dir: str | None = None, device=None):
     """Build a text-to-image callable; see `painter.pipeline.pipeline`."""

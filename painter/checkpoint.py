@@ -159,6 +159,37 @@ def _load_weights(module: torch.nn.Module, path: str, fingerprint: str | None, s
     return actual
 
 
+def check_weight_file(path: str, storage: Storage | None = None) -> None:
+    """CheckpointError naming `path` when it is missing, not safetensors, or shorter than its header says.
+
+    Reads the header only (8 bytes of length, then the JSON index of tensors), so a job can refuse a
+    truncated model before any worker loads it; the fingerprint check at load time catches the rest."""
+    fs, stripped = as_storage(storage).fs(path)
+    try:
+        size = fs.size(stripped)
+        with fs.open(stripped, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(size - 8, 100 << 20):
+                raise ValueError("no safetensors header")
+            index = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in index.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found (the model directory lacks this weight file)") from None
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is damaged)") from None
+    if size < 8 + length + end:
+        raise CheckpointError(f"{path}: truncated: {size} bytes, its header promises {8 + length + end}")
+
+
+def check_model_files(model_dir: str, parts: tuple[str, ...] = ("gpt", "vqgan"),
+                      storage: Storage | None = None) -> LoadedModel:
+    """The model directory's config and vocab (no weights), after checking the weight files of `parts`."""
+    loaded = load_model(model_dir, parts=(), storage=storage)
+    for part in parts:
+        check_weight_file(posixpath.join(loaded.path, f"{part}.safetensors"), storage)
+    return loaded
+
+
 def load_tokenizer(path: str, text_len: int, storage: Storage | None = None) -> TextTokenizer:
     """A vocab.txt as a tokenizer; a missing or unusable file is a CheckpointError naming it."""
     try:

@@ -1,28 +1,38 @@
 """The `painter` command line: one subcommand per job or tool, options generated from dataclasses.
 
-Each command (`painter.registry`) names a module with an options dataclass and a `run(options) -> dict`
-function; this file parses arguments, starts Ray for the jobs that need it (local unless RAY_ADDRESS is
-set), and prints the run's summary as one JSON object on the last line. A `PainterError` becomes a one-line
-reason (also the last line, as JSON) and a non-zero exit.
+Each command (`painter.registry`) names a module with an options dataclass and a `run(options) -> dict` function; this
+file parses arguments, starts Ray for the jobs that need it (local unless RAY_ADDRESS is set), and
+prints the run's summary as one JSON object on the last line. It is the one place that turns a failure
+into the last line `{"status": "failed", "error": "<one-line reason>"}` and a non-zero exit: a
+`PainterError` says its own reason; any other error (Ray's wrapped ones unwrapped to their root) is said
+as its deepest `SomeError: message` line, its traceback going to the job's log file, or to stderr with
+`--debug`. A job's `preflight(options)` (inputs, model files, outputs: see `painter.io.checks`) runs before
+Ray starts, so most mistakes cost a second. SIGTERM and SIGINT stop a job cleanly with that line (exit
+143 and 130): what was finished is kept and rerunning the same command completes the work. Values of
+credentials never reach the output.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
 
 # Ray 2.60 authenticates with a token by default; the mode must be in the environment before Ray is
 # imported (the stage modules import it), or a local start fails with InvalidAuthToken.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from painter import logs, registry
-from painter.errors import PainterError
-from painter.options import add_arguments, from_args
+from painter.errors import PainterError, Stopped
+from painter.options import STORAGE_FIELD, add_arguments, from_args, is_credential, parse_storage_options
 from painter.registry import COMMANDS, available_commands
 
 
@@ -33,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         options_cls, _ = registry.load(name)
         p = sub.add_parser(name, help=COMMANDS[name].help, description=COMMANDS[name].help)
         add_arguments(p, options_cls)
+        p.add_argument("--debug", action="store_true", help="on failure, also print the traceback to stderr")
     return parser
 
 
@@ -98,10 +109,58 @@ def one_line_reason(error: BaseException) -> str:
 
 
 def run_command(name: str, options) -> dict:
-    """Run one command in-process, Ray started first where it needs it; its summary (what `main` prints)."""
+    """Run one command in-process and return its summary (what `main` prints): its preflight checks, then
+    Ray (for the jobs that use it), then the job."""
+    module = importlib.import_module(COMMANDS[name].module)
+    _, run = registry.load(name)
+    if getattr(module, "preflight", None) is not None:
+        module.preflight(options)
     if COMMANDS[name].uses_ray:
         init_ray()
-    return registry.run_command(name, options)
+        stop_on_signals()  # after ray.init, which sets its own SIGTERM handler (a bare sys.exit)
+    return run(options)
+
+
+STOP_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}  # exit codes: 128 + the signal's number
+_received: list[str] = []  # the signals that stopped the job (Ray may re-raise ours as a plain KeyboardInterrupt)
+
+
+def _stop(signum, frame) -> None:
+    _received.append(signal.Signals(signum).name)
+    raise Stopped(_received[-1])
+
+
+def stop_on_signals() -> dict:
+    """SIGTERM and SIGINT raise `Stopped` in the main thread: the job unwinds (a generate run commits the
+    batches it holds) and ends with its failure line. Returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+
+
+def secrets_of(options) -> list[str]:
+    """Credential values this run knows (its --storage-options and the AWS environment), to keep out of
+    every line it prints."""
+    values = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
+    try:
+        given = parse_storage_options(getattr(options, STORAGE_FIELD, None))
+    except Exception:  # a malformed source is reported by the job itself
+        given = {}
+    stack = [given]
+    while stack:
+        item = stack.pop()
+        for key, value in item.items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif is_credential(key) and value:
+                values.append(str(value))
+    return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.command, path)
     terminal = logs.TerminalFilter() if path else None
     ours = path is not None and not _ray_running()
+    _received.clear()
+    saved = stop_on_signals()
     try:
-        return _run_and_report(args.command, options, path, start)
+        return _run_and_report(args.command, options, path, start, getattr(args, "debug", False))
     finally:
         if ours and _ray_running():  # Ray's last words at shutdown pass the filter too
             import ray
@@ -122,31 +183,60 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         if terminal is not None:
             terminal.close()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def _run_and_report(name: str, options, path: str | None, start: float) -> int:
+def _reason(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):  # ours (Stopped), or Ray's stand-in for it
+        return (f"stopped by {_received[-1] if _received else 'SIGINT'} part-way; the work finished so far is "
+                "kept: rerun the same command to complete it")
+    return str(error) if isinstance(error, PainterError) else one_line_reason(error)
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, KeyboardInterrupt):
+        return STOP_SIGNALS[signal.Signals[_received[-1]]] if _received else 130
+    return 1
+
+
+def _keep_log(path: str | None, options) -> str | None:
+    """The log file moved into the job's output folder where it has one; left where it is when it cannot
+    be moved (a full disk): the job's own reason is what matters."""
+    final = final_log_path(path, options) if path else None
+    if not final:
+        return path
+    try:
+        return logs.move_file(final)
+    except OSError:
+        return path
+
+
+def _run_and_report(name: str, options, path: str | None, start: float, debug: bool = False) -> int:
     """Run the job; print its summary (or its one-line failure) as the last stdout line; the exit code."""
     try:
         summary = run_command(name, options)
-    except (PainterError, Exception) as e:  # noqa: B014 (a PainterError is said as it is, anything else in one line)
-        reason = str(e) if isinstance(e, PainterError) else one_line_reason(e)
-        if not isinstance(e, PainterError):
+    except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Stopped by a signal, or Ctrl-C
+        secrets = secrets_of(options)
+        reason = redact(" ".join(_reason(e).split()), secrets)  # one line, whatever the message held
+        expected = isinstance(e, (PainterError, KeyboardInterrupt))
+        if not expected:
             logs.to_file(f"{name} failed", e)
-        if path and (final := final_log_path(path, options)):
-            path = logs.move_file(final)
-        details = f" (details in {path})" if path and not isinstance(e, PainterError) else ""
+        if debug:
+            sys.stderr.write(redact("".join(traceback.format_exception(e)), secrets))
+        path = _keep_log(path, options)
+        details = f" (details in {path})" if path and not expected else ""
         logs.get(name).error(reason + details)
         failure = {"job": name, "status": "failed", "error": reason} | ({"log": path} if path else {})
         print(json.dumps(failure, ensure_ascii=False))
-        return 1
+        return _exit_code(e)
     failed = summary.pop("_failed", None)
     if path:
-        final = final_log_path(path, options)
-        summary.setdefault("log", logs.move_file(final) if final else path)
+        summary.setdefault("log", _keep_log(path, options))
     summary.setdefault("seconds", round(time.time() - start, 3))
     summary.setdefault("status", "failed" if failed else "succeeded")
     if failed:

@@ -86,15 +86,21 @@ def _file_handler(path: str) -> logging.Handler:
 
 
 class _RayConsole(logging.Filter):
-    """On Ray's own console handlers: every record to the log file; WARNING+ ones that are not `NOISE` also
-    to the terminal, in painter's format (`[ray] warning: ...`); Ray's handler itself prints nothing."""
+    """On Ray's own console handlers: every record to the log file; WARNING+ ones that are not `NOISE` and
+    carry no traceback also to the terminal, in painter's format (`[ray] warning: ...`); Ray's handler itself
+    prints nothing. (A traceback belongs to a failure, which the job reports in one line, and `--debug` in full.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _state["file"] is not None:
             _state["file"].handle(record)
-        if record.levelno >= logging.WARNING and not is_noise(record.getMessage()):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING and not is_noise(message) and not _has_traceback(record, message):
             _TERMINAL.emit(record, to_file=False)
         return False
+
+
+def _has_traceback(record: logging.LogRecord, message: str) -> bool:
+    return bool(record.exc_info) or "Traceback (most recent call last)" in message
 
 
 def setup(job: str, log_path: str | None) -> None:
@@ -161,13 +167,18 @@ def _route_worker_output() -> None:
     """Workers' and actors' stdout/stderr (Ray's log_to_driver stream) into the log file instead of the terminal.
 
     Ray 2.60 hands every batch of worker lines to `global_worker_stdstream_dispatcher`; its printing handler
-    is replaced by one that writes to the file (the terminal keeps only what the driver itself raises).
+    is replaced by one that writes to the file (the terminal keeps only what the driver itself raises), and so
+    is `print_to_stdstream`, which prints the cluster's error messages.
     """
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("painter")
     dispatcher.add_handler("painter", _worker_lines)
+    # Errors the cluster publishes ("(raylet) Task ... failed", actors killed when a job stops) are printed to
+    # stdout by this function, after a job's last line too: to the file with the rest
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
 
 
 def _worker_lines(data: dict) -> None:

@@ -113,3 +113,12 @@ def s3_bucket(s3_server):
                            key="testing", secret="testing", skip_instance_cache=True)
     fs.mkdir(name)
     yield name, s3_server
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault matrix's table of job x fault -> outcome (tests/test_faults.py), when it ran."""
+    import sys
+
+    matrix = sys.modules.get("fault_matrix")
+    if matrix is not None:
+        matrix.pytest_terminal_summary(terminalreporter)

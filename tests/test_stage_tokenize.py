@@ -234,7 +234,7 @@ def test_s3_run_gives_the_same_shards(local_run, corpus, tiny_model_dir, s3_buck
 @pytest.mark.slow
 @pytest.mark.parametrize("name, content, message", [
     ("comma.csv", b"1,one,AAAA\n2,two,BBBB\n", f"no usable rows (all 2 rejected; first at row 1: {FIELDS} 1)"),
-    ("binary.tsv", bytes(range(256)) * 8, "no usable rows (all 9 rejected; first at row 1: expected 3"),
+    ("binary.tsv", bytes(range(256)) * 8, "binary data, not a TSV table (--input; not UTF-8 text and a NUL"),
     ("binary.parquet", b"PAR1" + bytes(range(256)) * 4, "not a readable Parquet file"),
 ])
 def test_unreadable_corpus_fails_with_one_clear_line(ray_session, tiny_model_dir, tmp_path, name, content, message):

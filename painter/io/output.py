@@ -26,7 +26,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from painter.errors import InputError
+from painter.errors import InputError, StorageError
 from painter.io.output_table import OutputTable
 from painter.io.storage import Storage, as_storage
 
@@ -61,7 +61,10 @@ def check_partition_columns(columns: Iterable[str], reserved: Iterable[str] = ()
 
 def write_bytes(url: str, data: bytes, storage_options: "Storage | dict | None" = None) -> str:
     """Replace the file at a local path or URL in one step (`Storage.write_atomic`); returns the URL."""
-    return as_storage(storage_options).write_atomic(url, data)
+    try:
+        return as_storage(storage_options).write_atomic(url, data)
+    except OSError as e:  # a full disk, a read-only mount: the errno text alone names no file
+        raise StorageError(f"{url}: cannot write it ({e.strerror or e})") from None
 
 
 class OutputRoot:

@@ -15,6 +15,8 @@ few duplicates after is what lets the job stream: nothing holds the corpus, in m
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import posixpath
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +29,9 @@ import pyarrow.parquet as pq
 from painter.io import tables
 from painter.io.shards import ShardInfo
 from painter.io.tables import REASON, ROW, SOURCE
+
+if TYPE_CHECKING:
+    from painter.io.storage import Storage
 
 KEYS_FOLDER = "_keys"  # under the shard folder: skipped by `painter train` like every `_*` folder
 KEY_BUCKETS = 32  # a task each when looking for duplicates; 100 M rows make ~3 M keys (~150 MB) a bucket

@@ -47,13 +47,14 @@ import torch
 from painter import evaluate as ev
 from painter import logs
 from painter import synthetic
-from painter.checkpoint import load_model, read_bytes
+from painter.checkpoint import check_model_files, load_model, read_bytes
 from painter.errors import InputError
 from painter.generator import GenerationConfig, Generator
 from painter.io import output as out
 from painter.io.output_table import OutputTable
 from painter.io import sheet
 from painter.io import tables
+from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import parse_images_cell
 from painter.io.images import IMAGE_FORMATS, ImageRejected, fit_square, image_bytes, load_image, to_model_input
 from painter.io.storage import Storage, as_storage
@@ -549,6 +550,23 @@ def run_as_task(options: Options, resources: dict) -> dict:
         if cause is None:
             raise
         raise cause from None
+
+
+def preflight(options: Options) -> None:
+    """What can be checked before Ray starts: options, model files, input files, the output folder."""
+    check(options)
+    storage = Storage.from_option(options.storage_options)
+    if options.model:
+        generating = not options.generated and options.captions > 0
+        check_model_files(options.model, parts=("gpt", "vqgan") if generating else ("vqgan",), storage=storage)
+    for path in options.generated:  # a generate output root is a folder of data files and a log: only its presence
+        fs, stripped = tables.url_to_fs(path, storage or None)
+        if not any(ch in stripped for ch in "*?[") and not fs.exists(stripped):
+            raise InputError(f"--generated {path}: no such file or directory")
+    for option_name, paths in (("--corpus", options.corpus), ("--reference", options.reference)):
+        if paths:
+            check_inputs(option_name, paths, storage)
+    check_output("--output", options.output, storage)
 
 
 def run(options: Options) -> dict:

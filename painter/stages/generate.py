@@ -36,10 +36,11 @@ import pyarrow as pa
 import ray
 
 from painter import logs
-from painter.checkpoint import load_model
+from painter.checkpoint import check_model_files, load_model
 from painter.errors import InputError
 from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
+from painter.io.checks import check_inputs, check_output
 from painter.io import sheet
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
@@ -328,6 +329,20 @@ def resolve(options: Options) -> Settings:
                     out.check_run_date(options.run_date or date.today().isoformat()),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
+
+
+def preflight(options: Options) -> None:
+    """What can be checked before Ray starts: options, model files, input files, output paths."""
+    storage = Storage.from_option(options.storage_options)
+    _generation_config(options)
+    out.check_run_date(options.run_date or date.today().isoformat())
+    out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED))
+    check_model_files(options.model, storage=storage)
+    check_inputs("--input", options.input, storage)
+    check_output("--output", options.output, storage)
+    check_output("--errors", options.errors, storage)
+    if options.tsv_output:  # a file: its folder must be writable
+        check_output("--tsv-output", os.path.dirname(options.tsv_output.rstrip("/")) or ".", storage)
 
 
 def read_prompts(options: Options, storage: Storage, partition_by: list[str]) -> Prompts:

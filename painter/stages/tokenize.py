@@ -26,10 +26,11 @@ import ray
 from ray.data.block import BlockAccessor
 
 from painter import logs
-from painter.checkpoint import load_model
+from painter.checkpoint import check_model_files, load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError
 from painter.io import tables
+from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
@@ -238,6 +239,16 @@ def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -
         report.truncated -= sum(d["is_truncated"])
     writer.remove_keys()
     return report
+
+
+def preflight(options: Options) -> None:
+    """What can be checked before Ray starts: options, model files, input files, output folders."""
+    _check_options(options)
+    storage = Storage.from_option(options.storage_options)
+    check_model_files(options.model, parts=("vqgan",), storage=storage)
+    check_inputs("--input", options.input, storage)
+    for option_name, path in (("--output", options.output), ("--errors", options.errors)):
+        check_output(option_name, path, storage)
 
 
 def run(options: Options) -> dict:

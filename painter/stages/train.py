@@ -30,18 +30,20 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter import logs, plots
-from painter.checkpoint import PRESETS, ModelConfig, load_model, preset_config
-from painter.errors import InputError, PainterError
+from painter.checkpoint import PRESETS, ModelConfig, check_model_files, load_model, preset_config
+from painter.errors import InputError, PainterError, StorageError, TrainingDiverged
 from painter.io import tables
+from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
 from painter.io.storage import Storage, as_storage, is_remote
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
 from painter.stages.common import cluster_has_gpus
-from painter.stages.train_worker import FAULT_ENV, train_loop
+from painter.stages.train_worker import DIVERGED_FILE, FAULT_ENV, train_loop
 from painter.training import TrainConfig
 
 log = logs.get("train")
@@ -166,15 +168,46 @@ def list_shards(paths: list[str], storage: Storage | None = None) -> list[str]:
     return files
 
 
+def check_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None) -> None:
+    """Refuse, naming the file, any shard that is not readable Parquet or does not fit the model."""
+    if not files:
+        raise InputError("no token shards found")
+    filesystem, _ = as_storage(storage).arrow(files[0])
+    for file in files:
+        try:
+            schema = pq.read_schema(tables.url_to_fs(file, storage)[1], filesystem=filesystem)
+        except pa.ArrowException as e:  # truncated, or not Parquet: "Parquet magic bytes not found"
+            raise InputError(f"{file}: not a readable token shard ({describe(e)})") from None
+        check_shards_fit(ShardInfo.from_schema(schema, file), model_info, file)
+
+
 def read_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None):
     """A Ray Dataset over `files`, after refusing (naming the file) any shard that does not fit the model."""
     import ray.data
 
+    check_shards(files, model_info, storage)
     filesystem, _ = as_storage(storage).arrow(files[0])
-    stripped = [tables.url_to_fs(f, storage)[1] for f in files]
-    for file, path in zip(files, stripped):
-        check_shards_fit(ShardInfo.from_schema(pq.read_schema(path, filesystem=filesystem), file), model_info, file)
-    return ray.data.read_parquet(stripped, filesystem=filesystem)
+    return ray.data.read_parquet([tables.url_to_fs(f, storage)[1] for f in files], filesystem=filesystem)
+
+
+def preflight(o: Options) -> None:
+    """What can be checked before Ray starts: the start model's files, every shard's footer, the run and
+    output paths."""
+    storage = Storage.from_option(o.storage_options)
+    start = resolve_start(o, storage)
+    check_model_files(start.source, parts=("gpt", "vqgan") if start.has_gpt else ("vqgan",), storage=storage)
+    for paths in (o.data, o.val_data):
+        if paths:
+            try:
+                files = list_shards(paths, storage)
+            except Exception as e:  # refused connections, denied access: after the retries
+                if isinstance(e, PainterError):
+                    raise
+                raise StorageError(f"{', '.join(paths)}: cannot list the token shards ({describe(e)})") from None
+            check_shards(files, start.shard_info, storage)
+    check_output("--output", o.output, storage)
+    check_output("--run-dir", o.run_dir, storage)
+    run_location(o, storage)
 
 
 def plan_steps(rows: int, o: Options) -> tuple[int, int]:
@@ -277,7 +310,17 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage:
                              failure_config=FailureConfig(max_failures=o.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}))
+    handle = as_storage(storage)
+    marker = posixpath.join(runs, o.name, DIVERGED_FILE)  # a resumed run starts without its old verdict
+    if handle.exists(marker):
+        handle.remove(marker)
     result = trainer.fit()
+    if handle.exists(marker):
+        diverged = json.loads(handle.read_text(marker))
+        kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
+        raise TrainingDiverged(f"{posixpath.join(runs, o.name)}: the training loss is {diverged['loss']} after step "
+                               f"{diverged['step']}; stopped there without saving it. Last good checkpoint: {kept}; "
+                               "continue from it with --resume (with a lower --lr)")
     if result.checkpoint is None:
         raise PainterError(f"{posixpath.join(runs, o.name)}: the run ended without a checkpoint")
     return result

@@ -39,10 +39,11 @@ import pyarrow.compute as pc
 import ray
 
 from painter import logs, plots
-from painter.checkpoint import load_model
+from painter.checkpoint import check_model_files, load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS
 from painter.errors import CheckpointError, ErrorRateExceeded, InputError
 from painter.io import tables
+from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.tables import REASON, ROW, SOURCE
 from painter.io.storage import Storage
@@ -186,6 +187,17 @@ def _first_rejection(keys: pa.Table) -> str:
 
 
 # --- the run -------------------------------------------------------------------------------------
+
+
+def preflight(o: Options) -> None:
+    """What can be checked before Ray starts: options, the VQGAN to start from, input files, output paths."""
+    _check_options(o)
+    storage = Storage.from_option(o.storage_options)
+    check_model_files(o.model, parts=() if o.from_scratch else ("vqgan",), storage=storage)
+    check_inputs("--input", o.input, storage)
+    check_output("--output", o.output, storage)
+    check_output("--run-dir", o.run_dir, storage)
+    run_location(o, storage)
 
 
 def run(o: Options) -> dict:

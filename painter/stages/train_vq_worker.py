@@ -120,7 +120,7 @@ class VQWorkerRun(WorkerRun):
         if self.cfg["has_eval"] and self.state["start_eval"] is None:
             self.state["start_eval"] = self._evaluate()  # the starting weights, before any step
         shard = ray.train.get_dataset_shard("train")
-        while self.state["step"] < total:
+        while self.state["step"] < total and not self.stopped:
             epoch, done = divmod(self.state["step"], spe)
             batches = self._batches(shard, epoch, skip=done)
             for done in range(done + 1, spe + 1):
@@ -133,7 +133,7 @@ class VQWorkerRun(WorkerRun):
                 self.state["codes_restarted"] += result.restarted
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total:
+                if self.state["step"] >= total or self.stopped:
                     break
 
     def _batches(self, shard, epoch: int, skip: int):
@@ -155,6 +155,8 @@ class VQWorkerRun(WorkerRun):
         checkpoint = step % c["checkpoint_every"] == 0 or final
         if log or checkpoint:
             metrics = self._metrics(result, epoch)
+            if self._diverged(metrics):
+                return
             if final and c["has_eval"]:
                 metrics |= {"eval": self._evaluate()}
             self._report(metrics, checkpoint)

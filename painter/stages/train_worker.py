@@ -12,6 +12,7 @@ The driver side, options and summary are in `painter.stages.train`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import tempfile
@@ -30,6 +31,8 @@ from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions
                               peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
+DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
+DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
 STATE_FILE = "train_state.pt"
 
 
@@ -135,18 +138,19 @@ class WorkerRun:
             ray.train.report(self.state["metrics"])
             return
         shard = ray.train.get_dataset_shard("train")
-        while self.state["step"] < total:
+        while self.state["step"] < total and not self.stopped:
             epoch, done = divmod(self.state["step"], spe)
             batches = prefetch_to_device(self._batches(shard, epoch, skip=done * self.tc.grad_accum), self.device)
             for done in range(done + 1, spe + 1):
                 micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
+                self.last_micro = micro[-1]
                 result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                                     self.config.gpt.img_vocab_size, self.generator)
                 self.state["step"] += 1
                 self._tick()
                 self.window_rows += result.rows
                 self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total:
+                if self.state["step"] >= total or self.stopped:
                     break
             self._flush_rows(epoch)
 
@@ -198,6 +202,10 @@ class WorkerRun:
         validate = c["has_val"] and (epoch_end or final)
         if log or checkpoint or validate:
             metrics = self._metrics(result, epoch)
+            if checkpoint:  # the weights about to be saved, not only those the step's loss was measured with
+                metrics["loss_after_step"] = self._loss_after_step()
+            if self._diverged(metrics):
+                return
             if validate:
                 self.state["val_loss"] = metrics["val_loss"] = self._validate()
             self._report(metrics, checkpoint)
@@ -240,6 +248,41 @@ class WorkerRun:
         if self.world > 1:
             dist.all_reduce(sums)
         return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+    @property
+    def stopped(self) -> bool:
+        return self.state.get(DIVERGED) is not None
+
+    def _diverged(self, metrics: dict) -> bool:
+        """When the (rank-averaged, so every rank agrees) loss is NaN or infinite: report the step without a
+        checkpoint, so the last good one stays the run's latest, write `DIVERGED_FILE`, and stop (True). At a
+        checkpoint step the loss with the updated weights counts too (`_loss_after_step`). Checked at every logging and
+        checkpoint step (a check per step would cost a device sync per step on a GPU)."""
+        import ray.train
+
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("loss_after_step", 0.0)):
+            return False
+        self.state[DIVERGED] = metrics["step"]
+        if self.rank == 0:  # for the driver (Ray Train's result keeps the metrics of the last checkpoint)
+            print(f"train: loss {metrics['loss']} at step {metrics['step']}: stopping", flush=True)
+            loss = metrics["loss"] if not math.isfinite(metrics["loss"]) else metrics["loss_after_step"]
+            self.storage.write_text(posixpath.join(self.cfg["run_path"], DIVERGED_FILE),
+                                    json.dumps({"step": metrics["step"], "loss": loss}))
+        ray.train.report(metrics | {DIVERGED: metrics["step"]}, checkpoint=None)
+        return True
+
+    def _loss_after_step(self) -> float:
+        """The loss of the step's last micro-batch with the updated weights (averaged over ranks): a checkpoint
+        is only saved when it is finite, so the last one kept is one training can continue from."""
+        text_ids, image_tokens = self.last_micro
+        self.gpt.eval()
+        with torch.no_grad(), autocast(self.device):
+            loss = self.gpt.loss(text_ids, image_tokens).float()
+        self.gpt.train()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss.item()
 
     def _tick(self, note: str = "") -> None:
         """Rank 0 tells the driver's progress display the step (fire and forget)."""

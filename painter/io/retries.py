@@ -1,0 +1,37 @@
+"""Bounded retries of transient storage errors, configured once for every filesystem painter builds.
+
+`configure_storage_retries()` (run when `painter` is imported, so on the driver and in every Ray worker)
+sets fsspec's defaults for `s3://`: botocore's own "standard" retry mode (`STORAGE_ATTEMPTS` attempts in
+all, exponential back-off with jitter, on throttling, 5xx answers and dropped or refused connections)
+as the only retry layer: s3fs would otherwise repeat every failed call five times on top of botocore's
+attempts, so a dead endpoint would take a minute to report. `delta_retry_options()` bounds the Delta
+Lake log's reads and commits (delta-rs's object store; its back-off starts at 100 ms, so it can afford
+more retries, and a dead endpoint is found by the jobs' preflight before it is reached).
+Permanent errors (no such bucket or key, access denied) are not retried by either library.
+The `Storage` handle can take this over as it is: it is the only place retries are set.
+"""
+from __future__ import annotations
+
+STORAGE_ATTEMPTS = 3  # in all: the first try and 2 retries, after up to 1 and 2 s (botocore standard mode's jitter)
+S3FS_TRIES = 1  # s3fs's own loop around each call: botocore's attempts are the one retry layer
+DELTA_RETRIES, DELTA_RETRY_TIMEOUT = 5, "30s"  # delta-rs's object store: back-off from 100 ms, doubling
+
+
+def configure_storage_retries() -> None:
+    """fsspec's defaults for every S3 filesystem built in this process (explicit options still win)."""
+    import fsspec.config
+
+    s3 = fsspec.config.conf.setdefault("s3", {})
+    config_kwargs = dict(s3.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", {"total_max_attempts": STORAGE_ATTEMPTS, "mode": "standard"})
+    s3["config_kwargs"] = config_kwargs
+    try:
+        import s3fs
+    except ImportError:  # no S3 support installed: nothing to configure
+        return
+    s3fs.S3FileSystem.retries = S3FS_TRIES
+
+
+def delta_retry_options() -> dict[str, str]:
+    """delta-rs storage options bounding its object-store retries the same way."""
+    return {"max_retries": str(DELTA_RETRIES), "retry_timeout": DELTA_RETRY_TIMEOUT}
