@@ -8,10 +8,12 @@ OUT ?= out/demo
 
 setup: $(VENV)/.installed
 
+# pip's own output goes to $(VENV)/setup.log, shown only when it fails (a machine's pip configuration can
+# print screens of warnings that say nothing about this project)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0 > $(VENV)/setup.log 2>&1 || (cat $(VENV)/setup.log; exit 1)
+	$(PY) -m pip install -q -e '.[test]' >> $(VENV)/setup.log 2>&1 || (cat $(VENV)/setup.log; exit 1)
 	touch $@
 
 # The demo: synthetic corpus -> tokenize -> train a fresh GPT -> generate -> evaluate, all through
