@@ -84,7 +84,7 @@ class ImageEncoder:
     `device` (default: CUDA when present); a LoadedModel is used as it is, its VQGAN moved to `device`.
     Images go through `painter.vq_encode.encode_codes` (on CUDA: pinned uint8 copies, channels_last,
     bf16 autocast; on CPU: fp32, the reference's tokens), `max_batch` at a time (default:
-    `default_max_batch(device)`, 256 on CUDA, the whole batch on CPU). `threads` sets this process's
+    `default_max_batch(device)`, 64 on CUDA, 8 on CPU, every call padded to that many). `threads` sets this process's
     torch threads on CPU (a Ray actor otherwise gets one per whole CPU it asked for).
     """
 

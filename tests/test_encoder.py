@@ -101,6 +101,24 @@ def test_max_batch_and_model_dir_give_the_same_tokens(tiny_model_dir, encoder):
     assert chunked["image_tokens"].to_pylist() == encoder(rows)["image_tokens"].to_pylist()
 
 
+def test_every_vqgan_call_has_the_same_shape_so_tokens_do_not_depend_on_the_batch(loaded):
+    """An image's float sums differ in the last bits between batch sizes (CPU: batch 1 against 2), enough
+    to flip a near-tie in the nearest-code search: every call is padded to `max_batch` images."""
+    pixels = np.random.default_rng(3).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    encoder = ImageEncoder(loaded, max_batch=4)
+    shapes = []
+    hook = encoder.model.vqgan.encoder.register_forward_hook(lambda m, args, out: shapes.append(args[0].shape[0]))
+    try:
+        whole = encoder.encode_pixels(pixels)
+        split = [encoder.encode_pixels(pixels[a:b]) for a, b in ((0, 1), (1, 6), (6, 11))]
+    finally:
+        hook.remove()
+    assert set(shapes) == {4}, shapes  # 3 calls for 11 images, then 1 + 2 + 2 calls, all of 4 images
+    assert len(shapes) == 3 + 5 and whole.shape == (11, 64)
+    assert np.concatenate(split).tolist() == whole.tolist()
+    assert encoder.encode_pixels(pixels[:0]).shape == (0, 64)
+
+
 def test_all_rejected_and_empty_batches(encoder):
     rows = prepare_batch(read_rows(["a", "b"], ["t", "t"], ["", None]), 32)
     out = encoder(rows)
@@ -122,8 +140,9 @@ def test_loaded_model_without_vqgan_is_refused(tiny_model_dir):
 
 
 def test_default_batch_per_device_and_the_cpu_input_is_the_reference_one(loaded, encoder):
-    assert default_max_batch(torch.device("cuda")) == 256 and default_max_batch(torch.device("cpu")) is None
-    assert encoder.device.type == "cpu" and encoder.max_batch is None  # the whole batch at once on a CPU
+    assert default_max_batch(torch.device("cuda")) == 64 and default_max_batch(torch.device("cpu")) == 8
+    assert default_max_batch(torch.device("meta")) is None  # elsewhere: the whole batch at once
+    assert encoder.device.type == "cpu" and encoder.max_batch == 8
     assert ImageEncoder(loaded, max_batch=5).max_batch == 5
     pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     x = model_input(pixels, torch.device("cpu"))

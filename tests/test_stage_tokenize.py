@@ -18,17 +18,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from painter import cli
 from painter.checkpoint import load_model
 from painter.errors import InputError, PainterError
-from painter.io.images import preprocess
+from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE, url_to_fs
 from painter.stages import tokenize
 from painter.stages.common import arrow_filesystem, painter_error_from
+from painter.vq_encode import default_max_batch, encode_codes
 
 MAX_PIXELS = 3_000_000
 FIELDS = "expected 3 tab-separated fields (idx,text,imgbase64), got"
@@ -201,10 +201,11 @@ def test_local_run_counts_reasons_and_tokens(local_run, corpus, tiny_model_dir):
     order = sorted(rows)
     pixels = []
     for idx in order:
-        array, reason = preprocess(corpus.good[idx], 32, is_base64=False, max_pixels=MAX_PIXELS)
+        array, reason = prepare_pixels(corpus.good[idx], 32, is_base64=False, max_pixels=MAX_PIXELS)
         assert reason is None
-        pixels.append(torch.from_numpy(array))
-    expected = loaded.vqgan.encode(torch.stack(pixels)).numpy()
+        pixels.append(array)
+    # every VQGAN call holds default_max_batch images, whichever others share an image's call
+    expected = encode_codes(loaded.vqgan, np.stack(pixels), "cpu", default_max_batch("cpu"))
     assert np.array([rows[i]["image_tokens"] for i in order]).tolist() == expected.tolist()
     text_ids = np.array([rows[i]["text_ids"] for i in order])
     assert text_ids.min() >= 0 and text_ids.max() < loaded.tokenizer.vocab_size
