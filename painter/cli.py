@@ -31,7 +31,7 @@ import traceback
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from painter import logs, registry
-from painter.errors import PainterError, Stopped
+from painter.errors import ErrorRateExceeded, PainterError, Stopped
 from painter.options import STORAGE_FIELD, add_arguments, from_args, is_credential, parse_storage_options
 from painter.registry import COMMANDS, available_commands
 
@@ -218,8 +218,11 @@ def _keep_log(path: str | None, options) -> str | None:
 
 def _run_and_report(name: str, options, path: str | None, start: float, debug: bool = False) -> int:
     """Run the job; print its summary (or its one-line failure) as the last stdout line; the exit code."""
+    failed = None
     try:
         summary = run_command(name, options)
+    except ErrorRateExceeded as e:  # everything was written: the summary still prints, as a failure
+        summary, failed = e.summary, str(e)
     except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Stopped by a signal, or Ctrl-C
         secrets = secrets_of(options)
         reason = redact(" ".join(_reason(e).split()), secrets)  # one line, whatever the message held
@@ -234,7 +237,6 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
         failure = {"job": name, "status": "failed", "error": reason} | ({"log": path} if path else {})
         print(json.dumps(failure, ensure_ascii=False))
         return _exit_code(e)
-    failed = summary.pop("_failed", None)
     if path:
         summary.setdefault("log", _keep_log(path, options))
     summary.setdefault("seconds", round(time.time() - start, 3))

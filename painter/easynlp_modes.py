@@ -23,7 +23,7 @@ import torch
 
 from painter.checkpoint import load_model, resolve_model_dir
 from painter.easynlp import absolute, check_model_shape, painter_schema, split_tables
-from painter.errors import InputError
+from painter.errors import ErrorRateExceeded, InputError
 from painter.io import tables
 from painter.io.easynlp_tsv import check_columns, write_easynlp_tsv
 from painter.io.output import OutputRoot
@@ -165,7 +165,10 @@ def predict(o, params: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="painter-easynlp-predict-") as tmp:
         options = _generate_options(o, params, os.path.join(tmp, "out"), errors, run_date)
         start = time.time()
-        summary = generate_job.run(options)
+        try:
+            summary, failed = generate_job.run(options), None
+        except ErrorRateExceeded as e:  # written all the same: the EasyNLP TSV too, then the failure
+            summary, failed = e.summary, str(e)
         generated = read_generated(options.output, run_date)
     texts = {}
     if generated.num_rows:
@@ -174,10 +177,9 @@ def predict(o, params: dict) -> dict:
         texts = {idx: easynlp_text(model.tokenizer, text) for idx, text in rows}
     lines = write_easynlp_tsv(generated, o.outputs, "image", output_schema=o.output_schema,
                               append_cols=o.append_cols, order=input_order(o), output_text=texts)
-    failed = summary.pop("_failed", None)
     result = {"mode": "predict", "outputs": o.outputs, "lines": lines, "model": o.checkpoint_dir,
               "rows_in": summary["rows_in"], "rows_rejected": summary["rows_rejected"], "errors": summary["errors"],
               "images_out": summary["images_out"], "seconds": round(time.time() - start, 3)}
     if failed:
-        result["_failed"] = failed
+        raise ErrorRateExceeded(failed, result)
     return result

@@ -18,7 +18,23 @@ class InputError(PainterError):
 
 
 class ErrorRateExceeded(PainterError):
-    """More rows were rejected than --max-error-rate allows (raised after everything is written)."""
+    """More rows were rejected than --max-error-rate allows. Raised after everything is written, with the
+    run's summary, which the command line still prints (its status "failed", this as its error)."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = dict(summary or {})
+
+    def __reduce__(self):  # pickled through Ray with its summary
+        return type(self), (str(self), self.summary)
+
+
+def check_error_rate(rejected: int, total: int, limit: float, detail: str, summary: dict | None = None) -> None:
+    """ErrorRateExceeded (with `summary`) when rejected / total > limit: every job's one verdict and wording."""
+    rate = rejected / total if total else 0.0
+    if rate > limit:
+        raise ErrorRateExceeded(f"{rejected} of {total} rows rejected ({rate:.2%}), above --max-error-rate "
+                                f"{limit:g}; {detail}", summary)
 
 
 class StorageError(PainterError):

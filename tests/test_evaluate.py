@@ -14,7 +14,7 @@ import torch
 from painter import cli, synthetic
 from painter import evaluate as ev
 from painter.checkpoint import load_model
-from painter.errors import InputError
+from painter.errors import ErrorRateExceeded, InputError
 from painter.io.output_table import OutputTable
 from painter.io.images import encode_image, open_image
 from painter.stages import evaluate as stage
@@ -325,9 +325,10 @@ def test_bad_rows_are_counted_and_fail_the_run_above_the_error_rate(corpora, tmp
     bad = tmp_path / "bad.tsv"
     lines = open(os.path.join(corpora["b"], "part-00000.tsv"), encoding="utf-8").read().splitlines()[:4]
     bad.write_text("\n".join(lines + ["x1\t红色\tnot-base64!", "x2\tonly two fields"]) + "\n", encoding="utf-8")
-    summary = stage.run(Options(generated=[str(bad)], output=str(tmp_path / "o")))
+    with pytest.raises(ErrorRateExceeded, match="2 of 6 rows rejected .*above --max-error-rate.*bad base64") as e:
+        stage.run(Options(generated=[str(bad)], output=str(tmp_path / "o")))
+    summary = e.value.summary  # raised after everything was written, with the summary
     assert summary["rows_read"] == 6 and summary["rows_rejected"] == 2 and summary["caption_accuracy"]["n"] == 4
-    assert "_failed" in summary and "bad base64" in summary["_failed"]
     rejected = pa.parquet.read_table(summary["errors"]).to_pylist()
     assert [r["idx"] for r in rejected] == ["x1", None] and {r["stage"] for r in rejected} == {"evaluate"}
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from painter import cli
-from painter.errors import InputError
+from painter.errors import ErrorRateExceeded, InputError
 from painter.io.output_table import OutputTable
 from painter.io.images import open_image
 from painter.stages import generate
@@ -132,8 +132,9 @@ def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_b
 def test_too_many_rejected_rows_fail_the_run_after_writing(ray_session, tiny_model_dir, tmp_path):
     inputs = _tsv(tmp_path / "p.tsv", [("a", "好", "c"), ("b", "", "c")])
     errors = str(tmp_path / "errors")
-    summary = run(_options(tiny_model_dir, [inputs], str(tmp_path / "out"), errors=errors, max_error_rate=0.0))
-    assert "above --max-error-rate" in summary["_failed"] and summary["images_out"] == 1
+    with pytest.raises(ErrorRateExceeded, match=r"1 of 2 rows rejected \(50.00%\), above --max-error-rate 0;") as e:
+        run(_options(tiny_model_dir, [inputs], str(tmp_path / "out"), errors=errors, max_error_rate=0.0))
+    assert e.value.summary["images_out"] == 1
     assert pq.read_table(os.path.join(errors, f"run_date={DATE}", "rejected.parquet")).num_rows == 1
 
 

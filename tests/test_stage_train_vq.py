@@ -145,7 +145,7 @@ def test_too_many_rejected_rows_fail_before_training(ray_session, tiny_model_dir
     synthetic.write_corpus(str(data), 20, size=32, seed=1)
     write_bad_rows(str(data / "part-bad.tsv"))
     out = str(tmp_path / "out")
-    with pytest.raises(ErrorRateExceeded, match=r"3 of 23 rows rejected .* > --max-error-rate 0.01"):
+    with pytest.raises(ErrorRateExceeded, match=r"3 of 23 rows rejected .*, above --max-error-rate 0.01"):
         run(options(tiny_model_dir, str(data), out, max_error_rate=0.01))
     assert pq.read_table(os.path.join(out, "_rejected")).num_rows == 3
     assert not os.path.exists(os.path.join(out, "_runs"))  # no training started

@@ -20,7 +20,7 @@ import fsspec
 
 from painter import logs, synthetic
 from painter.checkpoint import bundled_model_dir, new_model
-from painter.errors import InputError
+from painter.errors import ErrorRateExceeded, InputError
 from painter.options import option
 from painter.registry import run_command
 from painter.text import TextTokenizer
@@ -61,11 +61,12 @@ class Options:
 def _step(name: str, options, steps: dict) -> dict:
     """Run one job in-process (as `painter <name>` would, in the Ray the CLI started) and keep its summary."""
     start = time.time()
-    summary = run_command(name, options)
-    failed = summary.get("_failed")
+    try:
+        summary = run_command(name, options)
+    except ErrorRateExceeded as e:
+        steps[name] = {"seconds": round(time.time() - start, 1), **e.summary}
+        raise InputError(f"demo step {name} failed: {e}") from None
     steps[name] = {"seconds": round(time.time() - start, 1), **summary}
-    if failed:
-        raise InputError(f"demo step {name} failed: {failed}")
     log.info(f"{name} done in {steps[name]['seconds']} s")
     return summary
 

@@ -48,7 +48,7 @@ from painter import evaluate as ev
 from painter import logs
 from painter import synthetic
 from painter.checkpoint import check_model_files, load_model, read_bytes
-from painter.errors import InputError
+from painter.errors import InputError, check_error_rate
 from painter.generator import GenerationConfig, Generator
 from painter.io import output as out
 from painter.io.output_table import OutputTable
@@ -520,10 +520,8 @@ def evaluate(options: Options) -> dict:
             summary["errors"] = out.write_bytes(posixpath.join(options.output, "rejected.parquet"), buffer.getvalue(), storage)
         summary["summary_file"] = posixpath.join(options.output, "summary.json")
         out.write_bytes(summary["summary_file"], json.dumps(summary, ensure_ascii=False, indent=2, default=str).encode(), storage)
-    rate = len(rejected.rows) / rejected.read if rejected.read else 0.0
-    if rate > options.max_error_rate:
-        summary["_failed"] = (f"{len(rejected.rows)} of {rejected.read} rows unusable ({rate:.1%}), above "
-                              f"--max-error-rate {options.max_error_rate}: {'; '.join(rejected.examples())}")
+    check_error_rate(len(rejected.rows), rejected.read, options.max_error_rate, "; ".join(rejected.examples()),
+                     summary)
     return summary
 
 

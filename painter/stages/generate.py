@@ -37,7 +37,7 @@ import ray
 
 from painter import logs
 from painter.checkpoint import check_model_files, load_model
-from painter.errors import InputError
+from painter.errors import InputError, check_error_rate
 from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
@@ -406,8 +406,6 @@ def _finish(root: out.OutputRoot, options: Options, summary: dict, record: dict)
         summary["tsv_output"] = options.tsv_output
     summary["vacuumed_files"] = root.table.vacuum()
     root.write_run_record(summary["run_id"], record | {"summary": summary})
-    rate = summary["rows_rejected"] / summary["rows_in"] if summary["rows_in"] else 0.0
-    if rate > options.max_error_rate:
-        summary["_failed"] = (f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({rate:.1%}), "
-                              f"above --max-error-rate {options.max_error_rate}; see {summary['errors']}")
+    check_error_rate(summary["rows_rejected"], summary["rows_in"], options.max_error_rate,
+                     f"see {summary['errors']}", summary)
     return summary

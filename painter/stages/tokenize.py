@@ -28,7 +28,7 @@ from ray.data.block import BlockAccessor
 from painter import logs
 from painter.checkpoint import check_model_files, load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
-from painter.errors import CheckpointError, InputError, PainterError
+from painter.errors import CheckpointError, InputError, PainterError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -286,8 +286,5 @@ def run(options: Options) -> dict:
         "rejected_by_reason": dict(sorted(report.by_reason.items(), key=lambda kv: -kv[1])),
         "vqgan": info.vqgan_fingerprint,
     }
-    rate = rows_rejected / rows_in
-    if rate > options.max_error_rate:
-        summary["_failed"] = (f"{rows_rejected} of {rows_in} rows rejected ({rate:.2%}) > --max-error-rate "
-                              f"{options.max_error_rate:g}; see {errors}")
+    check_error_rate(rows_rejected, rows_in, options.max_error_rate, f"see {errors}", summary)
     return summary

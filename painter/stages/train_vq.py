@@ -41,7 +41,7 @@ import ray
 from painter import logs, plots
 from painter.checkpoint import check_model_files, load_model
 from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS
-from painter.errors import CheckpointError, ErrorRateExceeded, InputError
+from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
@@ -227,9 +227,8 @@ def run(o: Options) -> dict:
     if good == 0:
         raise InputError(f"{', '.join(o.input)}: no usable images (all {rows_in} rows rejected; first at "
                          f"{_first_rejection(keys)}); rejected rows are in {errors}")
-    if rows_rejected / rows_in > o.max_error_rate:
-        raise ErrorRateExceeded(f"{rows_rejected} of {rows_in} rows rejected ({rows_rejected / rows_in:.2%}) > "
-                                f"--max-error-rate {o.max_error_rate:g}; see {errors}")
+    check_error_rate(rows_rejected, rows_in, o.max_error_rate, f"see {errors}",
+                     {"rows_in": rows_in, "rows_rejected": rows_rejected, "errors": errors})
     held_out = held_out_keys(keys, o.eval_images)
     eval_keys = frozenset(held_out)
     train_rows = good - len(held_out)
