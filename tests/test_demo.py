@@ -19,7 +19,7 @@ import torch
 
 from painter import synthetic
 from painter.checkpoint import bundled_model_dir, load_model
-from painter.evaluate import caption_accuracy
+from painter.judge import caption_accuracy
 from painter.io.images import to_model_input
 from painter.models.gpt import GPT, GPTConfig
 from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step

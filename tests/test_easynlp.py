@@ -17,11 +17,10 @@ import torch
 from PIL import Image
 
 from painter import cli, registry
-from painter.checkpoint import ZOO_NAMES, load_model, new_model, resolve_model_dir
+from painter.checkpoint import ZOO_NAMES, load_model, resolve_model_dir
 from painter.easynlp import check_flags, painter_schema, parse_user_defined_parameters
 from painter.easynlp_modes import easynlp_text
 from painter.errors import CheckpointError, InputError
-from painter.exporters import export_easynlp
 from painter.importers import import_easynlp, read_torch_checkpoint
 from painter.io.easynlp_tsv import parse_images_cell, write_easynlp_tsv
 from painter.io.images import fit_square_reference, prepare_pixels, uint8_from_tensor
@@ -245,7 +244,7 @@ def test_tokenize_preprocessing_with_the_reference_resize():
 
 
 def test_evaluate_reads_every_image_of_a_predict_tsv(tmp_path):
-    from painter.stages.evaluate import Rejected, _table_rows
+    from painter.stages.evaluate_inputs import Rejected, table_rows
 
     table = pa.table({"idx": ["a", "a", "b"], "text": ["红", "红", "蓝"], "sample": [0, 1, 0],
                       "png": [png("red"), png("maroon"), png("blue")]})
@@ -254,6 +253,6 @@ def test_evaluate_reads_every_image_of_a_predict_tsv(tmp_path):
     with open(path, "a", encoding="utf-8") as f:
         f.write("c\t绿\t['not base64!']\n")
     rejected = Rejected()
-    rows = list(_table_rows([path], "idx:str:1,text:str:1,gen_imgbase64:str:1", {}, True, 0, rejected))
+    rows = list(table_rows([path], "idx:str:1,text:str:1,gen_imgbase64:str:1", {}, True, 0, rejected))
     assert [(r[0], r[4]) for r in rows] == [("a", png("red")), ("a", png("maroon")), ("b", png("blue"))]
     assert [(r[0], r[3].split(" (")[0]) for r in rejected.rows] == [("c", "not an EasyNLP gen_imgbase64 cell")]

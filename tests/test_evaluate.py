@@ -1,4 +1,5 @@
-"""`painter.evaluate` (FID, IS, extractors, caption accuracy, VQGAN reconstruction) and `painter evaluate`."""
+"""`painter.metrics` (FID, IS, extractors), `painter.judge` (caption accuracy), VQGAN reconstruction, and
+`painter evaluate`."""
 from __future__ import annotations
 
 import io
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from painter import cli, synthetic
-from painter import evaluate as ev
+from painter import judge
+from painter import metrics as ev
+from painter import reconstruction
 from painter.checkpoint import load_model
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.output_table import OutputTable
@@ -220,23 +223,23 @@ def test_oracle_images_score_about_one_and_match_synthetic_score():
     captions = synthetic.captions_for_eval(40, seed=7)
     images = [synthetic.render(synthetic.parse_caption(c), 32, rng=i) for i, c in enumerate(captions)]
     encoded = [encode_image(np.asarray(im)) for im in images]
-    summary, verdicts = ev.judge_images(captions, encoded)
+    summary, verdicts = judge.judge_images(captions, encoded)
     assert summary["colour_shape"] >= 0.95 and summary["all"] >= 0.9 and summary["unread"] <= 0.05
     reference = synthetic.score(captions, images)
     assert summary == reference  # the same numbers as the synthetic task's own scorer
     assert len(verdicts) == 40 and all(v.right["colour"] for v in verdicts)
     assert verdicts[0].label() in ("ok",) or verdicts[0].label().startswith("miss: ")
-    wrong = ev.verdict(captions[0], images[1] if captions[1] != captions[0] else images[2])
+    wrong = judge.verdict(captions[0], images[1] if captions[1] != captions[0] else images[2])
     assert not wrong.all and stage.sheet_label(wrong).startswith("错:")
 
 
 def test_reconstruction_error_and_codebook_usage(tiny_model_dir):
-    assert ev.codebook_usage([0, 1, 2, 3, 0, 1, 2, 3], 8) == {
+    assert reconstruction.codebook_usage([0, 1, 2, 3, 0, 1, 2, 3], 8) == {
         "codes_used": 4, "codebook_size": 8, "codebook_usage": 0.5, "perplexity": pytest.approx(4.0), "tokens": 8}
-    assert ev.codebook_usage([5] * 10, 8)["perplexity"] == pytest.approx(1.0)
+    assert reconstruction.codebook_usage([5] * 10, 8)["perplexity"] == pytest.approx(1.0)
     vqgan = load_model(tiny_model_dir, parts=("vqgan",)).vqgan
     images = np.random.default_rng(8).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
-    result = ev.reconstruction_error(vqgan, images, batch_size=2)
+    result = reconstruction.reconstruction_error(vqgan, images, batch_size=2)
     assert result["images"] == 3 and result["tokens"] == 3 * 64
     assert all(np.isfinite(result[k]) for k in ("l1", "l2", "psnr", "perplexity"))
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["perplexity"] <= result["codes_used"]

@@ -15,7 +15,7 @@ import torch
 
 from painter import rerank, synthetic
 from painter.checkpoint import bundled_model_dir, load_model, save_model
-from painter.evaluate import caption_accuracy
+from painter.judge import caption_accuracy
 from painter.generator import DEFAULT_GUIDANCE, GenerationConfig, Generator
 from painter.io.images import open_image, preprocess, to_model_input
 from painter.models.gpt import GPT, GPTConfig

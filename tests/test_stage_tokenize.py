@@ -26,6 +26,7 @@ from painter.errors import InputError, PainterError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE, url_to_fs
+from painter.io.token_writer import find_duplicates
 from painter.stages import tokenize
 from painter.stages.common import arrow_filesystem, painter_error_from
 from painter.vq_encode import default_max_batch, encode_codes
@@ -257,9 +258,9 @@ def keys_table(rows) -> pa.Table:
 def test_find_duplicates_keeps_the_first_good_row_by_file_and_row():
     keys = keys_table([("a", "f2.tsv", 1, None), ("a", "f1.tsv", 9, None), ("a", "f1.tsv", 3, "bad base64"),
                        ("b", "f1.tsv", 1, None), ("a", "f1.tsv", 10, None), ("c", "f1.tsv", 2, None)])
-    assert tokenize.find_duplicates(keys) == {
+    assert find_duplicates(keys) == {
         ("f2.tsv", 1): "duplicate idx (first at f1.tsv:9)", ("f1.tsv", 10): "duplicate idx (first at f1.tsv:9)"}
-    assert tokenize.find_duplicates(keys.slice(0, 0)) == {}
+    assert find_duplicates(keys.slice(0, 0)) == {}
 
 
 def test_options_are_checked_before_any_work(ray_session, tmp_path, tiny_model_dir):

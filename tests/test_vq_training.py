@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from painter import synthetic
 from painter.checkpoint import preset_config
-from painter.evaluate import codebook_usage
+from painter.reconstruction import codebook_usage
 from painter.io.images import to_model_input
 from painter.models.vqgan import VQGAN
 from painter.training import lr_at

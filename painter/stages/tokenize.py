@@ -35,8 +35,7 @@ from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.tables import REASON, ROW, SOURCE
 from painter.io.storage import Storage
-from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter,
-                                     find_duplicates)  # noqa: F401 (find_duplicates: the job's rule)
+from painter.io.token_writer import KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter
 from painter.options import option
 from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, join,
                                    painter_error_from, read_input)
