@@ -1,14 +1,16 @@
 """The synthetic judge: caption accuracy of images generated for synthetic captions.
 
-Images are read back by `painter.synthetic.judge`; the summary is `painter.synthetic.score`'s (accuracy of
-all attributes, of colour and shape together, of each attribute, `unread`, and the `chance` levels), plus
+Images are read back by `painter.synthetic.judge`; the summary (`score`, `summarize`) holds the accuracy of
+all attributes, of colour and shape together, of each attribute, `unread`, and the `chance` levels, plus
 one `Verdict` per image for contact sheets. `caption_accuracy(model, captions)` generates and judges in
 one call, as the demo and the tests use it. No Ray, no I/O.
 """
 from __future__ import annotations
 
+import collections
 import io
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -56,7 +58,7 @@ def verdict(text: str, image) -> Verdict:
 
 
 def summarize(verdicts: Sequence[Verdict]) -> dict:
-    """The keys of `painter.synthetic.score` for judged images: n, all, colour_shape, each attribute,
+    """The keys of `score` for judged images: n, all, colour_shape, each attribute,
     unread (share with no shape read) and chance (the best blind guess's accuracies)."""
     if not verdicts:
         raise ValueError("no judged images")
@@ -64,18 +66,39 @@ def summarize(verdicts: Sequence[Verdict]) -> dict:
                "colour_shape": float(np.mean([v.colour_shape for v in verdicts]))}
     summary.update({a: float(np.mean([v.right[a] for v in verdicts])) for a in synthetic.ATTRIBUTES})
     summary["unread"] = float(np.mean([v.seen.shape is None for v in verdicts]))
-    summary["chance"] = synthetic.chance_levels()
+    summary["chance"] = chance_levels()
     return summary
 
 
+def chance_levels() -> dict[str, float]:
+    """Accuracy of the best guess made without looking, under `sample_scenes`' distribution
+    (colour, shape, size, position uniform; background uniform among those of another colour)."""
+    blind = len(synthetic.COLOURS) * len(synthetic.SHAPES) * len(synthetic.SIZES) * len(synthetic.POSITIONS)
+    prob = {s: Fraction(1, blind * (len(synthetic.BACKGROUNDS) - (s.colour in synthetic.BACKGROUNDS))) for s in synthetic.all_scenes()}
+    keys = {a: (lambda s, a=a: getattr(s, a)) for a in synthetic.ATTRIBUTES}
+    keys.update({"colour_shape": lambda s: (s.colour, s.shape), "all": lambda s: s})
+    marginals = {name: collections.Counter() for name in keys}
+    for scene, p in prob.items():
+        for name, key in keys.items():
+            marginals[name][key(scene)] += p
+    return {name: float(max(m.values())) for name, m in marginals.items()}
+
+
 def judge_images(texts: Sequence[str], images: Iterable) -> tuple[dict, list[Verdict]]:
-    """`painter.synthetic.score` of `images` against captions `texts` (the same summary; each image
-    judged once) and one `Verdict` per image. Images: PIL images, uint8 arrays or encoded bytes."""
+    """The accuracy summary of `images` against captions `texts` (`summarize`; each image judged once) and
+    one `Verdict` per image. Images: PIL images, uint8 arrays or encoded bytes."""
     texts, images = list(texts), list(images)
     if len(texts) != len(images) or not texts:
         raise ValueError(f"need one image per text, at least one (got {len(texts)} texts, {len(images)} images)")
     verdicts = [verdict(t, im) for t, im in zip(texts, images)]
     return summarize(verdicts), verdicts
+
+
+def score(texts: Sequence[str], images: Iterable) -> dict:
+    """The accuracies of `images` against their captions `texts` (`judge_images`' summary): of all
+    attributes, of colour and shape together, of each; `unread`; `chance`. ValueError on a text that is
+    not a caption or counts that differ."""
+    return judge_images(texts, images)[0]
 
 
 def eval_idx(i: int) -> str:

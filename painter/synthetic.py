@@ -6,19 +6,17 @@ characters, one text token each: ``caption`` / ``parse_caption``); ``render`` (d
 averaged down, with a little jitter of position, size and turn); ``sample_scenes``,
 ``captions_for_eval``, ``hold_out`` and ``write_corpus`` (EasyNLP TSV shards ``idx \\t text \\t
 base64 PNG``, no header, byte-identical for a seed); and the judge, ``judge(image) -> Reading``,
-which reads the attributes back from pixels alone (what it cannot see is None), with
-``score(texts, images)`` for accuracies next to their chance levels. No Ray here; the
+which reads the attributes back from pixels alone (what it cannot see is None); accuracies and their
+chance levels are ``painter.judge``'s. No Ray here; the
 ``painter make-corpus`` command is ``painter.stages.make_corpus``.
 """
 from __future__ import annotations
 
 import base64
-import collections
 import io
 import posixpath
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Iterable
 
 import numpy as np
@@ -371,35 +369,3 @@ def judge(image) -> Reading:
     size = "大" if total / alpha.size > factor * RADIUS["大"] * RADIUS["小"] else "小"
     position = min(CENTRE_X, key=lambda p: abs(CENTRE_X[p] - (cx + 0.5) / alpha.shape[1]))
     return Reading(shape, colour, background, size, position)
-
-
-def chance_levels() -> dict[str, float]:
-    """Accuracy of the best guess made without looking, under `sample_scenes`' distribution
-    (colour, shape, size, position uniform; background uniform among those of another colour)."""
-    blind = len(COLOURS) * len(SHAPES) * len(SIZES) * len(POSITIONS)
-    prob = {s: Fraction(1, blind * (len(BACKGROUNDS) - (s.colour in BACKGROUNDS))) for s in all_scenes()}
-    keys = {a: (lambda s, a=a: getattr(s, a)) for a in ATTRIBUTES}
-    keys.update({"colour_shape": lambda s: (s.colour, s.shape), "all": lambda s: s})
-    marginals = {name: collections.Counter() for name in keys}
-    for scene, p in prob.items():
-        for name, key in keys.items():
-            marginals[name][key(scene)] += p
-    return {name: float(max(m.values())) for name, m in marginals.items()}
-
-
-def score(texts: list[str], images) -> dict:
-    """Judge `images` against their captions `texts`: accuracy of all attributes together, of colour
-    and shape together (`colour_shape`) and of each; `unread` = share with no shape read; `chance`
-    = the accuracies of the best blind guess. ValueError on a text that is not a caption."""
-    wanted, images = [parse_caption(t) for t in texts], list(images)
-    if len(wanted) != len(images) or not wanted:
-        raise ValueError(f"need one image per text, at least one (got {len(wanted)} texts, {len(images)} images)")
-    seen = [judge(image) for image in images]
-    right = {a: np.array([getattr(w, a) == getattr(s, a) for w, s in zip(wanted, seen)]) for a in ATTRIBUTES}
-    result = {"n": len(wanted), "all": float(np.mean(np.all(list(right.values()), axis=0))),
-              "colour_shape": float(np.mean(right["colour"] & right["shape"]))}
-    result.update({a: float(np.mean(right[a])) for a in ATTRIBUTES})
-    result["unread"] = float(np.mean([s.shape is None for s in seen]))
-    result["chance"] = chance_levels()
-    return result
-

@@ -18,7 +18,8 @@ from painter.io.images import decode_base64, load_image, preprocess
 from painter.io.tables import REASON, iter_rows, parse_schema
 from painter.synthetic import (ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Reading, Scene,
                                all_scenes, caption, captions_for_eval, hold_out, judge, parse_caption,
-                               render, sample_scenes, score, write_corpus)
+                               render, sample_scenes, write_corpus)
+from painter.judge import score
 
 SCHEMA = parse_schema("idx:str:1,text:str:1,imgbase64:str:1")
 N_JUDGED = 500
