@@ -27,10 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.errors import InputError, StorageError
+from painter.io import sheet
 from painter.io.output_table import OutputTable
 from painter.io.storage import Storage, as_storage
 
 REJECTED, SHEETS, RUNS = "_rejected", "_sheets", "_runs"
+SHEET_SAMPLES = 8  # samples of a prompt shown on the contact sheet and the gallery
 _COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -90,6 +92,37 @@ class OutputRoot:
     def write_sheet(self, name: str, data: bytes) -> str:
         """A file of the night's `_sheets/` folder (contact_sheet.png, gallery.html); its URL."""
         return write_bytes(self._beside(SHEETS, name), data, self.storage_options)
+
+    def write_sheets(self, *, contact_sheet: bool, gallery: bool, prompts: int, font: str | None = None,
+                     image_format: str = "png") -> dict:
+        """Contact sheet and gallery of the committed night's first `prompts` prompts; their URLs and the
+        caption font used."""
+        result = {"contact_sheet": None, "gallery": None}
+        if not (contact_sheet or gallery):
+            return result
+        rows = self._sheet_rows(prompts)
+        if not rows:
+            return result | {"sheet_note": "no committed images to show"}
+        if contact_sheet:
+            found = sheet.find_caption_font(font)
+            result["contact_sheet"] = self.write_sheet("contact_sheet.png", sheet.contact_sheet(rows, found))
+            result["caption_font"], result["caption_font_note"] = found.path, found.note
+        if gallery:
+            page = sheet.gallery_html(rows, f"painter {self.run_date}", image_format)
+            result["gallery"] = self.write_sheet("gallery.html", page.encode("utf-8"))
+        return result
+
+    def _sheet_rows(self, prompts: int) -> list[list[sheet.SheetItem]]:
+        """The committed images of the night's first `prompts` idx (sorted), a row of samples each."""
+        chosen = sorted(set(self.read(["idx"]).column("idx").to_pylist()))[:prompts] if self.table.exists() else []
+        if not chosen:
+            return []
+        rows = self.read(["idx", "text", "sample", "image"], idx=chosen).sort_by(
+            [("idx", "ascending"), ("sample", "ascending")]).to_pylist()
+        grouped: dict[str, list[sheet.SheetItem]] = {}
+        for r in rows:
+            grouped.setdefault(r["idx"], []).append(sheet.SheetItem(r["image"], r["idx"], r["sample"], r["text"]))
+        return [items[:SHEET_SAMPLES] for items in grouped.values()]
 
     def write_run_record(self, run_id: str, record: dict) -> str:
         """The run's record (options and summary) under `_runs/`; its URL."""

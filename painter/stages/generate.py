@@ -41,7 +41,6 @@ from painter.errors import InputError, check_error_rate
 from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
-from painter.io import sheet
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
@@ -54,7 +53,6 @@ FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
 STAGE = "generate"
 GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", "image", "image_format",
              *IMAGE_FORMATS)
-SHEET_SAMPLES = 8
 MAX_ROUNDS = 3
 FIXED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field("sample", pa.int64()),
@@ -266,37 +264,6 @@ def generate_into(todo: pa.Table, settings: "Settings", actors: int | None, acto
         committer.seconds += time.time() - start
 
 
-def _sheet_rows(root: out.OutputRoot, prompts: int) -> list[list[sheet.SheetItem]]:
-    chosen = sorted(set(root.read(["idx"]).column("idx").to_pylist()))[:prompts] if root.table.exists() else []
-    if not chosen:
-        return []
-    rows = root.read(["idx", "text", "sample", "image"], idx=chosen).sort_by(
-        [("idx", "ascending"), ("sample", "ascending")]).to_pylist()
-    grouped: dict[str, list[sheet.SheetItem]] = {}
-    for r in rows:
-        grouped.setdefault(r["idx"], []).append(sheet.SheetItem(r["image"], r["idx"], r["sample"], r["text"]))
-    return [items[:SHEET_SAMPLES] for items in grouped.values()]
-
-
-def write_sheets(root: out.OutputRoot, options: Options) -> dict:
-    """Contact sheet and gallery of the committed night; their paths and the caption font used."""
-    result = {"contact_sheet": None, "gallery": None}
-    if not (options.contact_sheet or options.gallery):
-        return result
-    rows = _sheet_rows(root, options.sheet_prompts)
-    if not rows:
-        return result | {"sheet_note": "no committed images to show"}
-    if options.contact_sheet:
-        font = sheet.find_caption_font(options.font)
-        result["contact_sheet"] = root.write_sheet("contact_sheet.png", sheet.contact_sheet(rows, font))
-        result["caption_font"] = font.path
-        result["caption_font_note"] = font.note
-    if options.gallery:
-        page = sheet.gallery_html(rows, f"painter {root.run_date}", options.image_format)
-        result["gallery"] = root.write_sheet("gallery.html", page.encode("utf-8"))
-    return result
-
-
 def _progress(message: str) -> None:
     """A progress line on stderr (stdout's last line is the summary)."""
     logs.get("generate").info(message)
@@ -400,7 +367,8 @@ def run(options: Options) -> dict:
 
 def _finish(root: out.OutputRoot, options: Options, summary: dict, record: dict) -> dict:
     """Sheets, TSV, vacuum and the run record after the commits; the error-rate verdict last."""
-    summary |= write_sheets(root, options)
+    summary |= root.write_sheets(contact_sheet=options.contact_sheet, gallery=options.gallery,
+                                 prompts=options.sheet_prompts, font=options.font, image_format=options.image_format)
     if options.tsv_output:
         summary["tsv_lines"] = write_easynlp_tsv(root.read(), options.tsv_output, "image", root.storage_options)
         summary["tsv_output"] = options.tsv_output

@@ -42,7 +42,7 @@ from painter.io.shards import ShardInfo, check_shards_fit
 from painter.io.storage import Storage, as_storage, is_remote
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
-from painter.stages.common import cluster_has_gpus
+from painter.stages.common import cluster_has_gpus, remote_progress
 from painter.stages.train_worker import DIVERGED_FILE, FAULT_ENV, train_loop
 from painter.training import TrainConfig
 
@@ -258,7 +258,7 @@ def run(o: Options) -> dict:
         log.info(f"{start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})")
     loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
-    with logs.remote_progress("train", total, "steps") as loop_config["progress"]:
+    with remote_progress("train", total, "steps") as loop_config["progress"]:
         result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],

@@ -48,7 +48,7 @@ from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.tables import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.options import option, to_dict
-from painter.stages.common import join, painter_error_from, read_input, write_rejected
+from painter.stages.common import join, painter_error_from, read_input, remote_progress, write_rejected
 from painter.stages.tokenize import DEFAULT_SCHEMA
 from painter.stages.train import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
                                   scaling_config)
@@ -248,7 +248,7 @@ def run(o: Options) -> dict:
                    "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
                    "has_eval": bool(held_out), "storage": storage}
-    with logs.remote_progress(STAGE, total, "steps") as loop_config["progress"]:
+    with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
         result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
