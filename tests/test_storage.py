@@ -71,6 +71,33 @@ def test_files_open_exist_copy_and_replace_atomically(tmp_path):
     assert not os.path.exists(tmp_path / "c") and (tmp_path / "e" / "f.txt").read_text() == "x\n"
 
 
+def test_find_lists_fresh_skips_hidden_names_and_excluded_folders(tmp_path):
+    storage = Storage()
+    for name in ("a.parquet", "b.tsv", "sub/c.parquet", "_keys/0/k.parquet", "sub/_SUCCESS", ".x/d.parquet",
+                 "_rejected/r.parquet"):
+        storage.write_atomic(str(tmp_path / name), b"x")
+    root = str(tmp_path)
+    below = lambda files: sorted(f[len(root) + 1:] for f in files)  # noqa: E731
+    assert below(storage.find(root, (".parquet",), skip_hidden=True)) == ["a.parquet", "sub/c.parquet"]
+    assert below(storage.find(root, (".parquet",), exclude=(str(tmp_path / "_keys"),))) == [
+        ".x/d.parquet", "_rejected/r.parquet", "a.parquet", "sub/c.parquet"]
+    assert below(storage.find(root)) == below(storage.find(root, ())) and len(storage.find(root)) == 7
+    assert storage.find(str(tmp_path / "missing"), (".parquet",)) == []
+
+
+def test_find_sees_files_another_client_wrote_after_a_listing(s3_bucket):
+    """Ray workers write beside the driver: its listings must see their files, whatever it listed before."""
+    bucket, options = s3_bucket
+    storage = Storage({"endpoint_url": options["endpoint_url"]})
+    storage.write_atomic(f"s3://{bucket}/t/a.parquet", b"x")
+    assert storage.find(f"s3://{bucket}/t", (".parquet",)) == [f"{bucket}/t/a.parquet"]
+    fs, _ = storage.fs(f"s3://{bucket}/t")
+    assert fs.ls(f"{bucket}/t") == [f"{bucket}/t/a.parquet"]  # now in this instance's listings cache
+    other = s3fs.S3FileSystem(client_kwargs={"endpoint_url": options["endpoint_url"]}, skip_instance_cache=True)
+    other.pipe(f"{bucket}/t/b.parquet", b"y")  # another client, as a Ray worker is
+    assert storage.find(f"s3://{bucket}/t", (".parquet",)) == [f"{bucket}/t/a.parquet", f"{bucket}/t/b.parquet"]
+
+
 def test_ray_train_location_strips_remote_urls_only(tmp_path):
     assert Storage().train_location(str(tmp_path)) == (str(tmp_path), None)
     path, filesystem = Storage().train_location("memory://bucket/runs")

@@ -63,9 +63,34 @@ class Storage:
 
     # --- filesystems ------------------------------------------------------------------------------
 
-    def fs(self, path: str):
-        """(fsspec filesystem, path without protocol) for `path`."""
-        return filesystem(path, self.options)
+    def fs(self, path: str, fresh: bool = False):
+        """(fsspec filesystem, path without protocol) for `path`; `fresh` first drops the filesystem's cached
+        listings below it (fsspec keeps them per instance, and other processes, Ray workers, write there)."""
+        fs, stripped = filesystem(path, self.options)
+        if fresh:
+            fs.invalidate_cache(stripped)
+        return fs, stripped
+
+    def find(self, root: str, extensions: tuple[str, ...] = (), *, exclude: tuple[str, ...] = (),
+             skip_hidden: bool = False) -> list[str]:
+        """The files below `root` (paths without protocol, sorted, from a fresh listing; none when `root` does
+        not exist) ending with one of `extensions` (any when empty), minus those below a path of `exclude`;
+        `skip_hidden` also leaves out every file with a name below `root` starting with `_` or `.` (a
+        job's `_rejected/`, `_keys/`, `_SUCCESS`, `.crc` files)."""
+        fs, stripped = self.fs(root, fresh=True)
+        if not fs.exists(stripped):
+            return []
+        prefix = stripped.rstrip("/") + "/"
+        skips = tuple(self.fs(e)[1].rstrip("/") + "/" for e in exclude)
+        found = []
+        for file in fs.find(stripped):
+            below = file[len(prefix):] if file.startswith(prefix) else posixpath.basename(file)
+            if extensions and not file.endswith(extensions) or skips and file.startswith(skips):
+                continue
+            if skip_hidden and any(part.startswith(("_", ".")) for part in below.split("/")):
+                continue
+            found.append(file)
+        return sorted(found)
 
     def arrow(self, path: str):
         """(pyarrow filesystem, path without protocol) for Ray Data and pyarrow: fsspec underneath."""

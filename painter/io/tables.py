@@ -8,7 +8,6 @@ No Ray in this module.
 """
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -69,8 +68,7 @@ def expand_paths(paths: list[str], storage_options: Storage | dict | None = None
         if any(ch in stripped for ch in "*?["):
             matches = fs.glob(stripped)
         elif fs.isdir(stripped):
-            matches = [p for p in fs.find(stripped) if p.endswith(extensions)
-                       and not posixpath.basename(p).startswith(("_", "."))]
+            matches = as_storage(storage_options).find(path, extensions, skip_hidden=True)
         elif fs.exists(stripped):
             matches = [stripped]
         else:

@@ -10,8 +10,9 @@ One call takes a batch of encoded rows (`painter.encoder.ImageEncoder`'s output)
 and returns a small `BatchReport` (counts by reason, truncated texts, the first rejection).
 
 Duplicate idx are found once everything is written (`bucket_duplicates`: `find_duplicates` over one
-bucket of the keys, every row of an idx being in the same bucket) and `remove_rows` rewrites only the shard files that hold one. Writing first and removing the
-few duplicates after is what lets the job stream: nothing holds the corpus, in memory or on the driver.
+bucket of the keys, every row of an idx being in the same bucket) and `remove_rows` rewrites only the
+shard files that hold one. Writing first and removing the few duplicates after is what lets the job
+stream: nothing holds the corpus, in memory or on the driver.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from painter.io import tables
 from painter.io.shards import ShardInfo
+from painter.io.storage import as_storage
 from painter.io.tables import REASON, ROW, SOURCE
 
 if TYPE_CHECKING:
@@ -82,9 +84,7 @@ class TokenWriter:
 
     def _fs(self, path: str):
         """(filesystem, root) for `path`, its cached listings dropped: Ray workers write here too."""
-        fs, root = tables.url_to_fs(path, self.storage)
-        fs.invalidate_cache(root)
-        return fs, root
+        return as_storage(self.storage).fs(path, fresh=True)
 
     def _write(self, table: pa.Table, folder: str, name: str) -> str:
         fs, root = self._fs(folder)

@@ -202,23 +202,14 @@ def duplicate_keys(writer: TokenWriter) -> pa.Table:
     return pa.concat_tables(parts) if parts else KEYS_SCHEMA.empty_table()
 
 
-def _parquet_files(path: str, storage: Storage, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Parquet files under `path` (stripped of protocol, for `arrow_filesystem`), minus those under `exclude`."""
-    fs, root = tables.url_to_fs(path, storage)
-    fs.invalidate_cache(root)  # the files were written by other processes
-    skips = [tables.url_to_fs(e, storage)[1].rstrip("/") + "/" for e in exclude]
-    files = fs.find(root) if fs.exists(root) else []
-    return sorted(f for f in files if f.endswith(".parquet") and not any(f.startswith(s) for s in skips))
-
-
 def count_written(output: str, errors: str, storage: Storage, info: ShardInfo) -> tuple[int, int, int]:
     """(shard rows, shard files, rejected rows) from the written files' footers; checks shard metadata."""
     filesystem, _ = arrow_filesystem(output, storage)
-    shard_files = _parquet_files(output, storage, exclude=(errors, join(output, KEYS_FOLDER)))
+    shard_files = storage.find(output, (".parquet",), exclude=(errors, join(output, KEYS_FOLDER)))
     if shard_files and (reason := read_shard_info(shard_files, filesystem).mismatch(info)):
         raise AssertionError(f"written shards do not carry this run's metadata: {reason}")
     rows = lambda files: sum(pq.read_metadata(f, filesystem=filesystem).num_rows for f in files)  # noqa: E731
-    return rows(shard_files), len(shard_files), rows(_parquet_files(errors, storage))
+    return rows(shard_files), len(shard_files), rows(storage.find(errors, (".parquet",)))
 
 
 def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -> BatchReport:

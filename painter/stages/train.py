@@ -152,16 +152,9 @@ def resolve_start(o: Options, storage: Storage | None = None) -> Start:
 def list_shards(paths: list[str], storage: Storage | None = None) -> list[str]:
     """Shard files (as given: local paths or URLs) named by files, globs or directories.
 
-    Below a directory, folders named `_*` or `.*` are skipped (the tokenize job's `_rejected/`).
+    Below a directory, names starting with `_` or `.` are skipped (the tokenize job's `_rejected/`).
     """
-    files = []
-    for path in paths:
-        root = tables.url_to_fs(path, storage)[1].rstrip("/") + "/"
-        for file in tables.expand_paths([path], storage, extensions=(".parquet",)):
-            stripped = tables.url_to_fs(file, storage)[1]
-            below = stripped[len(root):] if stripped.startswith(root) else posixpath.basename(stripped)
-            if not any(part.startswith(("_", ".")) for part in below.split("/")[:-1]):
-                files.append(file)
+    files = tables.expand_paths(paths, storage, extensions=(".parquet",))
     protocols = {f.split("://", 1)[0] if "://" in f else "file" for f in files}
     if len(protocols) > 1:
         raise InputError(f"{', '.join(paths)}: shards of one option must be on one filesystem, not {sorted(protocols)}")
