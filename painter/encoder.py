@@ -44,13 +44,20 @@ def _text_reason(name: str, value) -> str | None:
     return None
 
 
-def _image_column(table: pa.Table) -> tuple[str, bool]:
-    """(column, is_base64): `imgbase64` when the rows have it, else Parquet's binary `image`."""
-    if BASE64_COLUMN in table.column_names:
-        return BASE64_COLUMN, True
-    if BINARY_COLUMN in table.column_names:
-        return BINARY_COLUMN, False
-    raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
+def image_cells(table: pa.Table) -> tuple[list, list[bool]]:
+    """(each row's image cell, whether it is base64): the row's `imgbase64` where it has one, else its
+    Parquet binary `image`. Chosen per row: a batch can join rows of files of both kinds (Ray concatenates
+    their blocks, each column null where its file had none), and one column chosen for the whole batch
+    read every `image` row of such a batch as a missing `imgbase64` (CI saw 14 good rows rejected)."""
+    names, n = table.column_names, table.num_rows
+    if BASE64_COLUMN not in names and BINARY_COLUMN not in names:
+        raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
+    text = table[BASE64_COLUMN].to_pylist() if BASE64_COLUMN in names else [None] * n
+    if BINARY_COLUMN not in names:
+        return text, [True] * n
+    binary = table[BINARY_COLUMN].to_pylist()
+    is_base64 = [t is not None or b is None for t, b in zip(text, binary)]
+    return [t if b64 else b for t, b, b64 in zip(text, binary, is_base64)], is_base64
 
 
 def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "pil") -> pa.Table:
@@ -60,15 +67,16 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     text, or for its image (bad base64, not an image, truncated, too large, ...). Never raises for
     bad data.
     """
-    column, is_base64 = _image_column(batch)
+    cells, is_base64 = image_cells(batch)
     idx, text = batch["idx"].to_pylist(), batch["text"].to_pylist()
-    cells, reasons = batch[column].to_pylist(), batch[REASON].to_pylist()
+    reasons = batch[REASON].to_pylist()
     pixels: list[bytes | None] = []
     for i in range(batch.num_rows):
         reason = reasons[i] or _text_reason("idx", idx[i]) or _text_reason("text", text[i])
         array = None
         if reason is None:
-            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels, resize=resize)
+            array, reason = prepare_pixels(cells[i], size, is_base64=is_base64[i], max_pixels=max_pixels,
+                                           resize=resize)
         pixels.append(None if array is None else array.tobytes())
         reasons[i] = reason
     return pa.table({

@@ -119,6 +119,19 @@ def test_every_vqgan_call_has_the_same_shape_so_tokens_do_not_depend_on_the_batc
     assert encoder.encode_pixels(pixels[:0]).shape == (0, 64)
 
 
+def test_a_batch_joining_base64_and_binary_image_files_reads_each_row_its_own_way():
+    """Ray joins blocks of a TSV (or imgbase64 Parquet) and a binary-`image` Parquet file into one batch,
+    each column null where its file had none: every row is read from the column it has."""
+    text_rows = read_rows(["a", "b"], ["t", "t"], [base64.b64encode(png(1)).decode(), None])
+    binary_rows = read_rows(["c", "d"], ["t", "t"], [png(2), png(3)], column="image")
+    mixed = pa.concat_tables([text_rows, binary_rows], promote_options="permissive")
+    assert mixed.column_names.count("imgbase64") == mixed.column_names.count("image") == 1
+    out = prepare_batch(mixed, 32)
+    assert out[REASON].to_pylist() == [None, "missing image", None, None]
+    alone = prepare_batch(binary_rows, 32)
+    assert out[PIXELS].to_pylist()[2:] == alone[PIXELS].to_pylist()  # the same pixels as read alone
+
+
 def test_all_rejected_and_empty_batches(encoder):
     rows = prepare_batch(read_rows(["a", "b"], ["t", "t"], ["", None]), 32)
     out = encoder(rows)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -25,6 +24,7 @@ from painter.checkpoint import load_model
 from painter.errors import InputError, PainterError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, read_shard_info
+from painter.io.storage import as_storage
 from painter.io.tables import REASON, ROW, SOURCE, url_to_fs
 from painter.io.token_writer import find_duplicates
 from painter.stages import tokenize
@@ -150,10 +150,11 @@ def run_cli(*args) -> tuple[int, dict]:
 
 
 def read_parquet_dir(path: str, storage: dict | None = None):
-    """(table, files, filesystem) of the Parquet files directly under `path`."""
-    filesystem, root = arrow_filesystem(path, storage)
-    files = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(root, recursive=False))
-                   if f.path.endswith(".parquet"))
+    """(table, files, filesystem) of the Parquet files under `path`, not under its `_` folders. The listing
+    is fresh: this process ran the job, whose filesystem instance (fsspec keeps one per options) listed
+    the folder before Ray workers had written all of it."""
+    filesystem, _ = arrow_filesystem(path, storage)
+    files = as_storage(storage).find(path, (".parquet",), skip_hidden=True)
     return pa.concat_tables([pq.read_table(f, filesystem=filesystem) for f in files]), files, filesystem
 
 
@@ -226,7 +227,7 @@ def test_s3_run_gives_the_same_shards(local_run, corpus, tiny_model_dir, s3_buck
     assert "testing" not in json.dumps(summary)  # no credentials in what is printed
     local, _, _ = read_parquet_dir(output)
     remote, _, _ = read_parquet_dir(f"s3://{bucket}/tokens", storage)
-    assert remote.schema.metadata == local.schema.metadata
+    assert remote.schema.metadata == local.schema.metadata and summary["rows_out"] == remote.num_rows
     assert remote.sort_by("idx").to_pylist() == local.sort_by("idx").to_pylist()
     remote_errors = read_parquet_dir(f"s3://{bucket}/tokens/_rejected", storage)[0].to_pylist()
     names = {(Path(r["source"]).name, r["row"]) for r in remote_errors}

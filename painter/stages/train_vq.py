@@ -40,7 +40,7 @@ import ray
 
 from painter import logs, plots
 from painter.checkpoint import check_model_files, load_model
-from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS
+from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS, image_cells
 from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
@@ -116,12 +116,6 @@ def _check_options(o: Options) -> None:
 # --- the Ray Data side ---------------------------------------------------------------------------
 
 
-def _image_column(batch: pa.Table) -> tuple[str, bool]:
-    if BASE64_COLUMN in batch.column_names:
-        return BASE64_COLUMN, True
-    return BINARY_COLUMN, False  # Parquet read with the `image` alternative
-
-
 def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
                    eval_keys: frozenset = frozenset()) -> pa.Table:
     """Rows read by `read_input` -> decoded images, on a Ray Data CPU task. Never raises for bad data.
@@ -131,8 +125,8 @@ def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
     keep="eval":  `pixels` of the good rows in `eval_keys` (only those are decoded).
     Keys are (file, row) pairs.
     """
-    column, is_base64 = _image_column(batch)
-    cells, reasons = batch[column].to_pylist(), batch[REASON].to_pylist()
+    cells, is_base64 = image_cells(batch)
+    reasons = batch[REASON].to_pylist()
     sources, rows = batch[SOURCE].to_pylist(), batch[ROW].to_pylist()
     pixels = []
     for i in range(batch.num_rows):
@@ -140,7 +134,7 @@ def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
             continue
         if keep != "check" and ((sources[i], rows[i]) in eval_keys) != (keep == "eval"):
             continue
-        array, reasons[i] = prepare_pixels(cells[i], size, is_base64=is_base64, max_pixels=max_pixels)
+        array, reasons[i] = prepare_pixels(cells[i], size, is_base64=is_base64[i], max_pixels=max_pixels)
         if array is not None and keep != "check":
             pixels.append(array.tobytes())
     if keep != "check":
