@@ -46,6 +46,12 @@ REQUIRED_COLUMNS = ("idx", "text", BASE64_COLUMN)
 # Blocks of the image rows as read (~256 rows of 32 KB images): decoding and encoding start on a file's
 # first rows while the rest is read, and a large file never makes one block of its own
 READ_BLOCK_BYTES = 8 * 2 ** 20
+# The object store the job's blocks may hold, per encoder actor. Ray Data's own budget is a share of the
+# whole store, which a fast reader fills with blocks the encoders have not reached: measured on 2 cores,
+# 84 MB at 20k rows and 503 MB at 200k. A fixed budget per actor keeps the read-ahead the same whatever
+# the corpus. On CPU, 32 MiB is four read blocks per actor, many batches of 64 images; a GPU actor eats
+# ~600 MB/s of 256x256 pixels, so it gets more (not yet measured on a GPU).
+STORE_BYTES_PER_ACTOR = {"cpu": 32 * 2 ** 20, "gpu": 512 * 2 ** 20}
 
 
 @dataclass(kw_only=True)
@@ -149,15 +155,23 @@ def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.d
     if not gpus:
         resources = _cpu_resources(options.actors)
         # reads ask for less CPU than the encoders, or Ray would fuse reading into the actors
-        rows = _read(options, storage, num_cpus=0.25)
+        rows = _bound_store(_read(options, storage, num_cpus=0.25), "cpu", resources)
         return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
-    prepared = _read(options, storage, num_cpus=0.5).map_batches(
+    prepared = _bound_store(_read(options, storage, num_cpus=0.5), "gpu", resources).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
+
+
+def _bound_store(ds: ray.data.Dataset, kind: str, resources: dict) -> ray.data.Dataset:
+    """`ds`, its execution limited to `STORE_BYTES_PER_ACTOR[kind]` of object store per encoder actor."""
+    limits = ds.context.execution_options.resource_limits
+    budget = STORE_BYTES_PER_ACTOR[kind] * resources["compute"].max_size
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return ds
 
 
 def _read(options: Options, storage: Storage, num_cpus: float) -> ray.data.Dataset:
