@@ -156,7 +156,25 @@ class Result:
         return json.loads(lines[-1])
 
 
+def wait_for_idle_ray(limit: float = 60.0) -> None:
+    """Until every CPU of the session's Ray is free again (at most `limit` seconds): a job stopped or killed
+    part-way leaves its actors for the raylet to reap, and a job started meanwhile waits for their CPUs
+    (CI once saw a 3-step train run get none in 300 s). Polls the cluster's own resource view; a wait
+    that runs out is noted in the timings and the cell goes on."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    start = time.time()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.time() - start > limit:
+            TIMINGS.append(f"{limit:6.1f} s  waited for the session's CPUs; still held")
+            return
+        time.sleep(0.5)
+
+
 def run_painter(args: list[str], env: dict, timeout: float = 300) -> Result:
+    wait_for_idle_ray()
     start = time.time()
     done = subprocess.run(_command(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     TIMINGS.append(f"{time.time() - start:6.1f} s  painter {' '.join(args[:1] + args[-2:])}")
@@ -181,6 +199,7 @@ def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess
     """A `painter` run in the background; returns it and a function that waits for it (a `Result`).
 
     Its output goes to files, which a run that is signalled part-way cannot block on."""
+    wait_for_idle_ray()
     name = uuid.uuid4().hex[:8]
     out, err = open(log_dir / f"{name}.out", "w+"), open(log_dir / f"{name}.err", "w+")
     start = time.time()
