@@ -74,7 +74,8 @@ def chance_levels() -> dict[str, float]:
     """Accuracy of the best guess made without looking, under `sample_scenes`' distribution
     (colour, shape, size, position uniform; background uniform among those of another colour)."""
     blind = len(synthetic.COLOURS) * len(synthetic.SHAPES) * len(synthetic.SIZES) * len(synthetic.POSITIONS)
-    prob = {s: Fraction(1, blind * (len(synthetic.BACKGROUNDS) - (s.colour in synthetic.BACKGROUNDS))) for s in synthetic.all_scenes()}
+    backgrounds = synthetic.BACKGROUNDS
+    prob = {s: Fraction(1, blind * (len(backgrounds) - (s.colour in backgrounds))) for s in synthetic.all_scenes()}
     keys = {a: (lambda s, a=a: getattr(s, a)) for a in synthetic.ATTRIBUTES}
     keys.update({"colour_shape": lambda s: (s.colour, s.shape), "all": lambda s: s})
     marginals = {name: collections.Counter() for name in keys}

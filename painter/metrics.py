@@ -39,8 +39,6 @@ with this contract:
 `weights_only=False` (arbitrary Python can run while loading), and a TorchScript file is a program.
 Treat `--feature-extractor` exactly like a script you are about to execute: only files you built or
 vetted, from storage only trusted people can write to.
-
-
 """
 from __future__ import annotations
 

@@ -156,6 +156,7 @@ def read_generated(options, storage: Storage, rejected: Rejected) -> tuple[list[
 
 
 def read_captions(options, storage: Storage | dict) -> list[str]:
+    """The --captions evaluation captions, drawn from --held-out's captions (each checked) when given."""
     held_out = None
     if options.held_out:
         try:

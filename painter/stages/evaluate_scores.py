@@ -1,6 +1,7 @@
 """What `painter evaluate` computes from the images it has: the synthetic judge's verdicts, the samples'
 diversity, FID/IS features of both sides, VQGAN reconstruction of `--corpus`, and the contact sheet of
-verdicts. The metrics themselves are `painter.metrics`, `painter.judge` and `painter.reconstruction` (no I/O); this wires them to the rows read.
+verdicts. The metrics themselves are `painter.metrics`, `painter.judge` and `painter.reconstruction` (no
+I/O); this wires them to the rows read.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from painter.stages.evaluate_inputs import Candidate, Rejected, table_rows
 SHEET_COLUMNS = 8
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A progress line of the evaluate job (its logger)."""
     logs.get("evaluate").info(message)
 
 
@@ -71,12 +73,12 @@ def judge_candidates(candidates: list[Candidate], features: FeaturePass | None, 
         except ValueError:
             not_captions += 1
         if number % 100 == 0:
-            _say(f"judged {number}/{len(candidates)} images")
+            say(f"judged {number}/{len(candidates)} images")
     return judged, not_captions
 
 
 def sample_diversity(candidates: list[Candidate]) -> dict:
-    """`painter.evaluate.diversity` of the samples of each caption (generated here: every image decodes)."""
+    """`painter.metrics.diversity` of the samples of each caption (generated here: every image decodes)."""
     groups: dict[str, list] = {}
     for c in candidates:
         groups.setdefault(c.idx, []).append(load_image(c.image))
