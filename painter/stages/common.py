@@ -40,11 +40,13 @@ def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives):
 
 def read_input(paths: list[str], schema_spec: str, storage_options: Storage | dict | None = None, *,
                chunk_rows: int = tables.DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None,
-               num_cpus: float = 0.5, block_bytes: int | None = None) -> ray.data.Dataset:
+               num_cpus: float = 0.5, block_bytes: int | None = None,
+               readers: int | None = None) -> ray.data.Dataset:
     """A Dataset of every row of every input file: schema columns + `_source`, `_row`, `_reason`.
 
     `block_bytes` caps the blocks of this Dataset and those made from it (Ray's default is 128 MiB):
-    smaller blocks let the next stages start on a file before it has been read to the end.
+    smaller blocks let the next stages start on a file before it has been read to the end. `readers`
+    caps the read tasks running at once (default: as many as the cluster's CPUs allow).
     """
     schema = tables.parse_schema(schema_spec)
     files = tables.expand_paths(paths, storage_options)
@@ -52,7 +54,7 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
     if block_bytes is not None:
         listing.context.target_max_block_size = block_bytes
     return listing.map_batches(
-        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus, concurrency=readers,
         fn_kwargs={"schema": schema, "storage_options": storage_options, "chunk_rows": chunk_rows,
                    "alternatives": alternatives},
     )
