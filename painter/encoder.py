@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 from painter.checkpoint import LoadedModel, load_model
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.shards import ShardInfo
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io import rows
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.runtime import pick_device
 from painter.vq_encode import default_max_batch, encode_codes, prepare_vqgan
 
@@ -46,18 +47,11 @@ def _text_reason(name: str, value) -> str | None:
 
 def image_cells(table: pa.Table) -> tuple[list, list[bool]]:
     """(each row's image cell, whether it is base64): the row's `imgbase64` where it has one, else its
-    Parquet binary `image`. Chosen per row: a batch can join rows of files of both kinds (Ray concatenates
-    their blocks, each column null where its file had none), and one column chosen for the whole batch
-    read every `image` row of such a batch as a missing `imgbase64` (CI saw 14 good rows rejected)."""
-    names, n = table.column_names, table.num_rows
-    if BASE64_COLUMN not in names and BINARY_COLUMN not in names:
+    Parquet binary `image` (`painter.io.rows.image_cells`, chosen per row)."""
+    found = rows.image_cells(table, (BASE64_COLUMN,), (BINARY_COLUMN,))
+    if found is None:
         raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
-    text = table[BASE64_COLUMN].to_pylist() if BASE64_COLUMN in names else [None] * n
-    if BINARY_COLUMN not in names:
-        return text, [True] * n
-    binary = table[BINARY_COLUMN].to_pylist()
-    is_base64 = [t is not None or b is None for t, b in zip(text, binary)]
-    return [t if b64 else b for t, b, b64 in zip(text, binary, is_base64)], is_base64
+    return found
 
 
 def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "pil") -> pa.Table:

@@ -14,7 +14,7 @@ from PIL import Image
 from painter.checkpoint import load_model
 from painter.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
 from painter.io.images import fit_square, load_image, prepare_pixels, preprocess, to_model_input
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.vq_encode import default_max_batch, model_input, scale_channels_last
 
 

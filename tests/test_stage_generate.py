@@ -157,7 +157,7 @@ def test_validation_and_expansion_without_ray():
     prompts = generate.validate_prompts(rows)
     assert prompts.accepted.column("idx").to_pylist() == ["1", "2"] and prompts.dropped_columns == ["seed"]
     assert [r["reason"] for r in prompts.rejected.to_pylist()] == [
-        "duplicate idx (first at f row 2)", "missing idx", "empty text"]
+        "duplicate idx (first at f:2)", "missing idx", "empty text"]
     todo, skipped = generate.expand_samples(prompts.accepted, 3, {("1", 0), ("2", 2)})
     assert list(zip(todo.column("idx").to_pylist(), todo.column("sample").to_pylist())) == [
         ("1", 1), ("1", 2), ("2", 0), ("2", 1)]

@@ -25,8 +25,8 @@ from painter.errors import InputError, PainterError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.storage import as_storage
-from painter.io.tables import REASON, ROW, SOURCE, url_to_fs
-from painter.io.token_writer import find_duplicates
+from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
+from painter.io.tables import url_to_fs
 from painter.stages import tokenize
 from painter.stages.common import arrow_filesystem, painter_error_from
 from painter.vq_encode import default_max_batch, encode_codes

@@ -17,7 +17,7 @@ from painter.encoder import PIXELS
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, shard_table
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.stages.train_vq import Options, prepare_images, run
 from painter.stages.train_worker import FAULT_ENV
 

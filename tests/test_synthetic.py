@@ -15,7 +15,8 @@ from PIL import Image, ImageFilter
 
 from painter import cli, registry, synthetic
 from painter.io.images import decode_base64, load_image, preprocess
-from painter.io.tables import REASON, iter_rows, parse_schema
+from painter.io.rows import REASON
+from painter.io.tables import iter_rows, parse_schema
 from painter.synthetic import (ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Reading, Scene,
                                all_scenes, caption, captions_for_eval, hold_out, judge, parse_caption,
                                render, sample_scenes, write_corpus)

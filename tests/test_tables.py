@@ -7,7 +7,9 @@ import pytest
 
 from painter.errors import InputError
 from painter.io import tables
-from painter.io.tables import REASON, REJECTED_SCHEMA, ROW, SOURCE, Column, parse_schema
+from painter.io import rows
+from painter.io.rows import REASON, REJECTED_SCHEMA, ROW, SOURCE
+from painter.io.tables import Column, parse_schema
 
 SCHEMA = parse_schema("idx:str:1,text:str:1,imgbase64:str:1")
 
@@ -142,7 +144,7 @@ def test_expand_paths_errors(tmp_path):
 
 def test_is_parquet_and_rejected_table():
     assert tables.is_parquet("s3://b/x.parquet") and not tables.is_parquet("x.tsv")
-    table = tables.rejected_table([None, 7], ["f.tsv", "f.tsv"], [1, 2], ["r1", "r2"], "tokenize")
+    table = rows.rejected_table([None, 7], ["f.tsv", "f.tsv"], [1, 2], ["r1", "r2"], "tokenize")
     assert table.schema == REJECTED_SCHEMA
     assert table.to_pydict() == {"idx": [None, "7"], "source": ["f.tsv", "f.tsv"], "row": [1, 2],
                                  "stage": ["tokenize", "tokenize"], "reason": ["r1", "r2"]}

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.io.shards import ShardInfo
-from painter.io.tables import REASON, ROW, SOURCE
-from painter.io.token_writer import (KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter, duplicate_rows,
-                                     find_duplicates)
+from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.rows import find_duplicates
+from painter.io.token_writer import KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter, duplicate_rows
 
 INFO = ShardInfo("vq", "vocab", 32, text_len=4, img_len=3, img_vocab_size=512)
 

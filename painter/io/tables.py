@@ -3,27 +3,21 @@
 Rows are read here, not by pyarrow's CSV reader, so that a malformed row becomes a rejected row with
 its file, row number and reason instead of failing the whole file. Every chunk read carries the
 columns of the schema plus `_source` (file), `_row` (1-based row number) and `_reason` (None for a
-good row). The rejected-rows table (`idx`, `source`, `row`, `stage`, `reason`) is defined here too.
-No Ray in this module.
+good row): the bookkeeping of `painter.io.rows`. No Ray in this module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage
 
-SOURCE, ROW, REASON = "_source", "_row", "_reason"
 DEFAULT_CHUNK_ROWS = 256
 TABLE_EXTENSIONS = (".tsv", ".txt", ".csv", ".parquet")
-REJECTED_SCHEMA = pa.schema([
-    pa.field("idx", pa.string()), pa.field("source", pa.string()), pa.field("row", pa.int64()),
-    pa.field("stage", pa.string()), pa.field("reason", pa.string()),
-])
 
 
 @dataclass(frozen=True)
@@ -164,11 +158,3 @@ def iter_rows(path: str, schema: list[Column], storage_options: Storage | dict |
     else:
         yield from iter_tsv(path, schema, storage_options, chunk_rows)
 
-
-def rejected_table(idx: list, source: list, row: list, reason: list, stage: str) -> pa.Table:
-    """The rejected-rows table for one batch (a reason is required for every row)."""
-    n = len(idx)
-    return pa.Table.from_pydict({
-        "idx": [None if i is None else str(i) for i in idx], "source": [str(s) for s in source],
-        "row": [int(r) for r in row], "stage": [stage] * n, "reason": [str(r) for r in reason],
-    }, schema=REJECTED_SCHEMA)

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from painter.io import tables
 from painter.io.shards import ShardInfo
 from painter.io.storage import as_storage
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io import rows
+from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
 
 if TYPE_CHECKING:
     from painter.io.storage import Storage
@@ -101,7 +101,7 @@ class TokenWriter:
         report = BatchReport(rows=batch.num_rows, truncated=int(pc.sum(good["is_truncated"]).as_py() or 0))
         if bad.num_rows:
             d = bad.select(["idx", SOURCE, ROW, REASON]).to_pydict()
-            self._write(tables.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
+            self._write(rows.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
             report = report.merge(BatchReport.of_rejections(d[REASON], d[SOURCE], d[ROW]))
         if good.num_rows:
             schema = self.info.schema()
@@ -149,30 +149,12 @@ class TokenWriter:
             else:
                 fs.rm(shard)
         d = duplicates.to_pydict()
-        self._write(tables.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
+        self._write(rows.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
 
     def remove_keys(self) -> None:
         fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER))
         if fs.exists(root):
             fs.rm(root, recursive=True)
-
-
-def find_duplicates(keys: pa.Table) -> dict[tuple[str, int], str]:
-    """{(source, row): reason} for good rows whose idx a good row earlier in (source, row) order has."""
-    good = keys.filter(pc.is_null(keys[REASON]))
-    if good.num_rows < 2:
-        return {}
-    ordered = good.sort_by([("idx", "ascending"), (SOURCE, "ascending"), (ROW, "ascending")])
-    idx = ordered["idx"].to_numpy(zero_copy_only=False)
-    repeat = np.zeros(len(idx), dtype=bool)
-    repeat[1:] = idx[1:] == idx[:-1]
-    first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(idx))))
-    dups = np.flatnonzero(repeat)
-    take = lambda column, at: ordered[column].take(pa.array(at, pa.int64())).to_pylist()  # noqa: E731
-    sources, rows = take(SOURCE, dups), take(ROW, dups)
-    first_sources, first_rows = take(SOURCE, first[dups]), take(ROW, first[dups])
-    return {(s, r): f"duplicate idx (first at {fs}:{fr})"
-            for s, r, fs, fr in zip(sources, rows, first_sources, first_rows)}
 
 
 def duplicate_rows(keys: pa.Table) -> pa.Table:
@@ -183,6 +165,6 @@ def duplicate_rows(keys: pa.Table) -> pa.Table:
         return keys.schema.empty_table()
     pairs = list(zip(keys[SOURCE].to_pylist(), keys[ROW].to_pylist()))
     at = [i for i, pair in enumerate(pairs) if pair in found]
-    rows = keys.take(pa.array(at, pa.int64()))
+    repeats = keys.take(pa.array(at, pa.int64()))
     reasons = pa.array([found[pairs[i]] for i in at], pa.string())
-    return rows.set_column(rows.schema.get_field_index(REASON), REASON, reasons)
+    return repeats.set_column(repeats.schema.get_field_index(REASON), REASON, reasons)

@@ -24,7 +24,8 @@ import ray
 from painter import errors, logs
 from painter.io import tables
 from painter.io.storage import Storage, as_storage, is_remote
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io import rows
+from painter.io.rows import REASON, ROW, SOURCE
 
 
 def arrow_filesystem(path: str, storage_options: Storage | dict | None = None):
@@ -63,7 +64,7 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
 def _to_rejected(batch: pa.Table, stage: str) -> pa.Table:
     d = batch.to_pydict()
     idx = d.get("idx", [None] * batch.num_rows)
-    return tables.rejected_table(idx, d[SOURCE], d[ROW], d[REASON], stage)
+    return rows.rejected_table(idx, d[SOURCE], d[ROW], d[REASON], stage)
 
 
 def rejected_only(ds: ray.data.Dataset, stage: str) -> ray.data.Dataset:

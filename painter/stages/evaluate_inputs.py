@@ -13,7 +13,7 @@ import pyarrow as pa
 from painter import synthetic
 from painter.errors import InputError
 from painter.io import output as out
-from painter.io import tables
+from painter.io import rows, tables
 from painter.io.easynlp_tsv import parse_images_cell
 from painter.io.images import IMAGE_FORMATS, ImageRejected, image_bytes
 from painter.io.output_table import OutputTable
@@ -46,19 +46,11 @@ class Rejected:
 
     def table(self) -> pa.Table:
         columns = list(zip(*self.rows)) if self.rows else [[], [], [], []]
-        return tables.rejected_table(*map(list, columns), STAGE)
+        return rows.rejected_table(*map(list, columns), STAGE)
 
     def examples(self) -> list[str]:
         return [f"{source} row {row}: {reason}" for _, source, row, reason in self.rows[:EXAMPLES]]
 
-
-
-def image_column(chunk: dict, is_text_file: bool) -> tuple[str | None, bool]:
-    """(column, is_base64) of the first image column a chunk has; every column of a TSV is text."""
-    for name in BASE64_COLUMNS + BINARY_COLUMNS:
-        if name in chunk:
-            return name, is_text_file or name in BASE64_COLUMNS
-    return None, False
 
 
 def table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: bool, limit: int,
@@ -72,31 +64,31 @@ def table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: 
         parquet = tables.is_parquet(path)
         wanted = [c for c in schema if c.name == "text" and need_text] if parquet else schema
         for chunk in tables.iter_rows(path, wanted, storage):
-            column, is_base64 = image_column(chunk, not parquet)
-            n = len(chunk[tables.ROW])
+            found = rows.image_cells(chunk, BASE64_COLUMNS, BINARY_COLUMNS, text_file=not parquet)
+            n = len(chunk[rows.ROW])
             idx = chunk.get("idx", [None] * n)
             texts = chunk.get("text", [None] * n)
             for i in range(n):
                 if limit and kept >= limit:
                     return
                 rejected.read += 1
-                reason = chunk[tables.REASON][i]
-                if reason is None and column is None:
+                reason = chunk[rows.REASON][i]
+                if reason is None and found is None:
                     reason = f"no image column (one of {', '.join(BASE64_COLUMNS + BINARY_COLUMNS)})"
                 if reason is None and need_text and not str(texts[i] or "").strip():
                     reason = "empty text"
                 images = []
                 if reason is None:
                     try:
-                        images = cell_images(chunk[column][i], is_base64)
+                        images = cell_images(found[0][i], found[1][i])
                     except ImageRejected as e:
                         reason = str(e)
                 if reason is not None:
-                    rejected.add(idx[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], reason)
+                    rejected.add(idx[i], chunk[rows.SOURCE][i], chunk[rows.ROW][i], reason)
                     continue
                 for data in images:
                     kept += 1
-                    yield idx[i], texts[i], chunk[tables.SOURCE][i], chunk[tables.ROW][i], data
+                    yield idx[i], texts[i], chunk[rows.SOURCE][i], chunk[rows.ROW][i], data
 
 
 def cell_images(cell, is_base64: bool) -> list[bytes]:
@@ -140,9 +132,9 @@ def read_generated(options, storage: Storage, rejected: Rejected) -> tuple[list[
             candidates.append(Candidate(str(idx if idx is not None else row), 0, str(text), data))
         return candidates, {"source": "files", "paths": options.generated}
     root, date = found
-    rows = OutputTable(root, storage).read(date, ["idx", "text", "sample", "image"]).sort_by(
+    night = OutputTable(root, storage).read(date, ["idx", "text", "sample", "image"]).sort_by(
         [("idx", "ascending"), ("sample", "ascending")])
-    for number, r in enumerate(rows.to_pylist(), start=1):  # read through deltalake: committed rows only
+    for number, r in enumerate(night.to_pylist(), start=1):  # read through deltalake: committed rows only
         if options.limit and len(candidates) >= options.limit:
             break
         rejected.read += 1

@@ -44,7 +44,7 @@ from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
-from painter.io.tables import REASON, ROW, SOURCE, rejected_table
+from painter.io.rows import REASON, ROW, SOURCE, empty_rows, find_duplicates, rejected_table
 from painter.io.storage import Storage
 from painter.options import option, to_dict
 from painter.stages.common import actor_resources, cluster_has_gpus, painter_error_from, read_input
@@ -138,9 +138,7 @@ def gather_prompts(options: Options, storage: Storage) -> pa.Table:
             raise
         raise cause from None
     if not tables:
-        return pa.table({"idx": pa.array([], pa.string()), "text": pa.array([], pa.string()),
-                         SOURCE: pa.array([], pa.string()), ROW: pa.array([], pa.int64()),
-                         REASON: pa.array([], pa.string())})
+        return empty_rows("idx", "text")
     try:
         return pa.concat_tables([_as_strings(t, ("idx", "text")) for t in tables], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -158,11 +156,11 @@ def _as_strings(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
 
 
 def validate_prompts(rows: pa.Table) -> Prompts:
-    """Split rows into accepted prompts and rejected rows (with reasons); idx and text become strings."""
+    """Split rows into accepted prompts and rejected rows (with reasons); idx and text become strings.
+    Among otherwise good rows, a repeated idx keeps its first row by (file, row) (`painter.io.rows.find_duplicates`)."""
     idx, text = rows.column("idx").to_pylist(), rows.column("text").to_pylist()
     prompts = rows.column(PROMPT_COLUMN).to_pylist() if PROMPT_COLUMN in rows.column_names else None
     sources, numbers, reasons = (rows.column(c).to_pylist() for c in (SOURCE, ROW, REASON))
-    first: dict[str, str] = {}
     for i, reason in enumerate(reasons):
         if reason is not None:
             continue
@@ -170,12 +168,13 @@ def validate_prompts(rows: pa.Table) -> Prompts:
             reasons[i] = "missing idx"
         elif text[i] is None or not str(text[i]).strip():
             reasons[i] = "empty text"
-        elif str(idx[i]) in first:
-            reasons[i] = f"duplicate idx (first at {first[str(idx[i])]})"
         elif prompts is not None and (reason := prompt_image_problem(prompts[i])):
             reasons[i] = reason
-        else:
-            first[str(idx[i])] = f"{sources[i]} row {numbers[i]}"
+    keys = pa.table({"idx": pa.array([None if i is None else str(i) for i in idx], pa.string()),
+                     SOURCE: pa.array(sources, pa.string()), ROW: pa.array(numbers, pa.int64()),
+                     REASON: pa.array(reasons, pa.string())})
+    duplicates = find_duplicates(keys)
+    reasons = [reason or duplicates.get((source, number)) for reason, source, number in zip(reasons, sources, numbers)]
     good = [r is None for r in reasons]
     bad = [i for i, ok in enumerate(good) if not ok]
     rejected = rejected_table([idx[i] for i in bad], [sources[i] for i in bad], [numbers[i] for i in bad],

@@ -31,7 +31,7 @@ from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
 from painter.options import option

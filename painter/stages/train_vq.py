@@ -45,7 +45,7 @@ from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
-from painter.io.tables import REASON, ROW, SOURCE
+from painter.io.rows import REASON, ROW, SOURCE, empty_rows
 from painter.io.storage import Storage
 from painter.options import option, to_dict
 from painter.stages.common import join, painter_error_from, read_input, remote_progress, write_rejected
@@ -159,9 +159,7 @@ def check_corpus(o: Options, storage: Storage, size: int, errors: str) -> pa.Tab
     """Decode every row once; write the rejected rows to `errors` (replacing what is there); the keys table."""
     checked = image_dataset(o, storage, size, "check").materialize()
     parts = [t for t in ray.get(checked.to_arrow_refs()) if t.num_rows]
-    keys = pa.concat_tables(parts) if parts else pa.table(
-        {"idx": pa.array([], pa.string()), SOURCE: pa.array([], pa.string()), ROW: pa.array([], pa.int64()),
-         REASON: pa.array([], pa.string())})
+    keys = pa.concat_tables(parts) if parts else empty_rows("idx")
     storage.remove(errors, recursive=True)
     if pc.sum(pc.is_valid(keys[REASON])).as_py():
         write_rejected(checked, errors, STAGE, storage)

@@ -1,0 +1,41 @@
+"""painter.io.rows: the row bookkeeping every job shares (no Ray): image cells, duplicates, empty tables."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from painter.io import rows
+from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.token_writer import KEYS_SCHEMA, duplicate_rows
+from painter.stages import generate
+
+
+def test_image_cells_are_chosen_per_row_in_column_order():
+    table = pa.table({"imgbase64": ["aGk=", None, None], "image": [b"x", b"\x89PNG", None]})
+    cells, is_base64 = rows.image_cells(table, ("imgbase64",), ("image",))
+    assert cells == ["aGk=", b"\x89PNG", None] and is_base64 == [True, False, True]
+    chunk = {"gen_imgbase64": [None, "b64"], "png": [b"p", b"q"], SOURCE: ["f", "f"]}
+    cells, is_base64 = rows.image_cells(chunk, ("imgbase64", "gen_imgbase64"), ("png", "image"))
+    assert cells == [b"p", "b64"] and is_base64 == [False, True]
+    # every cell of a TSV is text, whatever its column is called
+    assert rows.image_cells(chunk, ("imgbase64",), ("png",), text_file=True)[1] == [True, True]
+    assert rows.image_cells({"text": ["a"]}, ("imgbase64",), ("image",)) is None
+
+
+def test_tokenize_and_generate_reject_a_repeated_idx_with_the_same_reason():
+    table = pa.table({"idx": ["a", "b", "a", "a"], "text": ["t"] * 4, SOURCE: ["f2", "f1", "f1", "f1"],
+                      ROW: [1, 9, 4, 2], REASON: [None, None, None, "not an image"]})
+    # the first good row by (file, row) is f1:4; the rejected f1:2 does not count
+    prompts = generate.validate_prompts(table)
+    by_row = {(r["source"], r["row"]): r["reason"] for r in prompts.rejected.to_pylist()}
+    assert by_row == {("f2", 1): "duplicate idx (first at f1:4)", ("f1", 2): "not an image"}
+    keys = table.select(["idx", SOURCE, ROW, REASON]).append_column("_shard", pa.array(["s"] * 4)) \
+        .append_column("_shard_row", pa.array(range(4), pa.int64())).append_column("is_truncated", pa.array([False] * 4))
+    dups = duplicate_rows(keys.cast(KEYS_SCHEMA))
+    assert list(zip(dups[SOURCE].to_pylist(), dups[REASON].to_pylist())) == [("f2", by_row[("f2", 1)])]
+    assert by_row[("f2", 1)] == rows.duplicate_reason("f1", 4)
+
+
+def test_empty_rows_carry_the_bookkeeping_columns():
+    empty = rows.empty_rows("idx", "text")
+    assert empty.num_rows == 0 and empty.column_names == ["idx", "text", SOURCE, ROW, REASON]
+    assert empty.schema.field(ROW).type == pa.int64()
