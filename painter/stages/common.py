@@ -55,7 +55,8 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
     if block_bytes is not None:
         listing.context.target_max_block_size = block_bytes
     return listing.map_batches(
-        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus, concurrency=readers,
+        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=readers) if readers else None,
         fn_kwargs={"schema": schema, "storage_options": storage_options, "chunk_rows": chunk_rows,
                    "alternatives": alternatives},
     )
