@@ -1,7 +1,7 @@
 """Train step time: token shards kept in worker memory vs streamed through Ray Data's iterator.
 
-One real Ray Train worker (the train job's `WorkerRun`: the demo's GPT, batch, lr, every core as torch
-threads) holds both data paths of `painter.stages.train_worker._batches` open on the same token shards
+One real Ray Train worker (the train job's `GPTRun`: the demo's GPT, batch, lr, every core as torch
+threads) holds both data paths of `painter.stages.train_worker.GPTRun.host_batches` open on the same token shards
 and alternates them step by step, so both see the same machine load: each timed step is `next(batches)`
 plus `train_step`. The streamed side's prefetch threads keep running while the memory side computes,
 so its cost is partly charged to the memory side: the ratio errs on the low side. Prints one JSON
@@ -32,15 +32,15 @@ def alternate(cfg: dict) -> None:
     """The worker: both data paths open on one shard, one timed step of each in turn."""
     import ray.train
 
-    from painter.stages.train_worker import WorkerRun
+    from painter.stages.train_worker import GPTRun
     from painter.training import train_step
 
-    run, steps = WorkerRun(cfg), cfg["bench_steps"]
+    run, steps = GPTRun(cfg), cfg["bench_steps"]
     shard = ray.train.get_dataset_shard("train")
     paths, times, waits = {}, {"stream": [], "memory": []}, {"stream": [], "memory": []}
     for side in ("stream", "memory"):  # the first batch of each is untimed (pipeline start, loading the split)
         run.cfg["in_memory"] = side == "memory"
-        paths[side] = run._batches(shard, 0, skip=0)
+        paths[side] = run.host_batches(shard, 0, skip=0)
         next(paths[side])
     for step in range(steps):
         for side, batches in paths.items():

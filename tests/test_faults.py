@@ -53,7 +53,7 @@ SKIPS = {
     **{("evaluate", f): "runs in one process and writes its results at the end: nothing part-way to keep; "
        "a rerun does it all" for f in ("sigkill", "sigterm")},
     **{(job, "nan-loss"): "no training loss" for job in ("tokenize", "generate", "evaluate")},
-    ("train-vq", "nan-loss"): "the same check as train's (WorkerRun._diverged); " + BUDGET,
+    ("train-vq", "nan-loss"): "the same check as train's (painter.stages.train_runner.TrainerRun._diverged); " + BUDGET,
     ("train-vq", "input-truncated-row"): "a row cut short is rejected by the same reader as tokenize's; " + BUDGET,
 }
 TRAIN_RERUN = "a Ray Train run (~40 s) is over this file's budget; tests/test_stage_train*.py run the job end to end"

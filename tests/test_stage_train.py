@@ -15,7 +15,8 @@ import torch
 from painter.checkpoint import ModelConfig, load_model, new_model
 from painter.errors import InputError, PainterError
 from painter.io.shards import ShardInfo, shard_table
-from painter.stages.train import FAULT_ENV, Options, list_shards, resolve_start, run
+from painter.stages.train import Options, list_shards, resolve_start, run
+from painter.stages.train_runner import FAULT_ENV
 
 SHARDS, ROWS = 12, 32  # 384 rows: one epoch on 2 workers x batch 8 is 24 optimizer steps
 CLASSES = 16

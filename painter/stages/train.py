@@ -2,9 +2,9 @@
 
 The driver (`run`) lists the shards, refuses any whose metadata does not fit the model (another
 VQGAN, vocab or lengths), sizes the run (steps per epoch from the row count), and starts a
-`TorchTrainer`; every worker runs `painter.stages.train_worker.train_loop` (painter.training's
-`train_step` over its split of the shards). Only token ids flow: the VQGAN is never loaded, its
-weights file is only copied along into every checkpoint.
+`TorchTrainer` through the one runner (`painter.stages.train_runner`); every worker runs
+`painter.stages.train_worker.train_loop` (painter.training's `train_step` over its split of the shards).
+Only token ids flow: the VQGAN is never loaded, its weights file is only copied along into every checkpoint.
 
 Where the model starts: `--init DIR` (a model directory; one without gpt.safetensors, as
 `import-vqgan` writes, starts the GPT from a seeded random init of its config), or `--preset NAME
@@ -25,8 +25,6 @@ restarted worker from raising again).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import posixpath
 from dataclasses import dataclass
 
@@ -35,42 +33,20 @@ import pyarrow.parquet as pq
 
 from painter import logs, plots
 from painter.checkpoint import PRESETS, ModelConfig, check_model_files, load_model, preset_config
-from painter.errors import InputError, PainterError, StorageError, TrainingDiverged
+from painter.errors import InputError, PainterError, StorageError
 from painter.io import tables
 from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
-from painter.io.storage import Storage, as_storage, is_remote
+from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
-from painter.stages.common import cluster_has_gpus, remote_progress
-from painter.stages.train_worker import DIVERGED_FILE, FAULT_ENV, train_loop
+from painter.stages.common import remote_progress
+from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps,
+                                         run_location, scaling_config)
+from painter.stages.train_worker import train_loop
 from painter.training import TrainConfig
 
 log = logs.get("train")
-MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safetensors", "vqgan.safetensors")
-
-
-@dataclass(kw_only=True)
-class RunOptions:
-    """Options of a Ray Train run that every training job shares: where runs live, resuming, resources,
-    length, schedule end, checkpoints, logging and fault tolerance (`run_location`, `fit`, `scaling_config`
-    and `plan_steps` read them)."""
-    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
-    resume: bool = option(False, "continue the run --name from its last checkpoint")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
-                                         choices=(0, 1))
-    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
-    threads_per_worker: int | None = option(None, "torch threads in each worker (default: Ray's, one per whole CPU "
-                                            "the worker asks for); one worker with every core's thread beats "
-                                            "DDP over single-thread workers for small models on one machine")
-    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
-    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
-    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "optimizer steps between logged metrics")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
-    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
-                                               "models, run directory, output), on the driver and every worker")
 
 
 @dataclass(kw_only=True)
@@ -203,37 +179,6 @@ def preflight(o: Options) -> None:
     run_location(o, storage)
 
 
-def plan_steps(rows: int, o: Options) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps): each worker gets rows // workers rows, full batches only.
-
-    Every rank takes the same number of steps (DDP all-reduces in each); the lr schedule ends at the total.
-    """
-    per_step = o.batch_size * o.grad_accum
-    steps_per_epoch = rows // o.workers // per_step
-    if steps_per_epoch == 0:
-        raise InputError(f"{rows} training rows are too few for {o.workers} workers x batch {o.batch_size} "
-                         f"x grad_accum {o.grad_accum} (one optimizer step needs {per_step * o.workers} rows)")
-    return steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch
-
-
-def scaling_config(o: Options):
-    """Workers with fractional CPUs (one CPU stays free for reading shards); GPUs only if the cluster has them."""
-    import ray
-    from ray.train import ScalingConfig
-
-    resources = ray.cluster_resources()
-    gpus = o.gpus_per_worker if o.gpus_per_worker is not None else int(cluster_has_gpus())
-    if gpus and not cluster_has_gpus():
-        raise PainterError("--gpus-per-worker 1, but the Ray cluster has no GPUs (use --gpus-per-worker 0)")
-    if o.threads_per_worker is not None and o.threads_per_worker < 1:
-        raise InputError(f"--threads-per-worker must be >= 1, got {o.threads_per_worker}")
-    cpus = o.cpus_per_worker
-    if cpus is None:
-        cpus = round(min(1.0, max(resources.get("CPU", 1) - 1, 0.5) / o.workers), 2)
-    per_worker = {"CPU": cpus} | ({"GPU": 1} if gpus else {})
-    return ScalingConfig(num_workers=o.workers, use_gpu=bool(gpus), resources_per_worker=per_worker)
-
-
 def run(o: Options) -> dict:
     storage = Storage.from_option(o.storage_options)
     start = resolve_start(o, storage)
@@ -265,68 +210,6 @@ def run(o: Options) -> dict:
     return summary
 
 
-def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
-    """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
-
-    An existing run is refused unless `o.resume`, and `o.resume` needs one (a reused name would
-    otherwise silently resume, or do nothing).
-    """
-    runs = o.run_dir or posixpath.join(o.output, "_runs")
-    run_path = posixpath.join(runs, o.name)
-    exists = as_storage(storage).exists(run_path)
-    if exists and not o.resume:
-        raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
-                         "or --name to start another")
-    if o.resume and not exists:
-        raise InputError(f"{run_path}: no run {o.name!r} to resume")
-    return runs, run_path
-
-
-def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None):
-    """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage`
-    (`o.max_failures` restarts from the last checkpoint, the last two checkpoints kept, the test fault
-    switch passed on); the Result.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    if o.threads_per_worker is not None:
-        env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
-    storage_path, filesystem = as_storage(storage).train_location(runs)
-    trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
-        run_config=RunConfig(name=o.name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=o.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": env}))
-    handle = as_storage(storage)
-    marker = posixpath.join(runs, o.name, DIVERGED_FILE)  # a resumed run starts without its old verdict
-    if handle.exists(marker):
-        handle.remove(marker)
-    result = trainer.fit()
-    if handle.exists(marker):
-        diverged = json.loads(handle.read_text(marker))
-        kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
-        raise TrainingDiverged(f"{posixpath.join(runs, o.name)}: the training loss is {diverged['loss']} after step "
-                               f"{diverged['step']}; stopped there without saving it. Last good checkpoint: {kept}; "
-                               "continue from it with --resume (with a lower --lr)")
-    if result.checkpoint is None:
-        raise PainterError(f"{posixpath.join(runs, o.name)}: the run ended without a checkpoint")
-    return result
-
-
-def checkpoint_url(checkpoint, run_path: str) -> str:
-    """Where a checkpoint of the run at `run_path` is: Ray's local path, or the URL that Ray names without
-    its protocol when the run lives in a bucket."""
-    if not is_remote(run_path):
-        return checkpoint.path
-    return posixpath.join(run_path, posixpath.basename(checkpoint.path.rstrip("/")))
-
-
 def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int,
                   storage: Storage | None = None) -> dict:
     """Everything a worker needs, as plain values (it travels to every worker, the Storage handle too)."""
@@ -346,16 +229,3 @@ def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:
     rows = steps_per_epoch * o.batch_size * o.grad_accum + o.batch_size  # a worker's split, give or take a batch
     per_row = 4 * (start.config.gpt.text_len + start.config.gpt.img_len)
     return rows * per_row <= o.in_memory_mb * 2**20
-
-
-def export_model(checkpoint, output: str, manifest: dict, storage: Storage | None = None) -> None:
-    """Copy the final checkpoint's model files to `output` (config.json, which names the weights, last),
-    with `train.json` beside them."""
-    storage = as_storage(storage)
-    storage.makedirs(output)
-    with checkpoint.as_directory() as local:
-        for name in sorted(MODEL_FILES, key=lambda n: n == "config.json"):
-            if os.path.exists(os.path.join(local, name)):
-                storage.copy(os.path.join(local, name), posixpath.join(output, name))
-    storage.write_text(posixpath.join(output, "train.json"),
-                       json.dumps(manifest, indent=2, ensure_ascii=False, default=str))

@@ -24,9 +24,9 @@ The learning rate defaults to what suits the start: 2e-3 with `--from-scratch` (
 the `tiny` VQGAN with it: Adam, batch 32, restarts every 100 steps), 1e-4 when starting from the
 model's weights, where 2e-3 would wreck a pretrained 256-px VQGAN in a few steps.
 
-Runs, checkpoints, `metrics.jsonl`, `--resume` and the recovery of a failed worker group are the GPT
-train job's (`painter.stages.train`): the same run layout under `--run-dir` (default
-`<output>/_runs`), the same rules for names, and the same test-only fault switch
+Runs, checkpoints, `metrics.jsonl`, `--resume` and the recovery of a failed worker group are those of
+the one runner both training jobs share (`painter.stages.train_runner`): the same run layout under
+`--run-dir` (default `<output>/_runs`), the same rules for names, and the same test-only fault switch
 (`PAINTER_TEST_FAIL_AT_STEP`).
 """
 from __future__ import annotations
@@ -50,8 +50,8 @@ from painter.io.storage import Storage
 from painter.options import option, to_dict
 from painter.stages.common import join, painter_error_from, read_input, remote_progress, write_rejected
 from painter.stages.tokenize import DEFAULT_SCHEMA
-from painter.stages.train import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
-                                  scaling_config)
+from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
+                                         scaling_config)
 from painter.stages.train_vq_worker import train_loop
 from painter.vq_training import VQTrainConfig
 
@@ -86,7 +86,7 @@ class Options(RunOptions):
                                          "fraction of the rows is rejected")
 
     @property
-    def grad_accum(self) -> int:  # `painter.stages.train.plan_steps` sizes runs by it; no accumulation here
+    def grad_accum(self) -> int:  # `painter.stages.train_runner.plan_steps` sizes runs by it; no accumulation here
         return 1
 
     @property

@@ -1,10 +1,8 @@
 """The train-vq job's worker side: what every Ray Train worker runs (`train_loop`), DDP over decoded images.
 
-`VQWorkerRun` is the GPT job's `painter.stages.train_worker.WorkerRun` with the VQGAN in place of the
-GPT: it keeps that class's reporting (rank 0 prints the metrics and appends them to
-`<run>/metrics.jsonl`; every rank calls `ray.train.report`, rank 0 with the checkpoint), its
-checkpoint layout (a full model directory plus `train_state.pt`) and its test-only fault switch, and
-replaces what is model-specific: restoring the VQGAN (and discriminator) and Adam, the pixel batches
+`VQRun` is the VQGAN's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
+loop, the reporting and checkpoint cadence, the checkpoint layout (a full model directory plus
+`train_state.pt`), the divergence stop and the fault switch): restoring the VQGAN (and discriminator) and Adam, the pixel batches
 (uint8 (B, H, W, 3) rows from Ray Data, turned into [-1, 1] floats on the worker's device), the
 step (`painter.vq_training.train_step`: reconstruction + codebook loss, dead-code restarts, optional
 GAN), the metrics (loss, L1, codebook usage and perplexity over the logging window, lr) and the
@@ -21,19 +19,17 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from painter.checkpoint import ModelConfig, load_model, save_model
+from painter.checkpoint import load_model, save_model
 from painter.encoder import PIXELS
-from painter.io.storage import Storage, as_storage
 from painter.models.vqgan import VQGAN
 from painter.reconstruction import ReconstructionMeter
-from painter.stages.train_worker import STATE_FILE, WorkerRun, copy_source_files
-from painter.vq_training import (CodeCounter, PatchDiscriminator, VQTrainConfig, make_optimizers, train_step,
-                                 usage_from_counts)
+from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
+from painter.vq_training import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
 
 
 def train_loop(cfg: dict) -> None:
     """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
-    VQWorkerRun(cfg).run()
+    VQRun(cfg).run()
 
 
 def _pixel_collate(size: int):
@@ -56,35 +52,28 @@ def to_images(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (x / 127.5 - 1.0).contiguous()
 
 
-class VQWorkerRun(WorkerRun):
-    """One worker's session: VQGAN, discriminator and optimizers (restored from the last checkpoint if any)."""
+class VQRun(TrainerRun):
+    """One worker's session of train-vq: VQGAN, discriminator and optimizers (restored from the last checkpoint if any)."""
+    label = "train-vq"
 
-    def __init__(self, cfg: dict):  # replaces WorkerRun.__init__ (which builds a GPT)
-        import ray.train
+    def setup(self, checkpoint) -> dict:
         import ray.train.torch
 
-        ctx = ray.train.get_context()
-        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.config = ModelConfig.from_dict(cfg["model"])
-        self.tc: VQTrainConfig = cfg["train"]
         self.size = self.config.vqgan.resolution
-        self.storage: Storage = as_storage(cfg.get("storage"))
-        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
-        self.vqgan, self.disc, self.state = self._restore(ray.train.get_checkpoint())
+        self.vqgan, self.disc, state = self._restore(checkpoint)
         self.model = ray.train.torch.prepare_model(self.vqgan)  # DDP (gloo on CPU) when world > 1
         self.discriminator = None
         if self.disc is not None:
             self.discriminator = ray.train.torch.prepare_model(self.disc)
         self.optimizer, self.disc_optimizer = make_optimizers(self.vqgan, self.tc, self.disc)
         self.counter = CodeCounter(self.config.vqgan.n_embed, self.device)
-        saved = self.state.pop("saved", None)
+        saved = state.pop("saved", None)
         if saved:
             self.optimizer.load_state_dict(saved["optimizer"])
             if self.disc_optimizer is not None and saved.get("disc_optimizer"):
                 self.disc_optimizer.load_state_dict(saved["disc_optimizer"])
             self.counter.load_state_dict(saved["counter"])
-        self.window_rows, self.window_start = 0, time.perf_counter()
+        return state
 
     def _restore(self, checkpoint) -> tuple[VQGAN, PatchDiscriminator | None, dict]:
         c = self.cfg
@@ -110,34 +99,19 @@ class VQWorkerRun(WorkerRun):
         return vqgan.train(), disc, {"step": 0, "first_loss": None, "images": 0, "seconds": 0.0,
                                      "codes_restarted": 0, "start_eval": None, "metrics": {}}
 
-    def run(self) -> None:
-        import ray.train
-
-        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
-        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
-            ray.train.report(self.state["metrics"])
-            return
+    def before_training(self) -> None:
         if self.cfg["has_eval"] and self.state["start_eval"] is None:
             self.state["start_eval"] = self._evaluate()  # the starting weights, before any step
-        shard = ray.train.get_dataset_shard("train")
-        while self.state["step"] < total and not self.stopped:
-            epoch, done = divmod(self.state["step"], spe)
-            batches = self._batches(shard, epoch, skip=done)
-            for done in range(done + 1, spe + 1):
-                images = self._take(batches, epoch)
-                result = train_step(self.model, self.optimizer, images, self.tc, self.state["step"], self.counter,
-                                    discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
-                                    seed=self.cfg["seed"])
-                self.state["step"] += 1
-                self._tick()
-                self.state["codes_restarted"] += result.restarted
-                self.window_rows += result.rows
-                self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total or self.stopped:
-                    break
 
-    def _batches(self, shard, epoch: int, skip: int):
-        """This worker's image batches of `epoch` (seeded local shuffle), the first `skip` left out."""
+    def step(self, batches, epoch: int):
+        result = train_step(self.model, self.optimizer, self.take(batches, epoch), self.tc, self.state["step"],
+                            self.counter, discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
+                            seed=self.cfg["seed"])
+        self.state["codes_restarted"] += result.restarted
+        return result
+
+    def batches(self, shard, epoch: int, skip: int):
+        """This worker's image batches of `epoch` (seeded local shuffle), those of the first `skip` steps left out."""
         c, buffer = self.cfg, self.cfg["shuffle_buffer"]
         batches = shard.iter_torch_batches(
             batch_size=c["batch_size"], drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
@@ -147,22 +121,13 @@ class VQWorkerRun(WorkerRun):
             if i >= skip:
                 yield to_images(pixels, self.device)
 
-    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
-        """Log and checkpoint when due (every rank takes the same branches), then the fault switch."""
-        c, step = self.cfg, self.state["step"]
-        final = step == c["total_steps"]
-        log = step == 1 or step % c["log_every"] == 0 or final
-        checkpoint = step % c["checkpoint_every"] == 0 or final
-        if log or checkpoint:
-            metrics = self._metrics(result, epoch)
-            if self._diverged(metrics):
-                return
-            if final and c["has_eval"]:
-                metrics |= {"eval": self._evaluate()}
-            self._report(metrics, checkpoint)
-        self._maybe_fail(step)
+    def validates(self, epoch_end: bool, final: bool) -> bool:
+        return final and self.cfg["has_eval"]
 
-    def _metrics(self, result, epoch: int) -> dict:
+    def validate(self) -> dict:
+        return {"eval": self._evaluate()}
+
+    def metrics(self, result, epoch: int) -> dict:
         """The step's losses averaged over ranks, codebook use over the window, throughput since the last report."""
         zero = torch.zeros((), device=self.device)
         values = torch.stack([result.loss, result.l1, result.l2, result.codebook, result.grad_norm,
@@ -214,7 +179,7 @@ class VQWorkerRun(WorkerRun):
                 "codebook_usage": usage["codebook_usage"], "perplexity": usage["perplexity"],
                 "codes_used": usage["codes_used"]}
 
-    def _save(self, directory: str) -> None:
+    def save(self, directory: str) -> None:
         """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
         copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)

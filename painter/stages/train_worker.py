@@ -1,21 +1,19 @@
 """The train job's worker side: what every Ray Train worker runs (`train_loop`), DDP over token shards.
 
-Owns `WorkerRun`: build or restore the GPT and AdamW (from `ray.train.get_checkpoint()`: a model
-directory plus `train_state.pt`), iterate this worker's split of the shards with a seeded per-epoch
-local shuffle, copy the micro-batches ahead to the device (`painter.training.prefetch_to_device`), call
-`painter.training.train_step` (on the model compiled with `torch.compile` where `use_compile` says so), and
-when due log metrics (tokens/s, and on a known GPU the model FLOPs utilisation; rank 0 prints them and
-appends them to `<run>/metrics.jsonl`), measure the validation loss, and report a checkpoint (rank 0
-passes it, every rank calls `ray.train.report`). Also the test-only fault switch (`FAULT_ENV`).
-The driver side, options and summary are in `painter.stages.train`.
+`GPTRun` is the GPT's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
+loop, the reporting and checkpoint cadence, the divergence stop and the fault switch): build or restore
+the GPT and AdamW (from a model directory plus `train_state.pt`), iterate this worker's split of the
+shards with a seeded per-epoch local shuffle (or a full shuffle of the split kept in memory), copy the
+micro-batches ahead to the device (`painter.training.prefetch_to_device`), call
+`painter.training.train_step` (on the model compiled with `torch.compile` where `use_compile` says so),
+the metrics (tokens/s, and on a known GPU the model FLOPs utilisation), the validation loss and, with
+`record_rows`, the idx of every row trained on. The driver side, options and summary are in
+`painter.stages.train`.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import posixpath
-import tempfile
 import time
 
 import numpy as np
@@ -23,30 +21,17 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from painter.checkpoint import ModelConfig, load_model, save_model
-from painter.io.storage import Storage, as_storage
+from painter.checkpoint import load_model, save_model
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.training import (GPTLoss, TrainConfig, compile_model, drop_captions, make_optimizer, mfu,
-                              peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile)
-
-FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
-DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
-DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
-STATE_FILE = "train_state.pt"
-
-
-def copy_source_files(source: str, directory: str, names: tuple[str, ...], storage: Storage) -> None:
-    """Copy those of `names` that `source` has into the local checkpoint `directory`, in order (the part
-    not being trained travels as bytes, never loaded; config.json goes first since it carries its fingerprint)."""
-    for name in names:
-        if storage.exists(posixpath.join(source, name)):
-            storage.copy(posixpath.join(source, name), os.path.join(directory, name))
+from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
+from painter.training import (GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops,
+                              prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
 
 def train_loop(cfg: dict) -> None:
     """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
-    WorkerRun(cfg).run()
+    GPTRun(cfg).run()
 
 
 def _shard_collate():
@@ -87,33 +72,26 @@ def memory_batches(data: tuple, batch_size: int, seed: int):
         yield text_ids[rows].long(), image_tokens[rows].long(), [idx[i] for i in rows.tolist()]
 
 
-class WorkerRun:
-    """One worker's session: model and optimizer (restored from the last checkpoint if any), the loop."""
+class GPTRun(TrainerRun):
+    """One worker's session of the train job: the GPT and AdamW, restored from the last checkpoint if any."""
+    label = "train"
 
-    def __init__(self, cfg: dict):
-        import ray.train
+    def setup(self, checkpoint) -> dict:
         import ray.train.torch
 
-        ctx = ray.train.get_context()
-        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.config = ModelConfig.from_dict(cfg["model"])
-        self.tc: TrainConfig = cfg["train"]
-        self.storage: Storage = as_storage(cfg.get("storage"))
-        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
-        self.gpt, self.state = self._restore(ray.train.get_checkpoint())
+        self.gpt, state = self._restore(checkpoint)
         model = ray.train.torch.prepare_model(GPTLoss(self.gpt))  # DDP (gloo on CPU) when world > 1
         self.compiled = use_compile(self.device, self.tc.compile)
         self.model = compile_model(model, self.compiled)
         self.flops_per_token, self.peak_tflops = train_flops_per_token(self.gpt), peak_bf16_tflops(self.device)
         self.optimizer = make_optimizer(self.gpt, self.tc)
-        if "optimizer" in self.state:
-            self.optimizer.load_state_dict(self.state.pop("optimizer"))
-        seed = cfg["seed"] * 1_000_003 + self.rank * 10_007 + self.state["step"]
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state.pop("optimizer"))
+        seed = self.cfg["seed"] * 1_000_003 + self.rank * 10_007 + state["step"]
         self.generator = torch.Generator(self.device).manual_seed(seed)  # pkeep corruption
         self.rows_seen: list[str] = []
         self.memory: tuple | None = None  # this worker's split of the training set, when the run keeps it in memory
-        self.window_rows, self.window_start = 0, time.perf_counter()
+        return state
 
     def _restore(self, checkpoint) -> tuple[GPT, dict]:
         if checkpoint is not None:
@@ -130,31 +108,11 @@ class WorkerRun:
         return gpt.train(), {"step": 0, "first_loss": None, "val_loss": None, "tokens": 0, "seconds": 0.0,
                              "metrics": {}}
 
-    def run(self) -> None:
-        import ray.train
+    def batches(self, shard, epoch: int, steps_done: int):
+        """Micro-batches (text_ids, image_tokens, idx) of `epoch` copied ahead to the device."""
+        return prefetch_to_device(self.host_batches(shard, epoch, skip=steps_done * self.tc.grad_accum), self.device)
 
-        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
-        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
-            ray.train.report(self.state["metrics"])
-            return
-        shard = ray.train.get_dataset_shard("train")
-        while self.state["step"] < total and not self.stopped:
-            epoch, done = divmod(self.state["step"], spe)
-            batches = prefetch_to_device(self._batches(shard, epoch, skip=done * self.tc.grad_accum), self.device)
-            for done in range(done + 1, spe + 1):
-                micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
-                self.last_micro = micro[-1]
-                result = train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
-                                    self.config.gpt.img_vocab_size, self.generator)
-                self.state["step"] += 1
-                self._tick()
-                self.window_rows += result.rows
-                self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total or self.stopped:
-                    break
-            self._flush_rows(epoch)
-
-    def _batches(self, shard, epoch: int, skip: int):
+    def host_batches(self, shard, epoch: int, skip: int):
         """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
         c, buffer = self.cfg, self.cfg["shuffle_buffer"]
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
@@ -170,18 +128,16 @@ class WorkerRun:
             if i >= skip:
                 yield batch
 
-    def _take(self, batches, epoch: int):
-        """The next item of `batches`; running out before the planned step count is an error."""
-        try:
-            return next(batches)
-        except StopIteration:
-            raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
-                               f"{self.state['step'] + 1}; the shards were split unevenly") from None
+    def step(self, batches, epoch: int):
+        micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
+        self.last_micro = micro[-1]
+        return train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
+                          self.config.gpt.img_vocab_size, self.generator)
 
     def _next(self, batches, epoch: int):
         """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
         (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
-        text_ids, image_tokens, idx = self._take(batches, epoch)
+        text_ids, image_tokens, idx = self.take(batches, epoch)
         if self.cfg["record_rows"]:
             self.rows_seen += idx
         return text_ids, image_tokens
@@ -193,25 +149,7 @@ class WorkerRun:
         return drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
                              self.cfg["seed"], self.state["step"], first_row), image_tokens
 
-    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
-        """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
-        c, step = self.cfg, self.state["step"]
-        final = step == c["total_steps"]
-        log = step == 1 or step % c["log_every"] == 0 or final
-        checkpoint = step % c["checkpoint_every"] == 0 or final
-        validate = c["has_val"] and (epoch_end or final)
-        if log or checkpoint or validate:
-            metrics = self._metrics(result, epoch)
-            if checkpoint:  # the weights about to be saved, not only those the step's loss was measured with
-                metrics["loss_after_step"] = self._loss_after_step()
-            if self._diverged(metrics):
-                return
-            if validate:
-                self.state["val_loss"] = metrics["val_loss"] = self._validate()
-            self._report(metrics, checkpoint)
-        self._maybe_fail(step)
-
-    def _metrics(self, result, epoch: int) -> dict:
+    def metrics(self, result, epoch: int) -> dict:
         """Metrics of the step just done, averaged over ranks, and throughput since the last report."""
         loss = result.loss.detach().clone()
         if self.world > 1:
@@ -232,7 +170,23 @@ class WorkerRun:
                 "first_loss": self.state["first_loss"], "val_loss": self.state["val_loss"],
                 "threads": torch.get_num_threads(), "compiled": self.compiled, **gpu}
 
-    def _validate(self) -> float:
+    def checkpoint_metrics(self) -> dict:
+        """The loss of the step's last micro-batch with the updated weights (averaged over ranks): a checkpoint
+        is only saved when it is finite, so the last one kept is one training can continue from."""
+        text_ids, image_tokens = self.last_micro
+        self.gpt.eval()
+        with torch.no_grad(), autocast(self.device):
+            loss = self.gpt.loss(text_ids, image_tokens).float()
+        self.gpt.train()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return {"loss_after_step": loss.item()}
+
+    def validates(self, epoch_end: bool, final: bool) -> bool:
+        return self.cfg["has_val"] and (epoch_end or final)
+
+    def validate(self) -> dict:
         """Mean image-token loss over the validation shards (every rank its split, then all-reduced)."""
         import ray.train
 
@@ -247,67 +201,10 @@ class WorkerRun:
         self.gpt.train()
         if self.world > 1:
             dist.all_reduce(sums)
-        return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        self.state["val_loss"] = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        return {"val_loss": self.state["val_loss"]}
 
-    @property
-    def stopped(self) -> bool:
-        return self.state.get(DIVERGED) is not None
-
-    def _diverged(self, metrics: dict) -> bool:
-        """When the (rank-averaged, so every rank agrees) loss is NaN or infinite: report the step without a
-        checkpoint, so the last good one stays the run's latest, write `DIVERGED_FILE`, and stop (True). At a
-        checkpoint step the loss with the updated weights counts too (`_loss_after_step`). Checked at every logging and
-        checkpoint step (a check per step would cost a device sync per step on a GPU)."""
-        import ray.train
-
-        if math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("loss_after_step", 0.0)):
-            return False
-        self.state[DIVERGED] = metrics["step"]
-        if self.rank == 0:  # for the driver (Ray Train's result keeps the metrics of the last checkpoint)
-            print(f"train: loss {metrics['loss']} at step {metrics['step']}: stopping", flush=True)
-            loss = metrics["loss"] if not math.isfinite(metrics["loss"]) else metrics["loss_after_step"]
-            self.storage.write_text(posixpath.join(self.cfg["run_path"], DIVERGED_FILE),
-                                    json.dumps({"step": metrics["step"], "loss": loss}))
-        ray.train.report(metrics | {DIVERGED: metrics["step"]}, checkpoint=None)
-        return True
-
-    def _loss_after_step(self) -> float:
-        """The loss of the step's last micro-batch with the updated weights (averaged over ranks): a checkpoint
-        is only saved when it is finite, so the last one kept is one training can continue from."""
-        text_ids, image_tokens = self.last_micro
-        self.gpt.eval()
-        with torch.no_grad(), autocast(self.device):
-            loss = self.gpt.loss(text_ids, image_tokens).float()
-        self.gpt.train()
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        return loss.item()
-
-    def _tick(self, note: str = "") -> None:
-        """Rank 0 tells the driver's progress display the step (fire and forget)."""
-        if self.rank == 0 and self.cfg.get("progress") is not None:
-            self.cfg["progress"].set.remote(self.state["step"], note)
-
-    def _report(self, metrics: dict, checkpoint: bool) -> None:
-        import ray.train
-
-        self.state["metrics"] = metrics
-        self._tick(f"loss {metrics['loss']:.3f}")
-        if self.rank == 0:
-            line = json.dumps(metrics)
-            print(f"train: {line}", flush=True)
-            with self.storage.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a") as f:
-                f.write(line + "\n")
-        if checkpoint and self.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
-                self._save(tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        self.window_rows, self.window_start = 0, time.perf_counter()
-
-    def _save(self, directory: str) -> None:
+    def save(self, directory: str) -> None:
         """A full model directory (the source's VQGAN copied, never loaded) plus train_state.pt."""
         copy_source_files(self.cfg["source"], directory, ("config.json", "vqgan.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, gpt=self.gpt)
@@ -318,18 +215,7 @@ class WorkerRun:
             "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
         torch.save(state, os.path.join(directory, STATE_FILE))
 
-    def _maybe_fail(self, step: int) -> None:
-        """The test-only fault switch: raise once, on the last rank, right after step N."""
-        fail_at = os.environ.get(FAULT_ENV)
-        if not fail_at or int(fail_at) != step or self.rank != self.world - 1:
-            return
-        marker = posixpath.join(self.cfg["run_path"], f"_fault_injected_at_step_{step}")
-        if self.storage.exists(marker):
-            return
-        self.storage.write_text(marker, "injected\n")
-        raise RuntimeError(f"{FAULT_ENV}={fail_at}: injected worker failure after step {step}")
-
-    def _flush_rows(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> None:
         if self.cfg["record_rows"] and self.rows_seen:
             path = posixpath.join(self.cfg["run_path"], "rows", f"epoch{epoch}-rank{self.rank}.txt")
             with self.storage.open(path, "a") as f:

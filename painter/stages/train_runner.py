@@ -1,0 +1,339 @@
+"""The one Ray Train runner of the training jobs (`train`: the GPT, `train-vq`: the VQGAN).
+
+Driver side: the options every run shares (`RunOptions`), sizing (`plan_steps`), resources
+(`scaling_config`), where the run lives (`run_location`), the `TorchTrainer` (`fit`: restarts from the
+last checkpoint, the last two kept, a diverged run refused with its step) and the export of the final
+checkpoint's model files (`export_model`).
+
+Worker side: `TrainerRun`, one worker's session. It owns the loop (epochs of `steps_per_epoch` steps to
+`total_steps`, resuming mid-epoch), the cadence (log at step 1, every `log_every` and the last;
+checkpoint every `checkpoint_every` and the last; rank 0 prints the metrics, appends them to
+`<run>/metrics.jsonl` and passes the checkpoint, every rank calls `ray.train.report`), the divergence
+stop (a NaN or infinite loss reported without a checkpoint, `DIVERGED_FILE` for the driver) and the
+test-only fault switch (`FAULT_ENV=N`: the last rank raises once right after step N, a marker file in
+the run keeping the restarted worker from raising again). A job's worker subclass supplies the
+hooks: `setup` (model, optimizer, state), `batches`, `step`, `metrics`, `save`, and optionally
+`before_training`, `checkpoint_metrics`, `validates`/`validate` and `end_epoch`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+
+from painter.checkpoint import ModelConfig, load_model
+from painter.errors import InputError, PainterError, TrainingDiverged
+from painter.io.storage import Storage, as_storage, is_remote
+from painter.options import option
+from painter.stages.common import cluster_has_gpus
+
+FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
+DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
+DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
+STATE_FILE = "train_state.pt"
+MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safetensors", "vqgan.safetensors")
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Options of a Ray Train run that every training job shares: where runs live, resuming, resources,
+    length, schedule end, checkpoints, logging and fault tolerance (`run_location`, `fit`, `scaling_config`
+    and `plan_steps` read them)."""
+    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
+    resume: bool = option(False, "continue the run --name from its last checkpoint")
+    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
+                                         choices=(0, 1))
+    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
+    threads_per_worker: int | None = option(None, "torch threads in each worker (default: Ray's, one per whole CPU "
+                                            "the worker asks for); one worker with every core's thread beats "
+                                            "DDP over single-thread workers for small models on one machine")
+    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
+    log_every: int = option(10, "optimizer steps between logged metrics")
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
+                                               "models, run directory, output), on the driver and every worker")
+
+
+def plan_steps(rows: int, o) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps): each worker gets rows // workers rows, full batches only.
+
+    Every rank takes the same number of steps (DDP all-reduces in each); the lr schedule ends at the total.
+    """
+    per_step = o.batch_size * o.grad_accum
+    steps_per_epoch = rows // o.workers // per_step
+    if steps_per_epoch == 0:
+        raise InputError(f"{rows} training rows are too few for {o.workers} workers x batch {o.batch_size} "
+                         f"x grad_accum {o.grad_accum} (one optimizer step needs {per_step * o.workers} rows)")
+    return steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch
+
+
+def scaling_config(o: RunOptions):
+    """Workers with fractional CPUs (one CPU stays free for reading shards); GPUs only if the cluster has them."""
+    import ray
+    from ray.train import ScalingConfig
+
+    resources = ray.cluster_resources()
+    gpus = o.gpus_per_worker if o.gpus_per_worker is not None else int(cluster_has_gpus())
+    if gpus and not cluster_has_gpus():
+        raise PainterError("--gpus-per-worker 1, but the Ray cluster has no GPUs (use --gpus-per-worker 0)")
+    if o.threads_per_worker is not None and o.threads_per_worker < 1:
+        raise InputError(f"--threads-per-worker must be >= 1, got {o.threads_per_worker}")
+    cpus = o.cpus_per_worker
+    if cpus is None:
+        cpus = round(min(1.0, max(resources.get("CPU", 1) - 1, 0.5) / o.workers), 2)
+    per_worker = {"CPU": cpus} | ({"GPU": 1} if gpus else {})
+    return ScalingConfig(num_workers=o.workers, use_gpu=bool(gpus), resources_per_worker=per_worker)
+
+
+def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
+    """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
+
+    An existing run is refused unless `o.resume`, and `o.resume` needs one (a reused name would
+    otherwise silently resume, or do nothing).
+    """
+    runs = o.run_dir or posixpath.join(o.output, "_runs")
+    run_path = posixpath.join(runs, o.name)
+    exists = as_storage(storage).exists(run_path)
+    if exists and not o.resume:
+        raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
+                         "or --name to start another")
+    if o.resume and not exists:
+        raise InputError(f"{run_path}: no run {o.name!r} to resume")
+    return runs, run_path
+
+
+def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None):
+    """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage`
+    (`o.max_failures` restarts from the last checkpoint, the last two checkpoints kept, the test fault
+    switch passed on); the Result.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if FAULT_ENV in os.environ:
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    if o.threads_per_worker is not None:
+        env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
+    storage_path, filesystem = as_storage(storage).train_location(runs)
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
+        run_config=RunConfig(name=o.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=o.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}))
+    handle = as_storage(storage)
+    marker = posixpath.join(runs, o.name, DIVERGED_FILE)  # a resumed run starts without its old verdict
+    if handle.exists(marker):
+        handle.remove(marker)
+    result = trainer.fit()
+    if handle.exists(marker):
+        diverged = json.loads(handle.read_text(marker))
+        kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
+        raise TrainingDiverged(f"{posixpath.join(runs, o.name)}: the training loss is {diverged['loss']} after step "
+                               f"{diverged['step']}; stopped there without saving it. Last good checkpoint: {kept}; "
+                               "continue from it with --resume (with a lower --lr)")
+    if result.checkpoint is None:
+        raise PainterError(f"{posixpath.join(runs, o.name)}: the run ended without a checkpoint")
+    return result
+
+
+def checkpoint_url(checkpoint, run_path: str) -> str:
+    """Where a checkpoint of the run at `run_path` is: Ray's local path, or the URL that Ray names without
+    its protocol when the run lives in a bucket."""
+    if not is_remote(run_path):
+        return checkpoint.path
+    return posixpath.join(run_path, posixpath.basename(checkpoint.path.rstrip("/")))
+
+
+def export_model(checkpoint, output: str, manifest: dict, storage: Storage | None = None) -> None:
+    """Copy the final checkpoint's model files to `output` (config.json, which names the weights, last),
+    with `train.json` beside them."""
+    storage = as_storage(storage)
+    storage.makedirs(output)
+    with checkpoint.as_directory() as local:
+        for name in sorted(MODEL_FILES, key=lambda n: n == "config.json"):
+            if os.path.exists(os.path.join(local, name)):
+                storage.copy(os.path.join(local, name), posixpath.join(output, name))
+    storage.write_text(posixpath.join(output, "train.json"),
+                       json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+
+
+def copy_source_files(source: str, directory: str, names: tuple[str, ...], storage: Storage) -> None:
+    """Copy those of `names` that `source` has into the local checkpoint `directory`, in order (the part
+    not being trained travels as bytes, never loaded; config.json goes first since it carries its fingerprint)."""
+    for name in names:
+        if storage.exists(posixpath.join(source, name)):
+            storage.copy(posixpath.join(source, name), os.path.join(directory, name))
+
+
+class TrainerRun:
+    """One Ray Train worker's session (see the module docstring); `TrainerRun(cfg).run()`. `cfg` holds
+    source, model, train, run_path, steps_per_epoch, total_steps, seed, batch_size, log_every,
+    checkpoint_every, storage and progress (the driver's progress board, or None)."""
+    label = "train"  # how the worker's own lines start
+
+    def __init__(self, cfg: dict):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.config = ModelConfig.from_dict(cfg["model"])
+        self.tc = cfg["train"]
+        self.storage: Storage = as_storage(cfg.get("storage"))
+        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
+        self.state: dict = self.setup(ray.train.get_checkpoint())
+        self.window_rows, self.window_start = 0, time.perf_counter()
+
+    # --- the hooks -------------------------------------------------------------------------------------
+    def setup(self, checkpoint) -> dict:
+        """Build or restore (from `checkpoint`, or None) the model and optimizer; the run's state dict
+        (step, first_loss, metrics, ... as the job keeps it)."""
+        raise NotImplementedError
+
+    def batches(self, shard, epoch: int, steps_done: int):
+        """This worker's batches of `epoch`, those of the first `steps_done` steps left out."""
+        raise NotImplementedError
+
+    def step(self, batches, epoch: int):
+        """One optimizer step on the next batches; a result with `.rows` (and what `metrics` reads)."""
+        raise NotImplementedError
+
+    def metrics(self, result, epoch: int) -> dict:
+        """The step's metrics, averaged over ranks (every rank calls this at the same steps)."""
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        """A full model directory plus `STATE_FILE` in the local `directory`."""
+        raise NotImplementedError
+
+    def before_training(self) -> None:
+        pass
+
+    def checkpoint_metrics(self) -> dict:
+        """Extra metrics at a checkpoint step, checked for divergence with the step's loss."""
+        return {}
+
+    def validates(self, epoch_end: bool, final: bool) -> bool:
+        return False
+
+    def validate(self) -> dict:
+        return {}
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+
+        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
+        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
+            ray.train.report(self.state["metrics"])
+            return
+        self.before_training()
+        shard = ray.train.get_dataset_shard("train")
+        while self.state["step"] < total and not self.stopped:
+            epoch, done = divmod(self.state["step"], spe)
+            batches = self.batches(shard, epoch, done)
+            for done in range(done + 1, spe + 1):
+                result = self.step(batches, epoch)
+                self.state["step"] += 1
+                self._tick()
+                self.window_rows += result.rows
+                self._after_step(result, epoch, epoch_end=done == spe)
+                if self.state["step"] >= total or self.stopped:
+                    break
+            self.end_epoch(epoch)
+
+    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
+        """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
+        c, step = self.cfg, self.state["step"]
+        final = step == c["total_steps"]
+        log = step == 1 or step % c["log_every"] == 0 or final
+        checkpoint = step % c["checkpoint_every"] == 0 or final
+        validate = self.validates(epoch_end, final)
+        if log or checkpoint or validate:
+            metrics = self.metrics(result, epoch)
+            if checkpoint:  # e.g. the loss of the weights about to be saved
+                metrics |= self.checkpoint_metrics()
+            if self._diverged(metrics):
+                return
+            if validate:
+                metrics |= self.validate()
+            self._report(metrics, checkpoint)
+        self._maybe_fail(step)
+
+    def take(self, batches, epoch: int):
+        """The next item of `batches`; running out before the planned step count is an error."""
+        try:
+            return next(batches)
+        except StopIteration:
+            raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
+                               f"{self.state['step'] + 1}; the shards were split unevenly") from None
+
+    @property
+    def stopped(self) -> bool:
+        return self.state.get(DIVERGED) is not None
+
+    def _diverged(self, metrics: dict) -> bool:
+        """When the (rank-averaged, so every rank agrees) loss is NaN or infinite: report the step without a
+        checkpoint, so the last good one stays the run's latest, write `DIVERGED_FILE`, and stop (True). At a
+        checkpoint step `loss_after_step` counts too. Checked at every logging and checkpoint step (a check
+        per step would cost a device sync per step on a GPU)."""
+        import ray.train
+
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("loss_after_step", 0.0)):
+            return False
+        self.state[DIVERGED] = metrics["step"]
+        if self.rank == 0:  # for the driver (Ray Train's result keeps the metrics of the last checkpoint)
+            print(f"{self.label}: loss {metrics['loss']} at step {metrics['step']}: stopping", flush=True)
+            loss = metrics["loss"] if not math.isfinite(metrics["loss"]) else metrics["loss_after_step"]
+            self.storage.write_text(posixpath.join(self.cfg["run_path"], DIVERGED_FILE),
+                                    json.dumps({"step": metrics["step"], "loss": loss}))
+        ray.train.report(metrics | {DIVERGED: metrics["step"]}, checkpoint=None)
+        return True
+
+    def _tick(self, note: str = "") -> None:
+        """Rank 0 tells the driver's progress display the step (fire and forget)."""
+        if self.rank == 0 and self.cfg.get("progress") is not None:
+            self.cfg["progress"].set.remote(self.state["step"], note)
+
+    def _report(self, metrics: dict, checkpoint: bool) -> None:
+        import ray.train
+
+        self.state["metrics"] = metrics
+        self._tick(f"loss {metrics['loss']:.3f}")
+        if self.rank == 0:
+            line = json.dumps(metrics)
+            print(f"{self.label}: {line}", flush=True)
+            with self.storage.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a") as f:
+                f.write(line + "\n")
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
+                self.save(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        self.window_rows, self.window_start = 0, time.perf_counter()
+
+    def _maybe_fail(self, step: int) -> None:
+        """The test-only fault switch: raise once, on the last rank, right after step N."""
+        fail_at = os.environ.get(FAULT_ENV)
+        if not fail_at or int(fail_at) != step or self.rank != self.world - 1:
+            return
+        marker = posixpath.join(self.cfg["run_path"], f"_fault_injected_at_step_{step}")
+        if self.storage.exists(marker):
+            return
+        self.storage.write_text(marker, "injected\n")
+        raise RuntimeError(f"{FAULT_ENV}={fail_at}: injected worker failure after step {step}")
