@@ -18,7 +18,8 @@ KEYS_PER_TASK = 2_000_000
 
 class TokenSink(ray.data.Datasink):
     """Each write task writes its rows through the `TokenWriter`; the reports meet on the driver
-    (`report`). `rows_per_file` rows are gathered per write, so shard files stay that large."""
+    (`report`). `rows_per_file` rows are gathered per write (in Ray's object store), so shard files
+    are that large."""
 
     def __init__(self, writer: TokenWriter, run_id: str, rows_per_file: int):
         self.writer, self.run_id, self.rows_per_file = writer, run_id, rows_per_file

@@ -51,6 +51,11 @@ READ_BLOCK_BYTES = 8 * 2 ** 20
 # the corpus. On CPU, 32 MiB is four read blocks per actor, many batches of 64 images; a GPU actor eats
 # ~600 MB/s of 256x256 pixels, so it gets more (not yet measured on a GPU).
 STORE_BYTES_PER_ACTOR = {"cpu": 32 * 2 ** 20, "gpu": 512 * 2 ** 20}
+# Rows per token-shard file (~10-20 MB of Parquet for a 256-token model). Ray Data gathers a file's rows
+# in the object store before its write task runs: at 100,000 rows (~130 MB) that buffer outgrew the
+# store budget above, and the 200k-row scale run stalled behind it (its reader idle for a minute at a
+# time) while the store's peak grew with the corpus (41.7 MB at 20k rows, 169.7 MB at 200k).
+ROWS_PER_FILE = 16_384
 # On a CPU-only cluster, one read task per this many encoder actors. A read task yields ~3,500 rows/s
 # of 32 KB base64 images (measured on 2 cores), the work of ~10 CPU actors at ~300 images/s; every
 # further reader is one more worker process starting beside the actors (~1 s of a core each). On 2
@@ -78,7 +83,8 @@ class Options:
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output "
                                                "paths, e.g. '{\"endpoint_url\": \"http://...\"}'; credentials "
                                                "come from the usual AWS environment variables by default")
-    rows_per_file: int = option(100_000, "target rows per token-shard file")
+    rows_per_file: int = option(ROWS_PER_FILE, "target rows per token-shard file; Ray gathers them in its object "
+                                               "store before writing (~1 KB a row), so keep it within the store")
     overwrite: bool = option(False, "delete what --output and --errors hold before writing")
 
 
