@@ -104,7 +104,7 @@ def measure(job: str, corpus: list[str], model: str, output: str) -> dict:
         else:
             summary = generate.run(generate.Options(input=corpus, model=model, output=output, top_k=1,
                                                     contact_sheet=False, batch_size=256))
-    rows = summary.get("rows_out", summary.get("images"))
+    rows = summary["rows_out"] if job == "tokenize" else summary["images_out"]
     return {"job": job, "rows_out": rows, "seconds": round(time.perf_counter() - start, 1),
             "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_before_job_mb": round(rss_before / 1024, 1),
