@@ -130,11 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         paths = write_corpus(root / "corpus", args.rows, args.image_size, args.files)
         init_ray()
         warmup = None if args.cold else first_job_on_cluster()
-        job = ray_job(paths, model_dir, str(root / "tokens"), args.batch_size, args.actors)
         # torch's default thread count can lose badly to one thread on a busy machine (the Ray actors get
-        # one thread per half core): the baseline is the better of the two
+        # one thread per half core): the baseline is the better of the two. It runs before the job: right
+        # after one, Ray's processes are still winding down, which slowed the loop and flattered the job.
         plain = {threads: plain_loop(paths, model_dir, args.batch_size, threads)
                  for threads in sorted({torch.get_num_threads(), 1})}
+        job = ray_job(paths, model_dir, str(root / "tokens"), args.batch_size, args.actors)
     threads, (plain_rows, plain_seconds) = min(plain.items(), key=lambda kv: kv[1][1])
     ray_rate = job["rows_out"] / job["wall_seconds"]
     plain_rate = plain_rows / plain_seconds
