@@ -21,10 +21,10 @@ import torch
 import pyarrow.compute as pc
 
 from painter.checkpoint import LoadedModel, load_model
-from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
-from painter.io.shards import ShardInfo
 from painter.io import rows
+from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.shards import ShardInfo
 from painter.runtime import pick_device
 from painter.vq_encode import default_max_batch, encode_codes, prepare_vqgan
 

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from painter.io.shards import ShardInfo
-from painter.io.storage import as_storage
 from painter.io import rows
 from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
+from painter.io.shards import ShardInfo
+from painter.io.storage import as_storage
 
 if TYPE_CHECKING:
     from painter.io.storage import Storage

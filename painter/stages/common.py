@@ -22,10 +22,9 @@ import pyarrow as pa
 import ray
 
 from painter import errors, logs
-from painter.io import tables
-from painter.io.storage import Storage, as_storage, is_remote
-from painter.io import rows
+from painter.io import rows, tables
 from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.storage import Storage, as_storage, is_remote
 
 
 def arrow_filesystem(path: str, storage_options: Storage | dict | None = None):

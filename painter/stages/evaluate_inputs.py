@@ -65,6 +65,7 @@ def table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: 
         wanted = [c for c in schema if c.name == "text" and need_text] if parquet else schema
         for chunk in tables.iter_rows(path, wanted, storage):
             found = rows.image_cells(chunk, BASE64_COLUMNS, BINARY_COLUMNS, text_file=not parquet)
+            cells, is_base64 = found or (None, None)
             n = len(chunk[rows.ROW])
             idx = chunk.get("idx", [None] * n)
             texts = chunk.get("text", [None] * n)
@@ -73,14 +74,14 @@ def table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: 
                     return
                 rejected.read += 1
                 reason = chunk[rows.REASON][i]
-                if reason is None and found is None:
+                if reason is None and cells is None:
                     reason = f"no image column (one of {', '.join(BASE64_COLUMNS + BINARY_COLUMNS)})"
                 if reason is None and need_text and not str(texts[i] or "").strip():
                     reason = "empty text"
                 images = []
                 if reason is None:
                     try:
-                        images = cell_images(found[0][i], found[1][i])
+                        images = cell_images(cells[i], is_base64[i])
                     except ImageRejected as e:
                         reason = str(e)
                 if reason is not None:

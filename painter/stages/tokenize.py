@@ -7,8 +7,9 @@ Pipeline (Ray Data), streaming end to end; nothing holds the corpus, in memory o
                       one actor per CPU, `DecodingEncoder`, each decoding and encoding its own rows)
   -> TokenSink        write tasks (`painter.stages.token_sink`, torch-free): good rows to shard files,
                       rejected rows to the errors table, the good rows' keys to `<output>/_keys/`
-  -> duplicates       a Ray task per hash bucket of the keys; only duplicates reach the driver,
-                      which removes them from their shard files and adds them to the errors table
+  -> duplicates       Ray tasks over the hash buckets of the keys (one per 2 M keys, at most one per
+                      CPU); only duplicates reach the driver, which removes them from their shard
+                      files and adds them to the errors table
   -> verify           the written files' footers: rows_in == rows_out + rows_rejected
 
 Duplicate idx: among rows that are otherwise good, the first by (file path, row number) is kept and
