@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                       name="alternate", batch_size=a.batch_size, lr=5e-3, warmup_steps=10, max_steps=a.steps,
                       threads_per_worker=os.cpu_count())
     start = train.resolve_start(o)
-    datasets = {"train": train.read_shards(train.list_shards(o.data), start.shard_info)}
-    rows = datasets["train"].count()
+    shards, rows = train.read_shards(train.list_shards(o.data), start.shard_info)
+    datasets = {"train": shards}
     steps_per_epoch, total = train.plan_steps(rows, o)
     if a.steps + 1 > steps_per_epoch:
         raise SystemExit(f"--steps {a.steps} must be under an epoch ({steps_per_epoch} steps of {rows} rows)")

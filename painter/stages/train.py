@@ -137,26 +137,31 @@ def list_shards(paths: list[str], storage: Storage | None = None) -> list[str]:
     return files
 
 
-def check_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None) -> None:
-    """Refuse, naming the file, any shard that is not readable Parquet or does not fit the model."""
+def check_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None) -> int:
+    """Refuse, naming the file, any shard that is not readable Parquet or does not fit the model; the rows of
+    all of them (from the same footers)."""
     if not files:
         raise InputError("no token shards found")
     filesystem, _ = as_storage(storage).arrow(files[0])
+    rows = 0
     for file in files:
         try:
-            schema = pq.read_schema(tables.url_to_fs(file, storage)[1], filesystem=filesystem)
+            footer = pq.read_metadata(tables.url_to_fs(file, storage)[1], filesystem=filesystem)
         except pa.ArrowException as e:  # truncated, or not Parquet: "Parquet magic bytes not found"
             raise InputError(f"{file}: not a readable token shard ({describe(e)})") from None
-        check_shards_fit(ShardInfo.from_schema(schema, file), model_info, file)
+        check_shards_fit(ShardInfo.from_schema(footer.schema.to_arrow_schema(), file), model_info, file)
+        rows += footer.num_rows
+    return rows
 
 
 def read_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None):
-    """A Ray Dataset over `files`, after refusing (naming the file) any shard that does not fit the model."""
+    """(a Ray Dataset over `files`, its rows), after refusing (naming the file) any shard that does not fit
+    the model."""
     import ray.data
 
-    check_shards(files, model_info, storage)
+    rows = check_shards(files, model_info, storage)
     filesystem, _ = as_storage(storage).arrow(files[0])
-    return ray.data.read_parquet([tables.url_to_fs(f, storage)[1] for f in files], filesystem=filesystem)
+    return ray.data.read_parquet([tables.url_to_fs(f, storage)[1] for f in files], filesystem=filesystem), rows
 
 
 def preflight(o: Options) -> None:
@@ -185,10 +190,10 @@ def run(o: Options) -> dict:
     scaling = scaling_config(o)
     runs, run_path = run_location(o, storage)
     files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
-    datasets = {"train": read_shards(files, start.shard_info, storage)}
+    train_rows, rows = read_shards(files, start.shard_info, storage)
+    datasets = {"train": train_rows}
     if val_files:
-        datasets["val"] = read_shards(val_files, start.shard_info, storage)
-    rows = datasets["train"].count()
+        datasets["val"] = read_shards(val_files, start.shard_info, storage)[0]
     steps_per_epoch, total = plan_steps(rows, o)
     log.info(f"{len(files)} shards, {rows} rows, {o.workers} workers, {steps_per_epoch} steps/epoch, "
           f"{total} steps{' (resuming)' if o.resume else ''} -> {run_path}")
