@@ -191,10 +191,9 @@ def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
-def _reason(error: BaseException) -> str:
+def _reason(name: str, error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):  # ours (Stopped), or Ray's stand-in for it
-        return (f"stopped by {_received[-1] if _received else 'SIGINT'} part-way; the work finished so far is "
-                "kept: rerun the same command to complete it")
+        return f"stopped by {_received[-1] if _received else 'SIGINT'} part-way; {COMMANDS[name].after_stop}"
     return str(error) if isinstance(error, PainterError) else one_line_reason(error)
 
 
@@ -225,7 +224,7 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
         summary, failed = e.summary, str(e)
     except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Stopped by a signal, or Ctrl-C
         secrets = secrets_of(options)
-        reason = redact(" ".join(_reason(e).split()), secrets)  # one line, whatever the message held
+        reason = redact(" ".join(_reason(name, e).split()), secrets)  # one line, whatever the message held
         expected = isinstance(e, (PainterError, KeyboardInterrupt))
         if not expected:
             logs.to_file(f"{name} failed", e)

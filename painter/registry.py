@@ -17,12 +17,18 @@ class Command:
     module: str  # holds `Options` (a dataclass) and `run(options) -> dict`
     help: str
     uses_ray: bool = False
+    # what a run stopped part-way (SIGTERM, SIGINT) leaves, and the rerun that completes it
+    after_stop: str = "the work finished so far is kept: rerun the same command to complete it"
 
 
+RESUME = "its last checkpoint is kept: rerun the same command with --resume to continue from it"
 COMMANDS = {
-    "tokenize": Command("painter.stages.tokenize", "encode TSV/Parquet image corpora into VQGAN token shards", True),
-    "train": Command("painter.stages.train", "fine-tune the GPT on token shards with Ray Train (DDP)", True),
-    "train-vq": Command("painter.stages.train_vq", "train the VQGAN of a model directory on an image corpus (stage 1)", True),
+    "tokenize": Command("painter.stages.tokenize", "encode TSV/Parquet image corpora into VQGAN token shards", True,
+                        "the shards written so far are not a whole output: rerun the same command with --overwrite "
+                        "to start again"),
+    "train": Command("painter.stages.train", "fine-tune the GPT on token shards with Ray Train (DDP)", True, RESUME),
+    "train-vq": Command("painter.stages.train_vq", "train the VQGAN of a model directory on an image corpus (stage 1)", True,
+                        RESUME),
     "generate": Command("painter.stages.generate", "generate images for a table of texts into partitioned output", True),
     "new-model": Command("painter.commands", "write a randomly initialised model directory from a preset"),
     "import-easynlp": Command("painter.commands", "import an EasyNLP pai-painter-*-zh directory"),
