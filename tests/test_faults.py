@@ -7,14 +7,16 @@ processes, the rest through `painter.cli.main` in two `tests/fault_runner.py` pr
 all). The others run the `painter` console script on the session's Ray (`RAY_ADDRESS`), each job's
 good run doubling as the rerun of its failed cells: tokenize and evaluate read a corpus whose last row
 is cut mid-row (recovered: that row rejected), and generate runs one night on a small tmpfs through
-SIGTERM, SIGKILL and a full disk to completion. train's one run is the NaN loss (Ray Train costs ~40 s
-of start-up here; train and train-vq have no rerun in this file: tests/test_stage_train*.py run them).
-Independent runs go in two threads (`train_lane`, `light_lane`) beside the night: the jobs mostly wait,
-and the file stays near 120 s on 2 cores. The table job x fault -> outcome (and the wall time of every
+SIGTERM, SIGKILL and a full disk to completion. train and train-vq each run a NaN loss, then one run
+through SIGTERM and SIGKILL (`training_night`), resumed with --resume as their failure line says, to
+the last step; train-vq's reads the cut corpus. Independent runs go in two threads (`train_lane`,
+`light_lane`) beside generate's night, though each run starts only once the session's Ray is idle
+(`fault_matrix.wait_for_idle_ray`). The table job x fault -> outcome (and the wall time of every
 `painter` process) is printed at the end of the session (`fault_matrix.pytest_terminal_summary`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -39,7 +41,7 @@ pytestmark = pytest.mark.slow
 DATE = "2024-05-01"
 INPUT = {"tokenize": "--input", "train": "--data", "train-vq": "--input", "generate": "--input", "evaluate": "--corpus"}
 SHARDS = "only train reads token shards"
-BUDGET = "not run: this file's CI budget (120 s) holds one Ray run of this kind, generate's"
+BUDGET = "not run: CI time (a Ray run of each kind costs 20-40 s here); this fault is run for generate"
 SKIPS = {
     **{(job, f): SHARDS for job in JOBS if job != "train" for f in ("shard-truncated", "shard-foreign")},
     ("train", "input-truncated-row"): "token shards are Parquet: a shard cut short is `shard-truncated`",
@@ -48,15 +50,10 @@ SKIPS = {
        "(painter.io.retries) for every job" for job in ("tokenize", "train", "train-vq")},
     **{("tokenize", f): "a stopped run leaves a non-empty --output, which a rerun refuses without --overwrite "
        "(never mixing two runs' shards): rerun with --overwrite" for f in ("sigkill", "sigterm")},
-    **{(job, f): "resumes from its last checkpoint with --resume (tests/test_stage_train*.py kill a worker "
-       "part-way); " + BUDGET for job in ("train", "train-vq") for f in ("sigkill", "sigterm")},
     **{("evaluate", f): "runs in one process and writes its results at the end: nothing part-way to keep; "
        "a rerun does it all" for f in ("sigkill", "sigterm")},
     **{(job, "nan-loss"): "no training loss" for job in ("tokenize", "generate", "evaluate")},
-    ("train-vq", "nan-loss"): "the same check as train's (painter.stages.train_runner.TrainerRun._diverged); " + BUDGET,
-    ("train-vq", "input-truncated-row"): "a row cut short is rejected by the same reader as tokenize's; " + BUDGET,
 }
-TRAIN_RERUN = "a Ray Train run (~40 s) is over this file's budget; tests/test_stage_train*.py run the job end to end"
 ISSUE_CELLS = (("generate", "s3-refused"), ("generate", "output-parent-file"), ("train", "shard-truncated"))
 PREFLIGHT = ("input-missing", "input-directory", "input-binary", "shard-truncated", "shard-foreign",
              "model-missing-weight", "model-truncated-weight", "output-parent-file", "s3-refused", "s3-no-bucket")
@@ -168,11 +165,18 @@ def _good_run(args: list[str], env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_lane(world, env):
-    """train's run in a thread from the start, beside everything else: Ray Train mostly waits (~40 s of
-    start-up on 2 cores). It writes to a folder of its own, where no failed cell looks."""
+def train_lane(world, env, tmp_path_factory):
+    """The training jobs' runs in a thread from the start, beside everything else: Ray Train mostly waits
+    (~20 s of start-up on 2 cores). For train, then train-vq: the NaN run, then one run through SIGTERM and
+    SIGKILL to completion (`training_night`), each in a folder of its own, where no failed cell looks."""
+    logs = tmp_path_factory.mktemp("train-logs")
+
+    def work() -> dict:
+        return {job: {"nan-loss": nan_run(job, world, env)} | training_night(job, world, env, logs)
+                for job in ("train", "train-vq")}
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool.submit(train_nan_run, world, env)
+        yield pool.submit(work)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +203,8 @@ def assert_accounted(job: str, s: dict) -> str:
     """Rows in = rows out + rows rejected, in each job's words; what the table says."""
     if job == "tokenize":
         assert (s["rows_in"], s["rows_rejected"]) == (CORPUS_ROWS, 1) and s["rows_in"] == s["rows_out"] + 1
+    elif job == "train-vq":
+        assert (s["rows_in"], s["rows_rejected"]) == (CORPUS_ROWS, 1) and s["rows"] > 0
     elif job == "evaluate":
         assert s["rows_read"] == CORPUS_ROWS and s["rows_rejected"] == 1
         assert s["reconstruction"]["images"] == CORPUS_ROWS - 1
@@ -217,14 +223,15 @@ def test_fault(job, fault, request):
     if fault in PREFLIGHT:
         outcome = _preflight_cell(job, fault, request)
     elif fault == "input-truncated-row":
-        s = request.getfixturevalue("reruns")[job]
+        s = (request.getfixturevalue("train_lane").result()[job]["summary"] if job == "train-vq"
+             else request.getfixturevalue("reruns")[job])
         outcome = f"recovered: the cut row rejected, {assert_accounted(job, s)}"
     elif job == "generate" and fault in ("sigterm", "sigkill", "disk-full"):
         outcome = request.getfixturevalue("generate_night")[fault]
     elif fault == "s3-flaky":
         outcome = request.getfixturevalue("light_lane").result()[1][job]
-    else:  # train, nan-loss
-        outcome = request.getfixturevalue("train_lane").result()
+    else:  # train, train-vq: nan-loss, sigterm, sigkill
+        outcome = request.getfixturevalue("train_lane").result()[job][fault]
     record(job, fault, outcome)
     if outcome.startswith("skipped: "):
         pytest.skip(outcome.removeprefix("skipped: "))
@@ -240,7 +247,7 @@ def _preflight_cell(job: str, fault: str, request) -> str:
     error = assert_failed_cleanly(result, *names, debug=debug)
     said = f"failed cleanly{' (--debug: traceback)' if debug else ''}: {_gist(error)}; rerun: "
     if job in ("train", "train-vq"):
-        return said + "not run (" + TRAIN_RERUN + ")"
+        return said + request.getfixturevalue("train_lane").result()[job]["rerun"]
     return said + assert_accounted(job, request.getfixturevalue("reruns")[job])
 
 
@@ -324,17 +331,67 @@ def _disk_full(args, env, output: str, folder: Path) -> str:
 # --- train: a loss that goes NaN --------------------------------------------------------------------------
 
 
-def train_nan_run(world, env) -> str:
+def nan_run(job: str, world, env) -> str:
     """A schedule that climbs (--min-lr-ratio 1e25: the cosine 'decay' rises from 0 to 2.5e21 at step 2) makes
-    the weights non-finite after step 2: the run stops there and keeps the step-1 checkpoint, which is finite."""
-    args = base_args("train", world, output=str(world.tmp / "out-train-nan"))
-    diverged = run_painter([*args, "--min-lr-ratio", "1e25"], env)
-    error = assert_failed_cleanly(diverged, "after step 2", "Last good checkpoint")
+    the loss NaN after step 2 (train) or 3 (train-vq): the run stops there and keeps the checkpoint of the step
+    before, which is finite."""
+    args = base_args(job, world, output=str(world.tmp / f"out-{job}-nan"))
+    diverged = run_painter([*args, "--min-lr-ratio", "1e25", "--max-steps", "3", "--checkpoint-every", "1"], env)
+    error = assert_failed_cleanly(diverged, "the training loss is nan after step", "Last good checkpoint")
+    step = int(re.search(r"after step (\d+)", error).group(1))
     kept = re.search(r"Last good checkpoint: (\S+?);", error).group(1)
-    assert torch.load(os.path.join(kept, "train_state.pt"), weights_only=True)["step"] == 1, error
-    gpt = load_model(kept, parts=("gpt",)).gpt
-    assert all(torch.isfinite(p).all() for p in gpt.parameters())
-    return f"failed cleanly: {_gist(error)}; the step-1 checkpoint is kept and finite"
+    assert step in (2, 3) and torch.load(os.path.join(kept, "train_state.pt"), weights_only=True)["step"] == step - 1
+    model = load_model(kept, parts=("gpt" if job == "train" else "vqgan",))
+    assert all(torch.isfinite(p).all() for p in (model.gpt or model.vqgan).parameters())
+    return f"failed cleanly: {_gist(error)}; the step-{step - 1} checkpoint is kept and finite"
+
+
+NIGHT_STEPS = 30  # tiny steps; a checkpoint at each, so every stop leaves one
+
+
+def _logged_step(output: str, job: str) -> int:
+    """The last step the run under `output` logged (rank 0 appends a line per step, once the step before it
+    has been reported with its checkpoint), or 0."""
+    path = Path(output, "_runs", job, "metrics.jsonl")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def _stopped_after(args, env, output: str, signum, logs: Path):
+    """Start a training run, send `signum` once it has logged two steps of its own (a checkpoint of its own
+    is then in the run); its Result."""
+    start = _logged_step(output, args[0])
+    process, finish = start_painter(args, env, logs)
+    deadline = time.time() + 240
+    while _logged_step(output, args[0]) < start + 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # polls the run's metrics for its second step (a condition, with a deadline)
+    assert process.poll() is None, f"the run ended before it could be stopped part-way: {finish().stdout[-500:]}"
+    send(process, signum)
+    return finish()
+
+
+def training_night(job: str, world, env, logs: Path) -> dict:
+    """One run of `job` (train, train-vq) of NIGHT_STEPS steps through SIGTERM (a clean stop whose line says
+    to rerun with --resume), then, resumed, SIGKILL, then resumed to the end: every step done, from the
+    checkpoints. train-vq reads the corpus cut mid-row: its last run rejects that row."""
+    output = str(world.tmp / f"out-{job}-night")
+    args = [*base_args(job, world, output=output), "--max-steps", str(NIGHT_STEPS), "--checkpoint-every", "1"]
+    stopped = _stopped_after(args, env, output, SIGNALS["sigterm"], logs)
+    assert_failed_cleanly(stopped, "SIGTERM", "rerun the same command with --resume", code=143)
+    termed = _logged_step(output, job)
+    killed = _stopped_after([*args, "--resume"], env, output, SIGNALS["sigkill"], logs)
+    killed_at = _logged_step(output, job)
+    assert killed.code == -9 and killed_at > termed
+    assert_no_credentials(killed)
+    summary = _good_run([*args, "--resume"], env)
+    state = torch.load(os.path.join(summary["checkpoint"], "train_state.pt"), weights_only=True)
+    assert summary["steps"] == state["step"] == _logged_step(output, job) == NIGHT_STEPS, summary
+    done = f"{NIGHT_STEPS} of {NIGHT_STEPS} steps"
+    return {"sigterm": f"failed cleanly (exit 143) after step {termed}; rerun with --resume continued from its "
+                       f"checkpoint: {done}",
+            "sigkill": f"killed part-way after step {killed_at}; rerun with --resume: {done}",
+            "rerun": f"completed (its good run, through SIGTERM and SIGKILL with --resume: {done})",
+            "summary": summary}
 
 
 # --- S3 that fails some requests --------------------------------------------------------------------------
