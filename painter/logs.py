@@ -37,6 +37,9 @@ NOISE = tuple(re.compile(p) for p in (
     r"Progress bars disabled\. To enable",  # we turned Ray Data's bars off: painter draws its own
     r"has constructor arguments in the object store and max_restarts > 0",  # C++, for every actor pool
     r"PYTHON worker processes have been started on node",  # raylet: fractional-CPU actors, as intended
+    # Ray Data's preface to any error raised in a datasink's write (ours: a full disk), which the job then
+    # reports in one line naming the file; it is not Ray's internal error that it says it is
+    r"Exception occurred in Ray Data or Ray Core internal code",
 ))
 
 _state = {"file": None, "bar": None, "lock": threading.RLock()}

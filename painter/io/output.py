@@ -26,10 +26,10 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from painter.errors import InputError, StorageError
+from painter.errors import InputError
 from painter.io import sheet
 from painter.io.output_table import OutputTable
-from painter.io.storage import Storage, as_storage
+from painter.io.storage import Storage, as_storage, writing
 
 REJECTED, SHEETS, RUNS = "_rejected", "_sheets", "_runs"
 SHEET_SAMPLES = 8  # samples of a prompt shown on the contact sheet and the gallery
@@ -63,10 +63,8 @@ def check_partition_columns(columns: Iterable[str], reserved: Iterable[str] = ()
 
 def write_bytes(url: str, data: bytes, storage_options: "Storage | dict | None" = None) -> str:
     """Replace the file at a local path or URL in one step (`Storage.write_atomic`); returns the URL."""
-    try:
+    with writing(url):
         return as_storage(storage_options).write_atomic(url, data)
-    except OSError as e:  # a full disk, a read-only mount: the errno text alone names no file
-        raise StorageError(f"{url}: cannot write it ({e.strerror or e})") from None
 
 
 class OutputRoot:

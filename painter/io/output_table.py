@@ -51,9 +51,9 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
-from painter.errors import InputError, StorageError
+from painter.errors import InputError
 from painter.io.retries import delta_retry_options
-from painter.io.storage import Storage, as_storage
+from painter.io.storage import Storage, as_storage, writing
 
 APP_ID = "painter-generate"
 DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
@@ -237,13 +237,10 @@ class OutputTable:
             folder = "/".join(f"{c}={encode_partition_value(v)}" for c, v in values.items())
             rel = posixpath.join(folder, f"part-{batch}-{k}of{len(groups)}.parquet")
             part = data.take(indices)
-            try:
+            with writing(posixpath.join(self.root, rel), "the data file"):
                 self.fs.makedirs(posixpath.dirname(self._path(rel)), exist_ok=True)
                 with self.fs.open(self._path(rel), "wb") as f:
                     pq.write_table(part, f)
-            except OSError as e:  # a full disk, a read-only mount: say which file (the errno text alone does not)
-                raise StorageError(f"{posixpath.join(self.root, rel)}: cannot write the data file "
-                                   f"({e.strerror or e})") from None
             records.append({"path": rel, "size": self.fs.size(self._path(rel)),
                             "partition_values": json.dumps(values, ensure_ascii=False), "rows": part.num_rows,
                             "batch": batch, "batch_files": len(groups), "idx": part.column("idx").to_pylist(),

@@ -17,10 +17,12 @@ import os
 import posixpath
 import shutil
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from painter.errors import StorageError
 from painter.options import parse_storage_options
 
 COPY_CHUNK = 16 << 20
@@ -29,6 +31,16 @@ COPY_CHUNK = 16 << 20
 def filesystem(path: str, options: dict | None = None):
     """(fsspec filesystem, path without protocol) for a local path or URL such as s3://bucket/key."""
     return fsspec.core.url_to_fs(path, **(options or {}))
+
+
+@contextmanager
+def writing(path: str, what: str = "it"):
+    """Around a write of `path`: an OSError (a full disk, a read-only mount), whose errno text alone names no
+    file, becomes a StorageError "PATH: cannot write WHAT (reason)"."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write {what} ({e.strerror or e})") from None
 
 
 def is_remote(path: str) -> bool:

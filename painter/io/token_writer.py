@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from painter.io import rows
 from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
 from painter.io.shards import ShardInfo
-from painter.io.storage import as_storage
+from painter.io.storage import as_storage, writing
 
 if TYPE_CHECKING:
     from painter.io.storage import Storage
@@ -88,10 +88,11 @@ class TokenWriter:
 
     def _write(self, table: pa.Table, folder: str, name: str) -> str:
         fs, root = self._fs(folder)
-        fs.makedirs(root, exist_ok=True)
         path = posixpath.join(root, f"part-{name}.parquet")
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+        with writing(posixpath.join(folder, f"part-{name}.parquet"), "the file"):
+            fs.makedirs(root, exist_ok=True)
+            with fs.open(path, "wb") as f:
+                pq.write_table(table, f)
         return path
 
     def write(self, batch: pa.Table, name: str) -> BatchReport:
