@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -156,11 +157,17 @@ class Result:
         return json.loads(lines[-1])
 
 
+# One `painter` run on the session's Ray at a time: two jobs started together on 2 CPUs can each hold part of
+# what the other needs (a Ray Train run's placement group, a tokenize actor pool) and both wait until a
+# deadline (CI once saw a 3-step train run get no CPU in 300 s; here a train-vq run and a tokenize run
+# stalled 230 s together). The threads of tests/test_faults.py overlap only their waiting and checking.
+RUN_LOCK = threading.Lock()
+
+
 def wait_for_idle_ray(limit: float = 60.0) -> None:
     """Until every CPU of the session's Ray is free again (at most `limit` seconds): a job stopped or killed
-    part-way leaves its actors for the raylet to reap, and a job started meanwhile waits for their CPUs
-    (CI once saw a 3-step train run get none in 300 s). Polls the cluster's own resource view; a wait
-    that runs out is noted in the timings and the cell goes on."""
+    part-way leaves its actors for the raylet to reap. Called holding RUN_LOCK. Polls the cluster's own
+    resource view; a wait that runs out is noted in the timings and the cell goes on."""
     import ray
 
     if not ray.is_initialized():
@@ -174,9 +181,10 @@ def wait_for_idle_ray(limit: float = 60.0) -> None:
 
 
 def run_painter(args: list[str], env: dict, timeout: float = 300) -> Result:
-    wait_for_idle_ray()
-    start = time.time()
-    done = subprocess.run(_command(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with RUN_LOCK:
+        wait_for_idle_ray()
+        start = time.time()
+        done = subprocess.run(_command(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     TIMINGS.append(f"{time.time() - start:6.1f} s  painter {' '.join(args[:1] + args[-2:])}")
     return Result(args, done.returncode, done.stdout, done.stderr)
 
@@ -196,17 +204,26 @@ def run_batch(cases: list[tuple[list[str], dict]], env: dict, folder: Path, time
 
 
 def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess.Popen, callable]:
-    """A `painter` run in the background; returns it and a function that waits for it (a `Result`).
+    """A `painter` run in the background, holding RUN_LOCK until it ends; returns it and a function that
+    waits for it (a `Result`) and releases the lock.
 
     Its output goes to files, which a run that is signalled part-way cannot block on."""
-    wait_for_idle_ray()
-    name = uuid.uuid4().hex[:8]
-    out, err = open(log_dir / f"{name}.out", "w+"), open(log_dir / f"{name}.err", "w+")
-    start = time.time()
-    process = subprocess.Popen(_command(args), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    RUN_LOCK.acquire()
+    try:
+        wait_for_idle_ray()
+        name = uuid.uuid4().hex[:8]
+        out, err = open(log_dir / f"{name}.out", "w+"), open(log_dir / f"{name}.err", "w+")
+        start = time.time()
+        process = subprocess.Popen(_command(args), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    except BaseException:
+        RUN_LOCK.release()
+        raise
 
     def finish(timeout: float = 300) -> Result:
-        process.wait(timeout=timeout)
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            RUN_LOCK.release()
         out.seek(0), err.seek(0)
         TIMINGS.append(f"{time.time() - start:6.1f} s  painter {args[0]} (signalled part-way)")
         result = Result(args, process.returncode, out.read(), err.read())
@@ -214,6 +231,25 @@ def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess
         return result
 
     return process, finish
+
+
+def signal_when(args: list[str], env: dict, log_dir: Path, ready, signum: int, limit: float = 240) -> Result:
+    """Start a `painter` run and send it `signum` once `ready()` says it has got far enough (polled, within
+    `limit` seconds); its Result. A run that ended first fails the test."""
+    process, finish = start_painter(args, env, log_dir)
+    try:
+        deadline = time.time() + limit
+        while not ready() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # a condition polled, with a deadline
+        running = process.poll() is None
+        send(process, signum)
+    except BaseException:
+        process.kill()
+        finish()
+        raise
+    result = finish()
+    assert running, f"the run ended before it could be stopped part-way: {result.stdout[-500:]}"
+    return result
 
 
 def assert_no_credentials(result: Result) -> None:
