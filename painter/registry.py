@@ -37,7 +37,8 @@ COMMANDS = {
     "easynlp": Command("painter.easynlp", "EasyNLP text2image command lines (--mode train|evaluate|predict), unchanged", True),
     "demo": Command("painter.stages.demo", "the whole system on the synthetic task: corpus, tokenize, train, generate, evaluate", True),
     "make-corpus": Command("painter.stages.make_corpus", "write a synthetic Chinese-captioned image corpus (EasyNLP TSV)"),
-    "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True),
+    "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True,
+                        "its results are written at the end, so none are kept: rerun the same command"),
 }
 
 

@@ -6,13 +6,16 @@ second, before Ray; those cells run up front (`preflight_results`): the issue's 
 processes, the rest through `painter.cli.main` in two `tests/fault_runner.py` processes (one import for
 all). The others run the `painter` console script on the session's Ray (`RAY_ADDRESS`), each job's
 good run doubling as the rerun of its failed cells: tokenize and evaluate read a corpus whose last row
-is cut mid-row (recovered: that row rejected), and generate runs one night on a small tmpfs through
-SIGTERM, SIGKILL and a full disk to completion. train and train-vq each run a NaN loss, then one run
-through SIGTERM and SIGKILL (`training_night`), resumed with --resume as their failure line says, to
-the last step; train-vq's reads the cut corpus. Independent runs go in two threads (`train_lane`,
-`light_lane`) beside generate's night, though each run starts only once the session's Ray is idle
-(`fault_matrix.wait_for_idle_ray`). The table job x fault -> outcome (and the wall time of every
-`painter` process) is printed at the end of the session (`fault_matrix.pytest_terminal_summary`).
+is cut mid-row (recovered: that row rejected); generate runs one night on a small tmpfs through SIGTERM,
+SIGKILL and a full disk to completion; tokenize and evaluate then meet the full disk too, and tokenize
+SIGTERM and SIGKILL (`stopped_runs`). train and train-vq each run a NaN loss, then one night on a tmpfs
+(`training_night`): a full disk, SIGTERM and SIGKILL, resumed with --resume as their failure line says,
+to the last step; train-vq's reads the cut corpus. Every job also runs through a flaky S3 proxy
+(`flaky_runs`). The runs go in two threads (`train_lane`, `light_lane`) beside generate's night, but
+only one `painter` run at a time holds the session's Ray (`fault_matrix.RUN_LOCK`: two jobs on 2 CPUs
+can deadlock). About 9 minutes on 2 cores, most of it the 12 Ray Train runs. The table job x fault ->
+outcome (and the wall time of every `painter` process) is printed at the end of the session
+(`fault_matrix.pytest_terminal_summary`).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from deltalake import DeltaTable
 
 from painter.checkpoint import load_model
 
-from fault_matrix import (CORPUS_ROWS, FAULTS, JOBS, PLANTED, PROMPTS, SIGNALS, assert_failed_cleanly,
+from fault_matrix import (CORPUS_ROWS, FAULTS, JOBS, PLANTED, PROMPTS, SHARD_ROWS, SIGNALS, assert_failed_cleanly,
                           assert_no_credentials, build_world, painter_env, record, run_batch, run_painter, signal_when,
                           write_table)
 from fault_proxy import FaultProxy
@@ -41,18 +44,13 @@ pytestmark = pytest.mark.slow
 DATE = "2024-05-01"
 INPUT = {"tokenize": "--input", "train": "--data", "train-vq": "--input", "generate": "--input", "evaluate": "--corpus"}
 SHARDS = "only train reads token shards"
-BUDGET = ("not run: CI time (a Ray Train run costs 20-40 s here); the same fault is run for the other jobs, "
-          "through the same storage layer (painter.io.storage, painter.io.retries)")
 SKIPS = {
     **{(job, f): SHARDS for job in JOBS if job != "train" for f in ("shard-truncated", "shard-foreign")},
     ("train", "input-truncated-row"): "token shards are Parquet: a shard cut short is `shard-truncated`",
-    **{(job, "disk-full"): BUDGET for job in ("train", "train-vq")},
-    **{(job, "s3-flaky"): BUDGET for job in ("train", "train-vq")},
-    **{("tokenize", f): "a stopped run leaves a non-empty --output, which a rerun refuses without --overwrite "
-       "(never mixing two runs' shards): rerun with --overwrite" for f in ("sigkill", "sigterm")},
-    **{("evaluate", f): "runs in one process and writes its results at the end: nothing part-way to keep; "
-       "a rerun does it all" for f in ("sigkill", "sigterm")},
     **{(job, "nan-loss"): "no training loss" for job in ("tokenize", "generate", "evaluate")},
+    **{("evaluate", f): "no part-way here: evaluate scores this corpus in ~0.4 s in its driver, before any Ray "
+       "work, and writes its results at the end, so a stop keeps nothing and the rerun does it all (its failure "
+       "line says so: painter.registry)" for f in ("sigkill", "sigterm")},
 }
 ISSUE_CELLS = (("generate", "s3-refused"), ("generate", "output-parent-file"), ("train", "shard-truncated"))
 PREFLIGHT = ("input-missing", "input-directory", "input-binary", "shard-truncated", "shard-foreign",
@@ -165,14 +163,14 @@ def _good_run(args: list[str], env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_lane(world, env, tmp_path_factory):
+def train_lane(world, env, tmp_path_factory, training_disk):
     """The training jobs' runs in a thread from the start, beside everything else: Ray Train mostly waits
     (~20 s of start-up on 2 cores). For train, then train-vq: the NaN run, then one run through SIGTERM and
     SIGKILL to completion (`training_night`), each in a folder of its own, where no failed cell looks."""
     logs = tmp_path_factory.mktemp("train-logs")
 
     def work() -> dict:
-        return {job: {"nan-loss": nan_run(job, world, env)} | training_night(job, world, env, logs)
+        return {job: {"nan-loss": nan_run(job, world, env)} | training_night(job, world, env, logs, training_disk)
                 for job in ("train", "train-vq")}
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -180,11 +178,14 @@ def train_lane(world, env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def light_lane(world, env, s3_server, preflight_results):
-    """evaluate's rerun, the flaky-S3 runs and tokenize's rerun, in a thread beside generate's night."""
+def light_lane(world, env, s3_server, preflight_results, tmp_path_factory):
+    """evaluate's rerun, the flaky-S3 runs, tokenize's rerun and both stopped part-way, in a thread beside
+    generate's night."""
+    logs = tmp_path_factory.mktemp("light-logs")
+
     def work() -> tuple:
         return (_good_run(base_args("evaluate", world), env), flaky_runs(world, env, s3_server),
-                _good_run(base_args("tokenize", world), env))
+                _good_run(base_args("tokenize", world), env), stopped_runs(world, env, logs))
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield pool.submit(work)
@@ -195,7 +196,7 @@ def reruns(world, env, preflight_results, generate_night, light_lane) -> dict:
     """Each job's run on good inputs, into the output its failed cells left untouched: the rerun once the
     fault is removed. tokenize and evaluate read a corpus cut mid-row: that row is rejected. (train's and
     train-vq's are not run: a Ray Train run costs ~40 s here; tests/test_stage_train*.py run them.)"""
-    evaluate, _, tokenize = light_lane.result()
+    evaluate, _, tokenize, _ = light_lane.result()
     return {"generate": generate_night["summary"], "tokenize": tokenize, "evaluate": evaluate}
 
 
@@ -205,6 +206,9 @@ def assert_accounted(job: str, s: dict) -> str:
         assert (s["rows_in"], s["rows_rejected"]) == (CORPUS_ROWS, 1) and s["rows_in"] == s["rows_out"] + 1
     elif job == "train-vq":
         assert (s["rows_in"], s["rows_rejected"]) == (CORPUS_ROWS, 1) and s["rows"] > 0
+    elif job == "train":  # token shards have no rows to reject: every row is read, every step done
+        assert s["rows"] == SHARD_ROWS and s["steps"] == 3, s  # base_args: --max-steps 3
+        return f"all {SHARD_ROWS} shard rows read, {s['steps']} of {s['steps']} steps"
     elif job == "evaluate":
         assert s["rows_read"] == CORPUS_ROWS and s["rows_rejected"] == 1
         assert s["reconstruction"]["images"] == CORPUS_ROWS - 1
@@ -228,10 +232,12 @@ def test_fault(job, fault, request):
         outcome = f"recovered: the cut row rejected, {assert_accounted(job, s)}"
     elif job == "generate" and fault in ("sigterm", "sigkill", "disk-full"):
         outcome = request.getfixturevalue("generate_night")[fault]
-    elif fault == "disk-full":
+    elif fault == "disk-full" and job in ("tokenize", "evaluate"):
         outcome = request.getfixturevalue("disk_cells")[job]
     elif fault == "s3-flaky":
         outcome = request.getfixturevalue("light_lane").result()[1][job]
+    elif job == "tokenize" and fault in ("sigterm", "sigkill"):
+        outcome = request.getfixturevalue("light_lane").result()[3][job][fault]
     else:  # train, train-vq: nan-loss, sigterm, sigkill
         outcome = request.getfixturevalue("train_lane").result()[job][fault]
     record(job, fault, outcome)
@@ -256,11 +262,10 @@ def _preflight_cell(job: str, fault: str, request) -> str:
 # --- generate: one night through SIGTERM, SIGKILL and a full disk ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_disk(tmp_path_factory):
-    """A 4 MiB tmpfs (unmounted after), or the reason none can be mounted here."""
-    folder = tmp_path_factory.mktemp("tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+def _tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` mounted at `folder` (unmounted after): (folder, None), or (folder, the reason none
+    can be mounted here)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         yield folder, f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); no quota either"
@@ -269,6 +274,18 @@ def small_disk(tmp_path_factory):
         yield folder, None
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A 4 MiB tmpfs for generate's night, tokenize and evaluate."""
+    yield from _tmpfs(tmp_path_factory.mktemp("tmpfs"), "4m")
+
+
+@pytest.fixture(scope="module")
+def training_disk(tmp_path_factory):
+    """A 256 MiB tmpfs for the training nights (two checkpoints of a tiny model directory each)."""
+    yield from _tmpfs(tmp_path_factory.mktemp("tmpfs-train"), "256m")
 
 
 def _versions(output: str) -> int:
@@ -370,6 +387,29 @@ def nan_run(job: str, world, env) -> str:
     return f"failed cleanly: {_gist(error)}; the step-{step - 1} checkpoint is kept and finite"
 
 
+def _ray_busy() -> bool:
+    """The session's Ray has CPUs taken: the one painter run now running (RUN_LOCK) has started its work."""
+    import ray
+
+    return ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
+
+
+def stopped_runs(world, env, logs: Path) -> dict:
+    """tokenize stopped once its Ray work has started: by SIGTERM (a clean stop whose line says to rerun with
+    --overwrite: a stopped run's shards are not a whole output), then, rerun so, by SIGKILL; then rerun to the
+    end with every row accounted for."""
+    args = base_args("tokenize", world, output=str(world.tmp / "out-tokenize-stopped"))
+    stopped = signal_when(args, env, logs, _ray_busy, SIGNALS["sigterm"])
+    assert_failed_cleanly(stopped, "SIGTERM", "rerun the same command with --overwrite", code=143)
+    args.append("--overwrite")
+    killed = signal_when(args, env, logs, _ray_busy, SIGNALS["sigkill"])
+    assert killed.code == -9
+    assert_no_credentials(killed)
+    accounted = assert_accounted("tokenize", _good_run(args, env))
+    return {"tokenize": {"sigterm": f"failed cleanly (exit 143); rerun with --overwrite: {accounted}",
+                         "sigkill": f"killed part-way; rerun with --overwrite: {accounted}"}}
+
+
 NIGHT_STEPS = 16  # tiny steps; a checkpoint at each, so every stop leaves one
 
 
@@ -388,42 +428,56 @@ def _stopped_after(args, env, output: str, signum, logs: Path):
     return signal_when(args, env, logs, lambda: _logged_step(output, args[0]) >= start + 2, signum)
 
 
-def training_night(job: str, world, env, logs: Path) -> dict:
-    """One run of `job` (train, train-vq) of NIGHT_STEPS steps through SIGTERM (a clean stop whose line says
-    to rerun with --resume), then, resumed, SIGKILL, then resumed to the end: every step done, from the
-    checkpoints. train-vq reads the corpus cut mid-row: its last run rejects that row."""
-    output = str(world.tmp / f"out-{job}-night")
+def training_night(job: str, world, env, logs: Path, disk: tuple) -> dict:
+    """One run of `job` (train, train-vq) of NIGHT_STEPS steps on a tmpfs: first on a full disk (it fails
+    naming the file), then through SIGTERM (a clean stop whose line says to rerun with --resume), then,
+    resumed, SIGKILL, then resumed to the end: every step done, from the checkpoints. train-vq reads the
+    corpus cut mid-row: its last run rejects that row."""
+    folder, no_disk = disk
+    output = str((world.tmp if no_disk else folder) / f"out-{job}-night")
     args = [*base_args(job, world, output=output), "--max-steps", str(NIGHT_STEPS), "--checkpoint-every", "1"]
+    outcome = {"disk-full": f"skipped: {no_disk}"}
+    if not no_disk:
+        with _full(folder, 24 * 1024):  # room for the metrics, not for a checkpoint
+            full = run_painter([*args, "--max-failures", "0"], env)  # no restarts into the same full disk
+        error = assert_failed_cleanly(full, output, "No space left on device")
+        outcome["disk-full"] = f"failed cleanly: {_gist(error)}; rerun with --resume completed (its night)"
+        if Path(output, "_runs", job).exists():  # the run exists: the plain rerun is refused, naming --resume
+            args.append("--resume")
     stopped = _stopped_after(args, env, output, SIGNALS["sigterm"], logs)
     assert_failed_cleanly(stopped, "SIGTERM", "rerun the same command with --resume", code=143)
     termed = _logged_step(output, job)
-    killed = _stopped_after([*args, "--resume"], env, output, SIGNALS["sigkill"], logs)
+    args += [] if "--resume" in args else ["--resume"]
+    killed = _stopped_after(args, env, output, SIGNALS["sigkill"], logs)
     killed_at = _logged_step(output, job)
     assert killed.code == -9 and killed_at > termed
     assert_no_credentials(killed)
-    summary = _good_run([*args, "--resume"], env)
+    summary = _good_run(args, env)
     state = torch.load(os.path.join(summary["checkpoint"], "train_state.pt"), weights_only=True)
     assert summary["steps"] == state["step"] == _logged_step(output, job) == NIGHT_STEPS, summary
     done = f"{NIGHT_STEPS} of {NIGHT_STEPS} steps"
-    return {"sigterm": f"failed cleanly (exit 143) after step {termed}; rerun with --resume continued from its "
-                       f"checkpoint: {done}",
-            "sigkill": f"killed part-way after step {killed_at}; rerun with --resume: {done}",
-            "rerun": f"completed (its good run, through SIGTERM and SIGKILL with --resume: {done})",
-            "summary": summary}
+    return outcome | {
+        "sigterm": f"failed cleanly (exit 143) after step {termed}; rerun with --resume continued from its "
+                   f"checkpoint: {done}",
+        "sigkill": f"killed part-way after step {killed_at}; rerun with --resume: {done}",
+        "rerun": f"completed (its good run, through SIGTERM and SIGKILL with --resume: {done})",
+        "summary": summary}
 
 
 # --- S3 that fails some requests --------------------------------------------------------------------------
 
 
 def flaky_runs(world, env, s3_server) -> dict:
-    """generate, evaluate and tokenize through `FaultProxy` (transient 500s, dropped connections) in front of
-    moto."""
+    """Every job through `FaultProxy` (transient 500s, dropped connections) in front of moto: its input, and
+    its output where that can be a bucket (evaluate writes local reports)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint_url"], key="k", secret="s", skip_instance_cache=True)
     fs.mkdir("flaky")
     fs.pipe("flaky/prompts.tsv", "".join(f"p{i:02d}\t宽松T恤 第{i}款\n" for i in range(4)).encode() + b"p99")
     fs.put(str(Path(world.corpus_cut, Path(world.corpus).name)), "flaky/corpus/part-00000.tsv")
+    for shard in sorted(Path(world.shards).glob("*.parquet")):
+        fs.put(str(shard), f"flaky/shards/{shard.name}")
     outcome = {}
     with FaultProxy(s3_server["endpoint_url"]) as proxy:
         storage = world.tmp / "flaky.json"
@@ -432,7 +486,9 @@ def flaky_runs(world, env, s3_server) -> dict:
         flaky_env = env | {"AWS_ENDPOINT_URL": proxy.url}
         for job, data, output in (("generate", "s3://flaky/prompts.tsv", "s3://flaky/night"),
                                   ("evaluate", "s3://flaky/corpus", str(world.tmp / "flaky-evaluate")),
-                                  ("tokenize", "s3://flaky/corpus", "s3://flaky/tokens")):
+                                  ("tokenize", "s3://flaky/corpus", "s3://flaky/tokens"),
+                                  ("train", "s3://flaky/shards", "s3://flaky/train"),
+                                  ("train-vq", "s3://flaky/corpus", "s3://flaky/train-vq")):
             before = dict(proxy.counts)
             args = base_args(job, world, data=data, output=output, storage=str(storage))
             summary = _good_run(args + (["--commit-images", "100"] if job == "generate" else []), flaky_env)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from painter.checkpoint import ModelConfig, load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
-from painter.io.storage import Storage, as_storage, is_remote
+from painter.io.storage import Storage, as_storage, is_remote, writing
 from painter.options import option
 from painter.stages.common import cluster_has_gpus
 
@@ -334,12 +334,14 @@ class TrainerRun:
         if self.rank == 0:
             line = json.dumps(metrics)
             print(f"{self.label}: {line}", flush=True)
-            with self.storage.open(posixpath.join(self.cfg["run_path"], "metrics.jsonl"), "a") as f:
+            path = posixpath.join(self.cfg["run_path"], "metrics.jsonl")
+            with writing(path, "the run's metrics"), self.storage.open(path, "a") as f:
                 f.write(line + "\n")
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
                 self.save(tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                with writing(self.cfg["run_path"], f"the checkpoint of step {metrics['step']}"):
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
         self.window_rows, self.window_start = 0, time.perf_counter()
