@@ -215,6 +215,7 @@ def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess
         out, err = open(log_dir / f"{name}.out", "w+"), open(log_dir / f"{name}.err", "w+")
         start = time.time()
         process = subprocess.Popen(_command(args), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        process.stderr_path = Path(err.name)  # what it has said so far, for `signal_when`
     except BaseException:
         RUN_LOCK.release()
         raise
@@ -234,12 +235,12 @@ def start_painter(args: list[str], env: dict, log_dir: Path) -> tuple[subprocess
 
 
 def signal_when(args: list[str], env: dict, log_dir: Path, ready, signum: int, limit: float = 240) -> Result:
-    """Start a `painter` run and send it `signum` once `ready()` says it has got far enough (polled, within
-    `limit` seconds); its Result. A run that ended first fails the test."""
+    """Start a `painter` run and send it `signum` once `ready(stderr so far)` says it has got far enough
+    (polled, within `limit` seconds); its Result. A run that ended first fails the test."""
     process, finish = start_painter(args, env, log_dir)
     try:
         deadline = time.time() + limit
-        while not ready() and process.poll() is None and time.time() < deadline:
+        while not ready(process.stderr_path.read_text(errors="replace")) and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)  # a condition polled, with a deadline
         running = process.poll() is None
         send(process, signum)
