@@ -88,8 +88,9 @@ class TokenWriter:
 
     def _write(self, table: pa.Table, folder: str, name: str) -> str:
         fs, root = self._fs(folder)
-        path = posixpath.join(root, f"part-{name}.parquet")
-        with writing(posixpath.join(folder, f"part-{name}.parquet"), "the file"):
+        file = f"part-{name}.parquet"
+        path = posixpath.join(root, file)
+        with writing(posixpath.join(folder, file), "the file"):  # names the URL, not the stripped path
             fs.makedirs(root, exist_ok=True)
             with fs.open(path, "wb") as f:
                 pq.write_table(table, f)

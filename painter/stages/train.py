@@ -190,8 +190,8 @@ def run(o: Options) -> dict:
     scaling = scaling_config(o)
     runs, run_path = run_location(o, storage)
     files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
-    train_rows, rows = read_shards(files, start.shard_info, storage)
-    datasets = {"train": train_rows}
+    train_data, rows = read_shards(files, start.shard_info, storage)
+    datasets = {"train": train_data}
     if val_files:
         datasets["val"] = read_shards(val_files, start.shard_info, storage)[0]
     steps_per_epoch, total = plan_steps(rows, o)
