@@ -164,6 +164,14 @@ class Result:
 RUN_LOCK = threading.Lock()
 
 
+def ray_busy() -> bool:
+    """Some of the session's Ray CPUs are taken (by the one painter run now running, under RUN_LOCK, or by
+    the actors of one that just ended)."""
+    import ray
+
+    return ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
+
+
 def wait_for_idle_ray(limit: float = 60.0) -> None:
     """Until every CPU of the session's Ray is free again (at most `limit` seconds): a job stopped or killed
     part-way leaves its actors for the raylet to reap. Called holding RUN_LOCK. Polls the cluster's own
@@ -173,7 +181,7 @@ def wait_for_idle_ray(limit: float = 60.0) -> None:
     if not ray.is_initialized():
         return
     start = time.time()
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+    while ray_busy():
         if time.time() - start > limit:
             TIMINGS.append(f"{limit:6.1f} s  waited for the session's CPUs; still held")
             return
@@ -240,7 +248,9 @@ def signal_when(args: list[str], env: dict, log_dir: Path, ready, signum: int, l
     process, finish = start_painter(args, env, log_dir)
     try:
         deadline = time.time() + limit
-        while not ready(process.stderr_path.read_text(errors="replace")) and process.poll() is None and time.time() < deadline:
+        while process.poll() is None and time.time() < deadline:
+            if ready(process.stderr_path.read_text(errors="replace")):
+                break
             time.sleep(0.05)  # a condition polled, with a deadline
         running = process.poll() is None
         send(process, signum)

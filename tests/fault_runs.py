@@ -17,7 +17,7 @@ import torch
 from painter.checkpoint import load_model
 
 from fault_matrix import (CORPUS_ROWS, PLANTED, SHARD_ROWS, SIGNALS, assert_failed_cleanly, assert_no_credentials,
-                          run_painter, signal_when)
+                          ray_busy, run_painter, signal_when)
 from fault_proxy import FaultProxy
 
 DATE = "2024-05-01"
@@ -107,20 +107,13 @@ def nan_run(job: str, world, env) -> str:
     return f"failed cleanly: {gist(error)}; the step-{step - 1} checkpoint is kept and finite"
 
 
-def _ray_busy() -> bool:
-    """The session's Ray has CPUs taken: the one painter run now running (RUN_LOCK) has started its work."""
-    import ray
-
-    return ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
-
-
 def stopped_runs(world, env, logs: Path) -> dict:
     """tokenize (once its Ray work has started) and evaluate (once it has said it is generating its captions'
     images) stopped part-way: by SIGTERM, a clean stop whose line says how to rerun (tokenize: with
     --overwrite, a stopped run's shards are not a whole output), then, rerun so, by SIGKILL; then rerun to the
     end with every row accounted for."""
     outcome = {}
-    for job, extra, again, ready in (("tokenize", [], ["--overwrite"], lambda _: _ray_busy()),
+    for job, extra, again, ready in (("tokenize", [], ["--overwrite"], lambda _: ray_busy()),
                                      ("evaluate", ["--captions", "128"], [], lambda err: "generated " in err)):
         args = [*base_args(job, world, output=str(world.tmp / f"out-{job}-stopped")), *extra]
         rerun = f"rerun the same command{' with --overwrite' if again else ''}"
@@ -162,18 +155,17 @@ def training_night(job: str, world, env, logs: Path, disk: tuple) -> dict:
     folder, no_disk = disk
     output = str((world.tmp if no_disk else folder) / f"out-{job}-night")
     args = [*base_args(job, world, output=output), "--max-steps", str(NIGHT_STEPS), "--checkpoint-every", "1"]
-    outcome = {"disk-full": f"skipped: {no_disk}"}
+    outcome, resume = {"disk-full": f"skipped: {no_disk}"}, ["--resume"]
     if not no_disk:
         with disk_filled(folder, 24 * 1024):  # room for the metrics, not for a checkpoint
             full = run_painter([*args, "--max-failures", "0"], env)  # no restarts into the same full disk
         error = assert_failed_cleanly(full, output, "No space left on device")
         outcome["disk-full"] = f"failed cleanly: {gist(error)}; rerun with --resume completed (its night)"
-        if Path(output, "_runs", job).exists():  # the run exists: the plain rerun is refused, naming --resume
-            args.append("--resume")
-    stopped = _stopped_after(args, env, output, SIGNALS["sigterm"], logs)
+    first = [*args, *resume] if Path(output, "_runs", job).exists() else args  # an existing run needs --resume
+    stopped = _stopped_after(first, env, output, SIGNALS["sigterm"], logs)
     assert_failed_cleanly(stopped, "SIGTERM", "rerun the same command with --resume", code=143)
     termed = _logged_step(output, job)
-    args += [] if "--resume" in args else ["--resume"]
+    args += resume
     killed = _stopped_after(args, env, output, SIGNALS["sigkill"], logs)
     killed_at = _logged_step(output, job)
     assert killed.code == -9 and killed_at > termed
