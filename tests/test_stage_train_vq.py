@@ -45,9 +45,9 @@ def corpus(tmp_path_factory) -> str:
 
 
 def options(model: str, corpus: str, output: str, **overrides) -> Options:
-    base = dict(input=[corpus], model=model, output=output, workers=2, batch_size=8, max_steps=STEPS, lr=2e-3,
-                restart_every=25, eval_images=64, log_every=10, checkpoint_every=40, max_error_rate=0.05,
-                max_failures=1)
+    base = dict(input=[corpus], model=model, output=output, workers=2, batch_size=8, max_steps=STEPS, lr=1e-3,
+                warmup_steps=10, restart_every=25, eval_images=64, log_every=10, checkpoint_every=40,
+                max_error_rate=0.05, max_failures=1)
     return Options(**(base | overrides))
 
 
@@ -76,8 +76,10 @@ def test_ddp_training_lowers_reconstruction_error_and_keeps_codes_in_use(vq_run)
     assert s["steps"] == STEPS and s["workers"] == 2 and s["steps_per_epoch"] == 16
     assert s["rows_in"] == ROWS + BAD and s["rows_rejected"] == BAD and s["rows"] == ROWS - 64
     assert s["eval_images"] == 64  # held out, measured before the first step and after the last
-    assert s["reconstruction_l1"] < 0.8 * s["start_reconstruction_l1"]
-    assert s["psnr"] > s["start_psnr"] + 2
+    # at lr 1e-3 with 10 warm-up steps, seeds 0-3 ended at 0.51-0.58 of the start's L1 and 5.0-5.8 dB up;
+    # at lr 2e-3 without warm-up the same seeds spread over 0.60-0.85 (one CI run failed at 0.81)
+    assert s["reconstruction_l1"] < 0.7 * s["start_reconstruction_l1"]
+    assert s["psnr"] > s["start_psnr"] + 3
     assert s["final_loss"] < 0.8 * s["first_loss"]
     assert s["codebook_usage"] > 0.3 and s["perplexity"] > 30
     assert s["codes_restarted"] > 0 and s["images_per_second"] > 0
