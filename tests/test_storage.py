@@ -85,6 +85,21 @@ def test_find_lists_fresh_skips_hidden_names_and_excluded_folders(tmp_path):
     assert storage.find(str(tmp_path / "missing"), (".parquet",)) == []
 
 
+def test_s3_paths_retry_in_botocore_only_and_s3fs_loads_only_where_a_bucket_is_used():
+    """One retry layer (painter.io.retries): botocore's bounded attempts, s3fs's own loop off; and a process
+    that never touches a bucket never imports s3fs (a third of a second of every worker's and CLI's start)."""
+    import subprocess
+    import sys
+    from painter.io.retries import S3FS_TRIES, STORAGE_ATTEMPTS
+
+    fs, _ = Storage({"anon": True}).fs("s3://bucket/key")
+    assert fs.retries == S3FS_TRIES == 1
+    assert fs.config_kwargs["retries"] == {"total_max_attempts": STORAGE_ATTEMPTS, "mode": "standard"}
+    check = "import sys, painter.cli, painter.stages.tokenize; print('s3fs' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False"]
+
+
 def test_find_sees_files_another_client_wrote_after_a_listing(s3_bucket):
     """Ray workers write beside the driver: its listings must see their files, whatever it listed before."""
     bucket, options = s3_bucket

@@ -4,7 +4,8 @@
 sets fsspec's defaults for `s3://`: botocore's own "standard" retry mode (`STORAGE_ATTEMPTS` attempts in
 all, exponential back-off with jitter, on throttling, 5xx answers and dropped or refused connections)
 as the only retry layer: s3fs would otherwise repeat every failed call five times on top of botocore's
-attempts, so a dead endpoint would take a minute to report. `delta_retry_options()` bounds the Delta
+attempts, so a dead endpoint would take a minute to report (`painter.io.s3`, registered with fsspec by
+name, so that s3fs is imported only where a bucket is used). `delta_retry_options()` bounds the Delta
 Lake log's reads and commits (delta-rs's object store; its back-off starts at 100 ms, so it can afford
 more retries, and a dead endpoint is found by the jobs' preflight before it is reached).
 Permanent errors (no such bucket or key, access denied) are not retried by either library.
@@ -19,17 +20,16 @@ DELTA_RETRIES, DELTA_RETRY_TIMEOUT = 5, "30s"  # delta-rs's object store: back-o
 
 def configure_storage_retries() -> None:
     """fsspec's defaults for every S3 filesystem built in this process (explicit options still win)."""
+    import fsspec
     import fsspec.config
 
     s3 = fsspec.config.conf.setdefault("s3", {})
     config_kwargs = dict(s3.get("config_kwargs") or {})
     config_kwargs.setdefault("retries", {"total_max_attempts": STORAGE_ATTEMPTS, "mode": "standard"})
     s3["config_kwargs"] = config_kwargs
-    try:
-        import s3fs
-    except ImportError:  # no S3 support installed: nothing to configure
-        return
-    s3fs.S3FileSystem.retries = S3FS_TRIES
+    for protocol in ("s3", "s3a"):  # imported when first used (painter.io.s3)
+        fsspec.register_implementation(protocol, "painter.io.s3.RetryingS3FileSystem", clobber=True,
+                                       errtxt="install s3fs to read or write s3:// paths")
 
 
 def delta_retry_options() -> dict[str, str]:
