@@ -226,3 +226,13 @@ def test_the_cli_builds_these_options():
     o = from_args(Options, args)
     assert o.data == ["a", "b"] and o.workers == 2 and o.gpus_per_worker == 0 and o.resume and o.max_steps == 50
     assert o.pkeep == 0.9 and o.val_data == [] and o.name == "train"
+
+
+def test_a_relative_output_gives_an_absolute_run_location(tmp_path, monkeypatch):
+    """`painter train --output model` from a shell: Ray Train takes only an absolute local storage path
+    (a relative one failed in its controller with 'URI has empty scheme'), and workers may start elsewhere."""
+    from painter.stages.train_runner import run_location
+
+    monkeypatch.chdir(tmp_path)
+    runs, run_path = run_location(Options(data=["tokens"], output="model", name="night"))
+    assert runs == str(tmp_path / "model" / "_runs") and run_path == str(tmp_path / "model" / "_runs" / "night")

@@ -99,10 +99,12 @@ def scaling_config(o: RunOptions):
 def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
 
-    An existing run is refused unless `o.resume`, and `o.resume` needs one (a reused name would
-    otherwise silently resume, or do nothing).
+    A local path is made absolute. An existing run is refused unless `o.resume`, and `o.resume` needs one
+    (a reused name would otherwise silently resume, or do nothing).
     """
     runs = o.run_dir or posixpath.join(o.output, "_runs")
+    if not is_remote(runs):  # Ray Train takes only an absolute local storage path (and workers' cwd may differ)
+        runs = os.path.abspath(runs)
     run_path = posixpath.join(runs, o.name)
     exists = as_storage(storage).exists(run_path)
     if exists and not o.resume:
