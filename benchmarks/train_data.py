@@ -1,4 +1,5 @@
-"""Train step time: token shards kept in worker memory vs streamed through Ray Data's iterator.
+"""Train step time: token shards kept in worker memory (read by the worker itself) vs streamed through Ray
+Data's iterator.
 
 One real Ray Train worker (the train job's `GPTRun`: the demo's GPT, batch, lr, every core as torch
 threads) holds both data paths of `painter.stages.train_worker.GPTRun.host_batches` open on the same token shards
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> None:
                       name="alternate", batch_size=a.batch_size, lr=5e-3, warmup_steps=10, max_steps=a.steps,
                       threads_per_worker=os.cpu_count())
     start = train.resolve_start(o)
-    shards, rows = train.read_shards(train.list_shards(o.data), start.shard_info)
-    datasets = {"train": shards}
+    files = train.list_shards(o.data)
+    rows = train.check_shards(files, start.shard_info)
+    datasets = {"train": train.shard_dataset(files)}
     steps_per_epoch, total = train.plan_steps(rows, o)
     if a.steps + 1 > steps_per_epoch:
         raise SystemExit(f"--steps {a.steps} must be under an epoch ({steps_per_epoch} steps of {rows} rows)")
     config = train.worker_config(o, start, os.path.join(work, "runs", o.name), steps_per_epoch, total)
+    config["train_files"] = files  # the memory side reads them itself (painter.io.shards.read_split)
     result = train.fit(alternate, config | {"bench_steps": a.steps}, datasets, train.scaling_config(o), o,
                        os.path.join(work, "runs"))
     times, waits = result.metrics["times"], result.metrics["waits"]

@@ -109,7 +109,7 @@ def test_rejected_rows_are_written_with_reasons(vq_run):
 
 @pytest.mark.slow
 def test_output_is_a_model_dir_with_a_new_vqgan_that_old_shards_do_not_fit(vq_run, tiny_model_dir, tmp_path):
-    from painter.stages.train import read_shards
+    from painter.stages.train import check_shards
 
     out, start = load_model(vq_run["output"]), load_model(tiny_model_dir)
     assert out.vqgan_fingerprint == vq_run["vqgan"] != start.vqgan_fingerprint == vq_run["previous_vqgan"]
@@ -122,7 +122,7 @@ def test_output_is_a_model_dir_with_a_new_vqgan_that_old_shards_do_not_fit(vq_ru
     pq.write_table(shard_table(info, ["a"], ["t"], np.zeros((1, info.text_len), np.int32),
                                np.zeros((1, info.img_len), np.int32)), shard)
     with pytest.raises(InputError, match="vqgan_fingerprint"):
-        read_shards([shard], ShardInfo.for_model(out))
+        check_shards([shard], ShardInfo.for_model(out))
 
 
 def test_prepare_images_decodes_checks_and_holds_out(corpus):

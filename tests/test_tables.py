@@ -148,3 +148,33 @@ def test_is_parquet_and_rejected_table():
     assert table.schema == REJECTED_SCHEMA
     assert table.to_pydict() == {"idx": [None, "7"], "source": ["f.tsv", "f.tsv"], "row": [1, 2],
                                  "stage": ["tokenize", "tokenize"], "reason": ["r1", "r2"]}
+
+
+def test_read_split_deals_every_rank_an_equal_disjoint_share_in_idx_order(tmp_path):
+    """The train job's in-memory split: whatever the files' order of rows, rank r of w gets the same rows in
+    every run (round-robin over (idx, file, row)), w shares of rows // w rows, each row's own tokens."""
+    import numpy as np
+
+    from painter.io.shards import ShardInfo, read_split, shard_table
+
+    info = ShardInfo("vq", "vocab", 32, text_len=3, img_len=4, img_vocab_size=256)
+    rng = np.random.default_rng(0)
+    names = [f"row-{k:02d}" for k in rng.permutation(23)]  # 23 rows over 3 files, out of idx order
+    files = []
+    for f, part in enumerate((names[:9], names[9:10], names[10:])):
+        numbers = np.array([int(n[4:]) for n in part])
+        text_ids = np.repeat(numbers[:, None], 3, axis=1).astype(np.int32)  # every token names its row
+        path = str(tmp_path / f"part-{f}.parquet")
+        pq.write_table(shard_table(info, part, part, text_ids, text_ids[:, :1].repeat(4, axis=1) + 100), path)
+        files.append(path)
+    for world in (1, 2, 3):
+        shares = [read_split(files, rank, world) for rank in range(world)]
+        seen = [idx for _, _, share in shares for idx in share]
+        assert all(len(share) == 23 // world for _, _, share in shares)
+        assert len(set(seen)) == len(seen) and set(seen) <= set(names)
+        for text_ids, image_tokens, idx in shares:
+            assert idx == sorted(idx)
+            numbers = np.array([int(i[4:]) for i in idx])
+            assert (text_ids == numbers[:, None]).all() and (image_tokens == numbers[:, None] + 100).all()
+            assert text_ids.dtype == image_tokens.dtype == np.int32
+        assert shares[-1][2] == read_split(list(reversed(files)), world - 1, world)[2]  # not the files' order

@@ -1,6 +1,7 @@
 """Token shards: the Parquet tables the tokenize job writes and the train job reads.
 
-Columns: `idx` string, `text` string, `text_ids` list<int32> (`text_len` tokenizer ids, padded with
+`read_split` gives one training worker its share of a set of shards without Ray Data (the train job's
+in-memory path). Columns: `idx` string, `text` string, `text_ids` list<int32> (`text_len` tokenizer ids, padded with
 [PAD], not offset), `image_tokens` list<int16|int32> (`img_len` VQGAN codes). Every file's schema
 metadata records what made it (`ShardInfo`: VQGAN fingerprint, vocab hash, image size, lengths) so
 training refuses shards made with another VQGAN or vocab.
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
+from painter.io.storage import as_storage
 
 _META_KEY = b"painter.shard_info"
 
@@ -96,3 +99,37 @@ def check_shards_fit(info: ShardInfo, model_info: ShardInfo, source: str) -> Non
     reason = info.mismatch(model_info)
     if reason is not None:
         raise InputError(f"{source}: token shards do not fit this model: {reason}")
+
+
+def read_split(files: list[str], rank: int, world: int, storage=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Worker `rank` of `world`'s equal share of the rows of the token shards `files`: (text_ids (n, Tt) int32,
+    image_tokens (n, Ti) int32, idx), n = rows // world, in (idx, file, row) order.
+
+    Every row is ranked by (idx, file, row) and dealt round-robin, so a rank's rows depend only on the files,
+    never on read order or timing: the same shards give each rank the same rows in every run. The idx of
+    every file are read first, then, a file at a time, only this rank's rows of the token columns.
+    """
+    handle, keys = as_storage(storage), []
+    for number, path in enumerate(files):
+        filesystem, stripped = handle.arrow(path)
+        idx = pq.read_table(stripped, columns=["idx"], filesystem=filesystem).column("idx")
+        keys.append(pa.table({"idx": idx, "file": np.full(len(idx), number, np.int32),
+                              "row": np.arange(len(idx), dtype=np.int64)}))
+    table = pa.concat_tables(keys)
+    order = pc.sort_indices(table, sort_keys=[("idx", "ascending"), ("file", "ascending"), ("row", "ascending")])
+    share = table.num_rows // world
+    mine = table.take(order.to_numpy()[rank::world][:share])  # (share,) rows of this rank, in key order
+    where, rows = mine.column("file").to_numpy(), mine.column("row").to_numpy()
+    columns: dict[str, np.ndarray] = {}
+    for number, path in enumerate(files):
+        at = np.flatnonzero(where == number)  # positions in the split of this file's rows
+        if not len(at):
+            continue
+        filesystem, stripped = handle.arrow(path)
+        part = pq.read_table(stripped, columns=["text_ids", "image_tokens"], filesystem=filesystem).take(rows[at])
+        for name in ("text_ids", "image_tokens"):
+            values = part.column(name).combine_chunks()
+            values = values.flatten().to_numpy(zero_copy_only=False).reshape(len(at), -1)
+            columns.setdefault(name, np.empty((share, values.shape[1]), np.int32))[at] = values
+    empty = np.empty((0, 0), np.int32)
+    return columns.get("text_ids", empty), columns.get("image_tokens", empty), mine.column("idx").to_pylist()

@@ -76,8 +76,9 @@ class Options(RunOptions):
                                            "kept when this is 0)")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
     in_memory_mb: int = option(1024, "keep each worker's split of the training shards in memory, fully reshuffled "
-                                     "every epoch, when it fits in this many MiB (no Ray Data iterator in the step "
-                                     "loop: faster steps for small runs); larger sets, or 0, stream through Ray Data")
+                                     "every epoch, when it fits in this many MiB (each worker reads its share itself, "
+                                     "the same rows every run: no Ray Data start, faster steps for small runs); "
+                                     "larger sets, or 0, stream through Ray Data")
     seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
     record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
     compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "
@@ -154,14 +155,12 @@ def check_shards(files: list[str], model_info: ShardInfo, storage: Storage | Non
     return rows
 
 
-def read_shards(files: list[str], model_info: ShardInfo, storage: Storage | None = None):
-    """(a Ray Dataset over `files`, its rows), after refusing (naming the file) any shard that does not fit
-    the model."""
+def shard_dataset(files: list[str], storage: Storage | None = None):
+    """A Ray Dataset over the token shards `files` (checked first with `check_shards`), streamed to the workers."""
     import ray.data
 
-    rows = check_shards(files, model_info, storage)
     filesystem, _ = as_storage(storage).arrow(files[0])
-    return ray.data.read_parquet([tables.url_to_fs(f, storage)[1] for f in files], filesystem=filesystem), rows
+    return ray.data.read_parquet([tables.url_to_fs(f, storage)[1] for f in files], filesystem=filesystem)
 
 
 def preflight(o: Options) -> None:
@@ -190,17 +189,22 @@ def run(o: Options) -> dict:
     scaling = scaling_config(o)
     runs, run_path = run_location(o, storage)
     files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
-    train_data, rows = read_shards(files, start.shard_info, storage)
-    datasets = {"train": train_data}
-    if val_files:
-        datasets["val"] = read_shards(val_files, start.shard_info, storage)[0]
+    rows = check_shards(files, start.shard_info, storage)
     steps_per_epoch, total = plan_steps(rows, o)
+    loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
+    datasets = {}  # a split kept in memory is read by each worker itself (painter.io.shards.read_split)
+    if loop_config["in_memory"]:
+        loop_config["train_files"] = files
+    else:
+        datasets["train"] = shard_dataset(files, storage)
+    if val_files:
+        check_shards(val_files, start.shard_info, storage)
+        datasets["val"] = shard_dataset(val_files, storage)
     log.info(f"{len(files)} shards, {rows} rows, {o.workers} workers, {steps_per_epoch} steps/epoch, "
           f"{total} steps{' (resuming)' if o.resume else ''} -> {run_path}")
     if not start.has_gpt:
         log.info(f"{start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})")
-    loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
     with remote_progress("train", total, "steps") as loop_config["progress"]:
         result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics

@@ -220,6 +220,12 @@ class TrainerRun:
         (step, first_loss, metrics, ... as the job keeps it)."""
         raise NotImplementedError
 
+    def train_shard(self):
+        """What `batches` reads: Ray Data's shard of the "train" dataset, unless the job reads otherwise."""
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
     def batches(self, shard, epoch: int, steps_done: int):
         """This worker's batches of `epoch`, those of the first `steps_done` steps left out."""
         raise NotImplementedError
@@ -261,7 +267,7 @@ class TrainerRun:
             ray.train.report(self.state["metrics"])
             return
         self.before_training()
-        shard = ray.train.get_dataset_shard("train")
+        shard = self.train_shard()
         while self.state["step"] < total and not self.stopped:
             epoch, done = divmod(self.state["step"], spe)
             batches = self.batches(shard, epoch, done)

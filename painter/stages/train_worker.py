@@ -3,7 +3,8 @@
 `GPTRun` is the GPT's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
 loop, the reporting and checkpoint cadence, the divergence stop and the fault switch): build or restore
 the GPT and AdamW (from a model directory plus `train_state.pt`), iterate this worker's split of the
-shards with a seeded per-epoch local shuffle (or a full shuffle of the split kept in memory), copy the
+shards with a seeded per-epoch local shuffle (or a full shuffle of the split kept in memory, which the
+worker reads itself: `painter.io.shards.read_split`), copy the
 micro-batches ahead to the device (`painter.training.prefetch_to_device`), call
 `painter.training.train_step` (on the model compiled with `torch.compile` where `use_compile` says so),
 the metrics (tokens/s, and on a known GPU the model FLOPs utilisation), the validation loss and, with
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from painter.checkpoint import load_model, save_model
+from painter.io.shards import read_split
 from painter.models.gpt import GPT
 from painter.runtime import autocast
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
@@ -48,19 +50,12 @@ def _shard_collate():
     return ShardCollate()
 
 
-def shard_in_memory(shard) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """This worker's whole split of a (small) training set, read once: text_ids (N, Tt) and image_tokens
-    (N, Ti) as int32, and idx, sorted by idx so that the seeded per-epoch order never depends on the order
-    Ray Data happened to deliver the blocks in."""
-    texts, images, idx = [], [], []
-    for table in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        text_ids, image_tokens, rows = _shard_collate()(table)
-        texts.append(text_ids.to(torch.int32))
-        images.append(image_tokens.to(torch.int32))
-        idx += rows
-    order = np.argsort(np.array(idx, dtype=object), kind="stable")
-    order_t = torch.from_numpy(order.astype(np.int64))
-    return torch.cat(texts)[order_t], torch.cat(images)[order_t], [idx[i] for i in order]
+def split_in_memory(files: list[str], rank: int, world: int, storage) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """This worker's whole split of a (small) training set, read once from the shards without Ray Data
+    (`painter.io.shards.read_split`: the same rows for a rank in every run, in idx order, so the seeded
+    per-epoch order makes runs repeatable): text_ids (N, Tt) and image_tokens (N, Ti) as int32, and idx."""
+    text_ids, image_tokens, idx = read_split(files, rank, world, storage)
+    return torch.from_numpy(text_ids), torch.from_numpy(image_tokens), idx
 
 
 def memory_batches(data: tuple, batch_size: int, seed: int):
@@ -108,6 +103,10 @@ class GPTRun(TrainerRun):
         return gpt.train(), {"step": 0, "first_loss": None, "val_loss": None, "tokens": 0, "seconds": 0.0,
                              "metrics": {}}
 
+    def train_shard(self):
+        """Ray Data's shard of the training set; None when the split is read into memory without it."""
+        return None if self.cfg.get("in_memory") else super().train_shard()
+
     def batches(self, shard, epoch: int, steps_done: int):
         """Micro-batches (text_ids, image_tokens, idx) of `epoch` copied ahead to the device."""
         return prefetch_to_device(self.host_batches(shard, epoch, skip=steps_done * self.tc.grad_accum), self.device)
@@ -116,8 +115,8 @@ class GPTRun(TrainerRun):
         """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
         c, buffer = self.cfg, self.cfg["shuffle_buffer"]
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
-        if c.get("in_memory"):  # a small run: read the split once, no Ray Data iterator in the step loop
-            self.memory = self.memory or shard_in_memory(shard)
+        if c.get("in_memory"):  # a small run: read the split once, no Ray Data at all
+            self.memory = self.memory or split_in_memory(c["train_files"], self.rank, self.world, self.storage)
             batches = memory_batches(self.memory, c["batch_size"], seed)
         else:
             batches = shard.iter_torch_batches(
