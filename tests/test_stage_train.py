@@ -117,6 +117,8 @@ def test_resume_continues_a_finished_run_and_recovers_from_a_worker_failure(ddp_
     steps = [m["step"] for m in metrics_lines(more)]
     # the second session starts at 25; step 36 is done twice: once before the failure, once after
     assert steps == [1, 4, 8, 12, 16, 20, 24, 28, 32, 36, 36, 40, 44, 48]
+    first, redone = (m for m in metrics_lines(more) if m["step"] == 36)
+    assert redone["loss"] == first["loss"]  # the retry redid 33-36 exactly: each rank's rows never change
     state = torch.load(os.path.join(more["checkpoint"], "train_state.pt"), weights_only=True)
     assert state["step"] == 48 and state["first_loss"] == more["first_loss"]
 
