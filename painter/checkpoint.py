@@ -296,7 +296,8 @@ def zoo_name(name_or_path: str) -> str | None:
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """`bundled` is the packaged model; a zoo name resolves under the models home; nothing is downloaded."""
+    """`bundled` is the packaged model; a zoo name resolves under the models home (nothing is downloaded); a
+    local path becomes absolute; a URL stays as it is."""
     if name_or_path == BUNDLED:
         return bundled_model_dir()
     if zoo_name(name_or_path):
@@ -308,4 +309,5 @@ def resolve_model_dir(name_or_path: str) -> str:
                 f"downloaded: get EasyNLP's {name_or_path} directory, then run "
                 f"`painter import-easynlp /path/to/{name_or_path} {path}`")
         return path
-    return name_or_path
+    # a local path is made absolute: it travels to Ray workers, whose working directory may differ
+    return name_or_path if "://" in name_or_path else os.path.abspath(name_or_path)
