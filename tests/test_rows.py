@@ -39,3 +39,12 @@ def test_empty_rows_carry_the_bookkeeping_columns():
     empty = rows.empty_rows("idx", "text")
     assert empty.num_rows == 0 and empty.column_names == ["idx", "text", SOURCE, ROW, REASON]
     assert empty.schema.field(ROW).type == pa.int64()
+
+
+def test_rank_share_deals_rows_by_key_whatever_their_order():
+    keys = pa.table({SOURCE: ["b", "a", "a", "b", "a"], ROW: [1, 2, 1, 2, 3]})  # (a,1) (a,2) (a,3) (b,1) (b,2)
+    assert [rows.rank_share(keys, (SOURCE, ROW), r, 2).tolist() for r in (0, 1)] == [[2, 4], [1, 0]]
+    assert rows.rank_share(keys, (SOURCE, ROW), 0, 2, equal=False).tolist() == [2, 4, 3]  # evaluation: all
+    shuffled = keys.take([4, 3, 2, 1, 0])
+    picked = shuffled.take(rows.rank_share(shuffled, (SOURCE, ROW), 1, 2))
+    assert list(zip(picked[SOURCE].to_pylist(), picked[ROW].to_pylist())) == [("a", 2), ("b", 1)]

@@ -9,6 +9,7 @@ rejected, which cell holds its image, and which rows repeat an idx.
 - `image_cells` picks each row's image cell among the image columns a job accepts.
 - `find_duplicates` finds the good rows that repeat an idx; the first by (file, row) is kept and the
   others get `duplicate_reason`, the one wording every job uses.
+- `rank_share` deals rows to training workers by their keys, so a worker's rows never depend on timing.
 """
 from __future__ import annotations
 
@@ -89,3 +90,12 @@ def find_duplicates(keys: pa.Table) -> dict[tuple[str, int], str]:
     sources, rows = take(SOURCE, dups), take(ROW, dups)
     first_sources, first_rows = take(SOURCE, first[dups]), take(ROW, first[dups])
     return {(s, r): duplicate_reason(fs, fr) for s, r, fs, fr in zip(sources, rows, first_sources, first_rows)}
+
+
+def rank_share(keys: pa.Table, sort_keys: Sequence[str], rank: int, world: int, equal: bool = True) -> np.ndarray:
+    """The row numbers of `keys` that worker `rank` of `world` takes: rows ranked by `sort_keys` and dealt
+    round-robin, so a share depends only on the keys, never on read order or timing. `equal` trims every
+    share to rows // world (DDP ranks must take the same number of steps)."""
+    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in sort_keys]).to_numpy()
+    mine = order[rank::world]
+    return mine[: keys.num_rows // world] if equal else mine

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
+from painter.io.rows import rank_share
 from painter.io.storage import as_storage
 
 _META_KEY = b"painter.shard_info"
@@ -105,8 +105,8 @@ def read_split(files: list[str], rank: int, world: int, storage=None) -> tuple[n
     """Worker `rank` of `world`'s equal share of the rows of the token shards `files`: (text_ids (n, Tt) int32,
     image_tokens (n, Ti) int32, idx), n = rows // world, in (idx, file, row) order.
 
-    Every row is ranked by (idx, file, row) and dealt round-robin, so a rank's rows depend only on the files,
-    never on read order or timing: the same shards give each rank the same rows in every run. The idx of
+    Every row is ranked by (idx, file, row) and dealt round-robin (`painter.io.rows.rank_share`), so the same
+    shards give each rank the same rows in every run. The idx of
     every file are read first, then, a file at a time, only this rank's rows of the token columns.
     """
     handle, keys = as_storage(storage), []
@@ -116,9 +116,8 @@ def read_split(files: list[str], rank: int, world: int, storage=None) -> tuple[n
         keys.append(pa.table({"idx": idx, "file": np.full(len(idx), number, np.int32),
                               "row": np.arange(len(idx), dtype=np.int64)}))
     table = pa.concat_tables(keys)
-    order = pc.sort_indices(table, sort_keys=[("idx", "ascending"), ("file", "ascending"), ("row", "ascending")])
     share = table.num_rows // world
-    mine = table.take(order.to_numpy()[rank::world][:share])  # (share,) rows of this rank, in key order
+    mine = table.take(rank_share(table, ("idx", "file", "row"), rank, world))  # (share,) rows, in key order
     where, rows = mine.column("file").to_numpy(), mine.column("row").to_numpy()
     columns: dict[str, np.ndarray] = {}
     for number, path in enumerate(files):

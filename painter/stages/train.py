@@ -75,10 +75,6 @@ class Options(RunOptions):
                                            "usual. Stored in the model's config (an --init model's own value is "
                                            "kept when this is 0)")
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
-    in_memory_mb: int = option(1024, "keep each worker's split of the training shards in memory, fully reshuffled "
-                                     "every epoch, when it fits in this many MiB (each worker reads its share itself, "
-                                     "the same rows every run: no Ray Data start, faster steps for small runs); "
-                                     "larger sets, or 0, stream through Ray Data")
     seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
     record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
     compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "

@@ -61,6 +61,11 @@ class RunOptions:
     checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
     log_every: int = option(10, "optimizer steps between logged metrics")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    in_memory_mb: int = option(1024, "keep the training set in worker memory, fully reshuffled every epoch, when "
+                                     "it fits in this many MiB (train: a worker's share of the token shards; "
+                                     "train-vq: the decoded images): each worker takes its share by key, the same "
+                                     "rows every run, without Ray Data in the step loop; larger sets, or 0, stream "
+                                     "through Ray Data")
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
                                                "models, run directory, output), on the driver and every worker")
 

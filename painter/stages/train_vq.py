@@ -121,14 +121,14 @@ def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
     """Rows read by `read_input` -> decoded images, on a Ray Data CPU task. Never raises for bad data.
 
     keep="check": every row's (idx, _source, _row, _reason), the images decoded but not returned;
-    keep="train": `pixels` (uint8 (size, size, 3) bytes) of the good rows not in `eval_keys`;
-    keep="eval":  `pixels` of the good rows in `eval_keys` (only those are decoded).
+    keep="train": `pixels` (uint8 (size, size, 3) bytes), `_source` and `_row` of the good rows not in `eval_keys`;
+    keep="eval":  the same of the good rows in `eval_keys` (only those are decoded).
     Keys are (file, row) pairs.
     """
     cells, is_base64 = image_cells(batch)
     reasons = batch[REASON].to_pylist()
     sources, rows = batch[SOURCE].to_pylist(), batch[ROW].to_pylist()
-    pixels = []
+    pixels, kept = [], []
     for i in range(batch.num_rows):
         if reasons[i] is not None:
             continue
@@ -137,8 +137,10 @@ def prepare_images(batch: pa.Table, size: int, max_pixels: int, keep: str,
         array, reasons[i] = prepare_pixels(cells[i], size, is_base64=is_base64[i], max_pixels=max_pixels)
         if array is not None and keep != "check":
             pixels.append(array.tobytes())
+            kept.append(i)
     if keep != "check":
-        return pa.table({PIXELS: pa.array(pixels, pa.binary())})
+        return pa.table({PIXELS: pa.array(pixels, pa.binary()), ROW: pa.array([rows[i] for i in kept], pa.int64()),
+                         SOURCE: pa.array([sources[i] for i in kept], pa.string())})
     idx = batch["idx"].to_pylist() if "idx" in batch.column_names else [None] * batch.num_rows
     return pa.table({"idx": pa.array([None if v is None else str(v) for v in idx], pa.string()),
                      SOURCE: batch[SOURCE].cast(pa.string()), ROW: batch[ROW].cast(pa.int64()),
@@ -153,6 +155,22 @@ def image_dataset(o: Options, storage: Storage, size: int, keep: str, eval_keys:
     return rows.map_batches(prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                             fn_kwargs={"size": size, "max_pixels": o.max_pixels, "keep": keep,
                                        "eval_keys": eval_keys})
+
+
+def image_datasets(o: Options, storage: Storage, size: int, held_out: list, in_memory: bool) -> tuple[dict, dict]:
+    """(Ray Train's datasets, the loop config's in-memory blocks). In memory, the decoded images are
+    materialized once and the workers get the object refs of their blocks (`train_blocks`, `eval_blocks`),
+    each taking its share by key (`painter.stages.train_vq_worker.pixels_in_memory`); otherwise the training
+    images stream through Ray Data (decoded every epoch) and the held-out ones are a materialized dataset."""
+    eval_keys = frozenset(held_out)
+    train = image_dataset(o, storage, size, "train", eval_keys)
+    held = None
+    if held_out:
+        held = image_dataset(o, storage, size, "eval", eval_keys, paths=sorted({s for s, _ in held_out})).materialize()
+    if in_memory:
+        blocks = {"train_blocks": train.materialize().to_arrow_refs()}
+        return {}, blocks | ({"eval_blocks": held.to_arrow_refs()} if held is not None else {})
+    return {"train": train} | ({"eval": held} if held is not None else {}), {}
 
 
 def check_corpus(o: Options, storage: Storage, size: int, errors: str) -> pa.Table:
@@ -222,13 +240,10 @@ def run(o: Options) -> dict:
     check_error_rate(rows_rejected, rows_in, o.max_error_rate, f"see {errors}",
                      {"rows_in": rows_in, "rows_rejected": rows_rejected, "errors": errors})
     held_out = held_out_keys(keys, o.eval_images)
-    eval_keys = frozenset(held_out)
     train_rows = good - len(held_out)
     steps_per_epoch, total = plan_steps(train_rows, o)
-    datasets = {"train": image_dataset(o, storage, size, "train", eval_keys)}
-    if held_out:
-        eval_files = sorted({s for s, _ in held_out})
-        datasets["eval"] = image_dataset(o, storage, size, "eval", eval_keys, paths=eval_files).materialize()
+    in_memory = train_rows * size * size * 3 <= o.in_memory_mb * 2**20  # uint8 RGB
+    datasets, blocks = image_datasets(o, storage, size, held_out, in_memory)
     _log(f"{rows_in} rows, {rows_rejected} rejected, {len(held_out)} held out, {train_rows} to train on; "
          f"{o.workers} workers, {steps_per_epoch} steps/epoch, {total} steps{' (resuming)' if o.resume else ''} "
          f"-> {run_path}")
@@ -239,11 +254,12 @@ def run(o: Options) -> dict:
                    "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
                    "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
-                   "has_eval": bool(held_out), "storage": storage}
+                   "has_eval": bool(held_out), "storage": storage, **blocks}
     with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
         result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
+    summary["data_path"] = "memory" if in_memory else "stream"
     summary |= {"checkpoint": checkpoint_url(result.checkpoint, run_path), "previous_vqgan": source.vqgan_fingerprint,
                 "loss_curve": plots.write_loss_curve(run_path, f"train-vq {o.name}", {
                     "train loss": "loss", "train L1": "l1", "held-out L1": "eval.l1"}, storage)}

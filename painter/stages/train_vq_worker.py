@@ -3,7 +3,8 @@
 `VQRun` is the VQGAN's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
 loop, the reporting and checkpoint cadence, the checkpoint layout (a full model directory plus
 `train_state.pt`), the divergence stop and the fault switch): restoring the VQGAN (and discriminator) and Adam, the pixel batches
-(uint8 (B, H, W, 3) rows from Ray Data, turned into [-1, 1] floats on the worker's device), the
+(uint8 (B, H, W, 3) rows from Ray Data, or for a run that keeps its images in memory this rank's share
+of the decoded images by (file, row), turned into [-1, 1] floats on the worker's device), the
 step (`painter.vq_training.train_step`: reconstruction + codebook loss, dead-code restarts, optional
 GAN), the metrics (loss, L1, codebook usage and perplexity over the logging window, lr) and the
 held-out reconstruction measurement (`painter.reconstruction.ReconstructionMeter` on every rank's
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from painter.checkpoint import load_model, save_model
 from painter.encoder import PIXELS
+from painter.io.rows import ROW, SOURCE, rank_share
 from painter.models.vqgan import VQGAN
 from painter.reconstruction import ReconstructionMeter
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
@@ -45,6 +47,18 @@ def _pixel_collate(size: int):
     return PixelCollate()
 
 
+def pixels_in_memory(blocks: list, size: int, rank: int, world: int, equal: bool) -> torch.Tensor:
+    """This worker's share of decoded images held in Ray's object store (`blocks`: refs of Arrow tables with
+    `pixels`, `_source`, `_row`), dealt by (file, row) (`painter.io.rows.rank_share`), in that order:
+    uint8 (n, size, size, 3). `equal`: every rank the same count, as training steps need."""
+    import ray
+
+    table = pa.concat_tables(ray.get(list(blocks)))
+    cells = table.column(PIXELS).take(rank_share(table, (SOURCE, ROW), rank, world, equal)).to_pylist()
+    data = np.frombuffer(b"".join(cells), dtype=np.uint8)
+    return torch.from_numpy(data.reshape(len(cells), size, size, 3).copy())
+
+
 def to_images(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] on `device`: x / 127.5 - 1, as
     `painter.io.images.to_model_input` (converted after the copy, so only bytes cross to a GPU)."""
@@ -67,6 +81,7 @@ class VQRun(TrainerRun):
             self.discriminator = ray.train.torch.prepare_model(self.disc)
         self.optimizer, self.disc_optimizer = make_optimizers(self.vqgan, self.tc, self.disc)
         self.counter = CodeCounter(self.config.vqgan.n_embed, self.device)
+        self.memory: dict[str, torch.Tensor] = {}  # "train"/"eval": this rank's images, when the run keeps them
         saved = state.pop("saved", None)
         if saved:
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -110,13 +125,31 @@ class VQRun(TrainerRun):
         self.state["codes_restarted"] += result.restarted
         return result
 
+    def train_shard(self):
+        """Ray Data's shard of the training images; None when the run keeps them in memory."""
+        return None if "train_blocks" in self.cfg else super().train_shard()
+
+    def _kept(self, part: str) -> torch.Tensor:
+        """This rank's images of `part` ("train": an equal share; "eval": every rank's rows, all used)."""
+        if part not in self.memory:
+            self.memory[part] = pixels_in_memory(self.cfg[f"{part}_blocks"], self.size, self.rank, self.world,
+                                                 equal=part == "train")
+        return self.memory[part]
+
     def batches(self, shard, epoch: int, skip: int):
-        """This worker's image batches of `epoch` (seeded local shuffle), those of the first `skip` steps left out."""
-        c, buffer = self.cfg, self.cfg["shuffle_buffer"]
-        batches = shard.iter_torch_batches(
-            batch_size=c["batch_size"], drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
-            local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
-            local_shuffle_seed=(c["seed"] * 1009 + epoch) * 1009 + self.rank if buffer else None)
+        """This worker's image batches of `epoch` (seeded shuffle: of all its images when kept in memory, else
+        Ray Data's local shuffle buffer), those of the first `skip` steps left out."""
+        c, buffer, size = self.cfg, self.cfg["shuffle_buffer"], self.cfg["batch_size"]
+        seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
+        if shard is None:
+            images = self._kept("train")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+            batches = (images[order[i:i + size]] for i in range(0, len(order) - size + 1, size))
+        else:
+            batches = shard.iter_torch_batches(
+                batch_size=size, drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, size) if buffer else None,
+                local_shuffle_seed=seed if buffer else None)
         for i, pixels in enumerate(batches):
             if i >= skip:
                 yield to_images(pixels, self.device)
@@ -159,10 +192,15 @@ class VQRun(TrainerRun):
         """Reconstruction L1/L2/PSNR and codebook use of the current VQGAN on the held-out images (all ranks)."""
         import ray.train
 
-        meter = ReconstructionMeter(self.config.vqgan.n_embed)
+        meter, size = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["batch_size"]
+        if "eval_blocks" in self.cfg:
+            kept = self._kept("eval")
+            batches = (kept[i:i + size] for i in range(0, len(kept), size))
+        else:
+            batches = ray.train.get_dataset_shard("eval").iter_torch_batches(
+                batch_size=size, collate_fn=_pixel_collate(self.size))
         self.vqgan.eval()
-        for pixels in ray.train.get_dataset_shard("eval").iter_torch_batches(
-                batch_size=self.cfg["batch_size"], collate_fn=_pixel_collate(self.size)):
+        for pixels in batches:
             meter.update(self.vqgan, to_images(pixels, self.device))
         self.vqgan.train()
         sums = torch.tensor([meter.abs_sum, meter.sq_sum, meter.values, sum(meter.psnr), len(meter.psnr)],
