@@ -62,8 +62,8 @@ class RunOptions:
     log_every: int = option(10, "optimizer steps between logged metrics")
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
     in_memory_mb: int = option(1024, "keep the training set in worker memory, fully reshuffled every epoch, when "
-                                     "it fits in this many MiB (train: a worker's share of the token shards; "
-                                     "train-vq: the decoded images): each worker takes its share by key, the same "
+                                     "it fits in this many MiB (the GPT: a worker's share of the token shards; "
+                                     "the VQGAN: the decoded images): each worker takes its share by key, the same "
                                      "rows every run, without Ray Data in the step loop; larger sets, or 0, stream "
                                      "through Ray Data")
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
