@@ -139,16 +139,16 @@ class VQRun(TrainerRun):
     def batches(self, shard, epoch: int, skip: int):
         """This worker's image batches of `epoch` (seeded shuffle: of all its images when kept in memory, else
         Ray Data's local shuffle buffer), those of the first `skip` steps left out."""
-        c, buffer, size = self.cfg, self.cfg["shuffle_buffer"], self.cfg["batch_size"]
+        c, buffer, batch = self.cfg, self.cfg["shuffle_buffer"], self.cfg["batch_size"]
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
         if shard is None:
             images = self._kept("train")
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-            batches = (images[order[i:i + size]] for i in range(0, len(order) - size + 1, size))
+            batches = (images[order[i:i + batch]] for i in range(0, len(order) - batch + 1, batch))
         else:
             batches = shard.iter_torch_batches(
-                batch_size=size, drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
-                local_shuffle_buffer_size=max(buffer, size) if buffer else None,
+                batch_size=batch, drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, batch) if buffer else None,
                 local_shuffle_seed=seed if buffer else None)
         for i, pixels in enumerate(batches):
             if i >= skip:
@@ -192,13 +192,13 @@ class VQRun(TrainerRun):
         """Reconstruction L1/L2/PSNR and codebook use of the current VQGAN on the held-out images (all ranks)."""
         import ray.train
 
-        meter, size = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["batch_size"]
+        meter, batch = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["batch_size"]
         if "eval_blocks" in self.cfg:
             kept = self._kept("eval")
-            batches = (kept[i:i + size] for i in range(0, len(kept), size))
+            batches = (kept[i:i + batch] for i in range(0, len(kept), batch))
         else:
             batches = ray.train.get_dataset_shard("eval").iter_torch_batches(
-                batch_size=size, collate_fn=_pixel_collate(self.size))
+                batch_size=batch, collate_fn=_pixel_collate(self.size))
         self.vqgan.eval()
         for pixels in batches:
             meter.update(self.vqgan, to_images(pixels, self.device))
