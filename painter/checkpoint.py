@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from painter.errors import CheckpointError
-from painter.io.storage import Storage, as_storage
+from painter.io.storage import Storage, absolute, as_storage
 from painter.models.gpt import GPT, GPTConfig
 from painter.models.vqgan import VQGAN, VQGANConfig
 from painter.text import TextTokenizer
@@ -309,5 +309,4 @@ def resolve_model_dir(name_or_path: str) -> str:
                 f"downloaded: get EasyNLP's {name_or_path} directory, then run "
                 f"`painter import-easynlp /path/to/{name_or_path} {path}`")
         return path
-    # a local path is made absolute: it travels to Ray workers, whose working directory may differ
-    return name_or_path if "://" in name_or_path else os.path.abspath(name_or_path)
+    return absolute(name_or_path)

@@ -258,6 +258,7 @@ def test_zoo_name_resolves_under_painter_home(tmp_path, monkeypatch, tiny_model_
     assert load_model("pai-painter-scenery-base-zh", parts=()).config.name == "tiny"
     assert resolve_model_dir(str(tmp_path / "x")) == str(tmp_path / "x")  # paths pass through
     assert resolve_model_dir("s3://bucket/model") == "s3://bucket/model"
+    assert resolve_model_dir("file:///models/m") == "file:///models/m"  # a URL, file:// too, as it is
     monkeypatch.chdir(tmp_path)  # a relative path becomes absolute: Ray Train workers start in another folder
     assert resolve_model_dir("x") == str(tmp_path / "x")
     assert load_model("x/../pai-painter-scenery-base-zh", parts=()).path == str(tmp_path / "pai-painter-scenery-base-zh")

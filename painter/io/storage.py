@@ -48,6 +48,12 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (it may travel to Ray workers, whose working directory can differ, and
+    Ray Train takes only absolute local storage paths); a URL, file:// included, as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def temp_beside(path: str) -> str:
     """A fresh name beside `path` for writing it atomically ('_': hidden from table readers)."""
     head, tail = posixpath.split(path)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from painter.checkpoint import ModelConfig, load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
-from painter.io.storage import Storage, as_storage, is_remote, writing
+from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
 from painter.stages.common import cluster_has_gpus
 
@@ -107,9 +107,7 @@ def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     A local path is made absolute. An existing run is refused unless `o.resume`, and `o.resume` needs one
     (a reused name would otherwise silently resume, or do nothing).
     """
-    runs = o.run_dir or posixpath.join(o.output, "_runs")
-    if not is_remote(runs):  # Ray Train takes only an absolute local storage path (and workers' cwd may differ)
-        runs = os.path.abspath(runs)
+    runs = absolute(o.run_dir or posixpath.join(o.output, "_runs"))
     run_path = posixpath.join(runs, o.name)
     exists = as_storage(storage).exists(run_path)
     if exists and not o.resume:
