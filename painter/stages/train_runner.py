@@ -197,6 +197,16 @@ def copy_source_files(source: str, directory: str, names: tuple[str, ...], stora
             storage.copy(posixpath.join(source, name), os.path.join(directory, name))
 
 
+def shuffled_batches(count: int, batch_size: int, seed: int):
+    """Index tensors of the full batches of `count` in-memory rows, in a seeded full shuffle (an epoch's order
+    of a split kept in memory; the rows left over are not used)."""
+    import torch
+
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    for start in range(0, count - batch_size + 1, batch_size):
+        yield order[start:start + batch_size]
+
+
 class TrainerRun:
     """One Ray Train worker's session (see the module docstring); `TrainerRun(cfg).run()`. `cfg` holds
     source, model, train, run_path, steps_per_epoch, total_steps, seed, batch_size, log_every,
@@ -224,10 +234,11 @@ class TrainerRun:
         raise NotImplementedError
 
     def train_shard(self):
-        """What `batches` reads: Ray Data's shard of the "train" dataset, unless the job reads otherwise."""
+        """What `batches` reads: Ray Data's shard of the "train" dataset, or None when the job keeps its
+        training set in memory (`cfg["in_memory"]`: each worker reads its own share)."""
         import ray.train
 
-        return ray.train.get_dataset_shard("train")
+        return None if self.cfg.get("in_memory") else ray.train.get_dataset_shard("train")
 
     def batches(self, shard, epoch: int, steps_done: int):
         """This worker's batches of `epoch`, those of the first `steps_done` steps left out."""

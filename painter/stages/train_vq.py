@@ -254,7 +254,7 @@ def run(o: Options) -> dict:
                    "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
                    "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
-                   "has_eval": bool(held_out), "storage": storage, **blocks}
+                   "has_eval": bool(held_out), "storage": storage, "in_memory": in_memory, **blocks}
     with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
         result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
     m = result.metrics

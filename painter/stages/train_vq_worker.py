@@ -25,7 +25,7 @@ from painter.encoder import PIXELS
 from painter.io.rows import ROW, SOURCE, rank_share
 from painter.models.vqgan import VQGAN
 from painter.reconstruction import ReconstructionMeter
-from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
+from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
 from painter.vq_training import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
 
 
@@ -125,10 +125,6 @@ class VQRun(TrainerRun):
         self.state["codes_restarted"] += result.restarted
         return result
 
-    def train_shard(self):
-        """Ray Data's shard of the training images; None when the run keeps them in memory."""
-        return None if "train_blocks" in self.cfg else super().train_shard()
-
     def _kept(self, part: str) -> torch.Tensor:
         """This rank's images of `part` ("train": an equal share; "eval": every rank's rows, all used)."""
         if part not in self.memory:
@@ -143,8 +139,7 @@ class VQRun(TrainerRun):
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
         if shard is None:
             images = self._kept("train")
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-            batches = (images[order[i:i + batch]] for i in range(0, len(order) - batch + 1, batch))
+            batches = (images[rows] for rows in shuffled_batches(len(images), batch, seed))
         else:
             batches = shard.iter_torch_batches(
                 batch_size=batch, drop_last=True, collate_fn=_pixel_collate(self.size), prefetch_batches=2,

@@ -26,7 +26,7 @@ from painter.checkpoint import load_model, save_model
 from painter.io.shards import read_split
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files
+from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
 from painter.training import (GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops,
                               prefetch_to_device, train_flops_per_token, train_step, use_compile)
 
@@ -61,9 +61,7 @@ def split_in_memory(files: list[str], rank: int, world: int, storage) -> tuple[t
 def memory_batches(data: tuple, batch_size: int, seed: int):
     """(text_ids, image_tokens, idx) micro-batches of an in-memory split in a seeded full shuffle, full batches only."""
     text_ids, image_tokens, idx = data
-    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
-    for start in range(0, len(idx) - batch_size + 1, batch_size):
-        rows = order[start:start + batch_size]
+    for rows in shuffled_batches(len(idx), batch_size, seed):
         yield text_ids[rows].long(), image_tokens[rows].long(), [idx[i] for i in rows.tolist()]
 
 
@@ -102,10 +100,6 @@ class GPTRun(TrainerRun):
             gpt = GPT(self.config.gpt)
         return gpt.train(), {"step": 0, "first_loss": None, "val_loss": None, "tokens": 0, "seconds": 0.0,
                              "metrics": {}}
-
-    def train_shard(self):
-        """Ray Data's shard of the training set; None when the split is read into memory without it."""
-        return None if self.cfg.get("in_memory") else super().train_shard()
 
     def batches(self, shard, epoch: int, steps_done: int):
         """Micro-batches (text_ids, image_tokens, idx) of `epoch` copied ahead to the device."""
