@@ -46,10 +46,10 @@ from painter.checkpoint import LoadedModel, load_model, read_bytes
 from painter.engine import DecodeEngine, Steering
 from painter.io.images import (IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image,
                                preprocess, uint8_on_device)
+from painter.io.rows import PROMPT_COLUMN
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
 from painter.sampling import SamplingConfig, guided_logits
 
-PROMPT_COLUMN = "prompt_image"  # optional input column: an image (bytes, or base64 text) to continue
 # The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
 # Chosen by measurement on the bundled model (README, "Guidance and reranking").
 DEFAULT_GUIDANCE = 1.5

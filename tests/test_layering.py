@@ -5,8 +5,8 @@
 - nothing but `painter/cli.py` imports `painter.cli` (commands are found through `painter.registry`);
 - the training math (`training.py`, `vq_training.py`) imports neither the evaluate job's module nor a stage;
 - the `ray job submit` scripts in `jobs/` shadow no module and edit no `sys.path`;
-- the modules Ray's read and write tasks run (`stages/common.py`, `stages/token_sink.py`) load no torch,
-  checked by importing them (torch costs a fresh worker seconds).
+- the modules Ray's read and write tasks run (`stages/common.py`, `stages/token_sink.py`,
+  `stages/generate_prompts.py`) load no torch, checked by importing them (torch costs a fresh worker seconds).
 Every import counts, a function's lazy one included.
 """
 from __future__ import annotations
@@ -105,9 +105,9 @@ def test_job_scripts_shadow_nothing_and_leave_sys_path_alone(path):
 
 
 def test_read_and_write_tasks_load_no_torch():
-    """Tokenize's read, write and duplicate tasks start in fresh Ray workers: importing torch there
-    (~1.5 s a worker on 2 cores) once cost the job a serial two seconds at its end."""
-    code = ("import sys, painter.stages.common, painter.stages.token_sink; "
+    """Tokenize's read, write and duplicate tasks and generate's prompt passes start in fresh Ray workers:
+    importing torch there (~1.5 s a worker on 2 cores) once cost the job a serial two seconds at its end."""
+    code = ("import sys, painter.stages.common, painter.stages.token_sink, painter.stages.generate_prompts; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tokenizers')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", f"the task modules load {loaded.stdout.strip()[:200]}"

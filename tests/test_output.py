@@ -18,6 +18,7 @@ from painter.errors import InputError
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io import output as out
 from painter.io import output_table as ot
+from painter.io.key_buckets import write_part
 
 HOSTILE = ["../../etc", "a/b", "\x00", "..", ".", "", None, "x" * 600, "长" * 300, "a\\b", "C:\\Windows",
            "__HIVE_DEFAULT_PARTITION__", "%2F", "a=b", "*?[", "line\nbreak", "\u202eevil", "女装", "shoes",
@@ -138,7 +139,7 @@ def test_vacuum_removes_orphans_and_keeps_committed_and_side_folders(tmp_path):
     table = _table(root.output)
     _write_and_commit(table, _rows(["1"], [0]), "b1")
     orphan = table.write_files(_rows(["2"], [0]), ["run_date", "category"], "b2")  # a killed run's file
-    rejected = root.write_rejected(pa.table({"idx": ["x"]}))
+    rejected = write_part(pa.table({"idx": ["x"]}), root.rejected_folder(), "r")
     sheet = root.write_sheet("contact_sheet.png", b"png")
     record = root.write_run_record("run1", {"summary": {}})
     assert table.vacuum() == 0  # younger than the table's 7-day retention: a running run may still commit it

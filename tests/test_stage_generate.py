@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from painter import cli
 from painter.errors import ErrorRateExceeded, InputError
+from painter.io.key_buckets import KeyBuckets
 from painter.io.output_table import OutputTable
+from painter.io.rows import pair_keys
 from painter.io.images import open_image
-from painter.stages import generate
+from painter.stages import generate_prompts
 from painter.stages.generate import Options, run
 
 DATE = "2024-05-01"
@@ -122,9 +127,10 @@ def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_b
     assert f"{bucket}/gen/_delta_log/00000000000000000001.json" in keys
     assert any(k.startswith(f"{bucket}/gen/run_date={DATE}/category=a%2Fb/part-") for k in keys)
     assert f"{bucket}/gen/_sheets/run_date={DATE}/contact_sheet.png" in keys
-    # without --storage-options, credentials and endpoint come from the AWS environment of each process
-    # (here only the driver's: the shared Ray workers started before the moto fixture set it)
-    rerun = run(_options(tiny_model_dir, [local], output, partition_by=["category"]))
+    # a rerun reads its input again in Ray tasks, which write its keys beside the table: they too need the
+    # endpoint (the shared Ray workers started before the moto fixture set AWS_ENDPOINT_URL)
+    rerun = run(_options(tiny_model_dir, [local], output, partition_by=["category"],
+                         storage_options="env:PAINTER_TEST_S3"))
     assert (rerun["images_out"], rerun["skipped_already_done"]) == (0, 3)
 
 
@@ -135,7 +141,7 @@ def test_too_many_rejected_rows_fail_the_run_after_writing(ray_session, tiny_mod
     with pytest.raises(ErrorRateExceeded, match=r"1 of 2 rows rejected \(50.00%\), above --max-error-rate 0;") as e:
         run(_options(tiny_model_dir, [inputs], str(tmp_path / "out"), errors=errors, max_error_rate=0.0))
     assert e.value.summary["images_out"] == 1
-    assert pq.read_table(os.path.join(errors, f"run_date={DATE}", "rejected.parquet")).num_rows == 1
+    assert pq.read_table(os.path.join(errors, f"run_date={DATE}")).num_rows == 1
 
 
 def test_bad_options_and_inputs_are_input_errors(ray_session, tiny_model_dir, tmp_path):
@@ -151,14 +157,19 @@ def test_bad_options_and_inputs_are_input_errors(ray_session, tiny_model_dir, tm
         run(_options(tiny_model_dir, [str(tmp_path / "broken.parquet")], output))
 
 
-def test_validation_and_expansion_without_ray():
+def test_checks_and_pairs_without_the_job(ray_session, tmp_path):
     rows = pa.table({"idx": [1, 2, 2, None, 3], "text": ["a", "b", "c", "d", " "], "seed": [9] * 5,
                      "_source": ["f"] * 5, "_row": [1, 2, 3, 4, 5], "_reason": [None] * 5})
-    prompts = generate.validate_prompts(rows)
-    assert prompts.accepted.column("idx").to_pylist() == ["1", "2"] and prompts.dropped_columns == ["seed"]
-    assert [r["reason"] for r in prompts.rejected.to_pylist()] == [
-        "duplicate idx (first at f:2)", "missing idx", "empty text"]
-    todo, skipped = generate.expand_samples(prompts.accepted, 3, {("1", 0), ("2", 2)})
-    assert list(zip(todo.column("idx").to_pylist(), todo.column("sample").to_pylist())) == [
+    checked = generate_prompts.check_prompts(rows)
+    assert checked.column("_reason").to_pylist() == [None, None, None, "missing idx", "empty text"]
+    keys = KeyBuckets(str(tmp_path / "keys"), generate_prompts.KEYS_SCHEMA)
+    keys.write(checked.filter(pc.is_null(checked["_reason"])), "b1")
+    duplicates = pa.concat_tables([keys.duplicates(b) for b in keys.buckets()])
+    assert duplicates.select(["_source", "_row", "_reason"]).to_pylist() == [
+        {"_source": "f", "_row": 3, "_reason": "duplicate idx (first at f:2)"}]
+    committed = ray.put(np.unique(pair_keys(["1", "2"], [0, 2])))
+    schema = pa.schema([("idx", pa.string()), ("text", pa.string())])  # "seed": a column the job writes itself
+    pairs = generate_prompts.pairs_batch(rows, samples=3, duplicates=duplicates, schema=schema, committed=committed)
+    assert list(zip(pairs.column("idx").to_pylist(), pairs.column("sample").to_pylist())) == [
         ("1", 1), ("1", 2), ("2", 0), ("2", 1)]
-    assert skipped == 2
+    assert "seed" not in pairs.column_names

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from painter.io.shards import ShardInfo
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.rows import find_duplicates
-from painter.io.token_writer import KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter, duplicate_rows
+from painter.io.key_buckets import duplicate_rows
+from painter.io.token_writer import KEYS_FOLDER, KEYS_SCHEMA, BatchReport, TokenWriter
 
 INFO = ShardInfo("vq", "vocab", 32, text_len=4, img_len=3, img_vocab_size=512)
 
@@ -55,7 +56,7 @@ def test_duplicates_leave_their_shard_for_the_errors_table(tmp_path):
     writer.write(encoded([("a", "f1.tsv", 5, None, False), ("b", "f1.tsv", 6, None, True)]), "r-1")
     writer.write(encoded([("a", "f1.tsv", 2, "not an image", False), ("a", "f0.tsv", 9, None, True),
                           ("b", "f2.tsv", 1, None, True)]), "r-2")
-    dups = pa.concat_tables([writer.bucket_duplicates(b) for b in writer.key_buckets()])
+    dups = pa.concat_tables([writer.keys.duplicates(b) for b in writer.keys.buckets()])
     # a: f0.tsv:9 comes first (the rejected f1.tsv:2 does not count), so f1.tsv:5 goes; b: f1.tsv:6 stays
     assert sorted(zip(dups[SOURCE].to_pylist(), dups[ROW].to_pylist(), dups[REASON].to_pylist())) == [
         ("f1.tsv", 5, "duplicate idx (first at f0.tsv:9)"), ("f2.tsv", 1, "duplicate idx (first at f1.tsv:6)")]
@@ -63,7 +64,7 @@ def test_duplicates_leave_their_shard_for_the_errors_table(tmp_path):
     assert pq.read_table(out / "part-r-1.parquet")["idx"].to_pylist() == ["b"]
     assert pq.read_table(out / "part-r-2.parquet")["idx"].to_pylist() == ["a"]
     assert parquet_rows(out / "_rejected") == 3
-    writer.remove_keys()
+    writer.keys.remove()
     assert not (out / KEYS_FOLDER).exists()
 
 
@@ -72,8 +73,8 @@ def test_a_shard_left_empty_is_deleted(tmp_path):
     writer = TokenWriter(str(out), str(out / "_rejected"), INFO, "tokenize")
     writer.write(encoded([("a", "f.tsv", 1, None, False)]), "r-1")
     writer.write(encoded([("a", "f.tsv", 2, None, False)]), "r-2")
-    assert len(writer.key_buckets()) == 1  # every row of an idx lands in the same bucket
-    writer.remove_rows(writer.bucket_duplicates(writer.key_buckets()[0]), "r-dups")
+    assert len(writer.keys.buckets()) == 1  # every row of an idx lands in the same bucket
+    writer.remove_rows(writer.keys.duplicates(writer.keys.buckets()[0]), "r-dups")
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-r-1.parquet"]
 
 

@@ -3,10 +3,13 @@
 Layout (every path goes through fsspec or delta-rs, so `s3://bucket/prefix` works like a local folder):
 
     <output>/_delta_log/, <output>/run_date=D/…     the Delta Lake table of images (`painter.io.output_table`)
-    <output>/_rejected/run_date=D/rejected.parquet  rejected prompt rows of the night's latest run (Parquet,
-                                                    replaced by each run: a report, not a table to append to)
+    <output>/_rejected/run_date=D/part-*.parquet    rejected prompt rows of the night's latest run (Parquet
+                                                    parts written by its tasks; emptied when a run starts:
+                                                    a report, not a table to append to)
     <output>/_sheets/run_date=D/contact_sheet.png   contact sheet (and gallery.html) of the committed night
     <output>/_runs/run_date=D/<run id>.json         one record per run: options and summary
+    <output>/_keys_<run id>/                        the run's prompt keys while it looks for repeated idx
+                                                    (`painter.io.key_buckets`; deleted when that is done)
 
 `OutputRoot` is the one owner of these paths; the names starting with `_` are ignored by Delta readers
 and by the table's vacuum. Single files are replaced atomically (`Storage.write_atomic`: a temp file, then
@@ -16,7 +19,6 @@ No Ray in this module.
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re
@@ -24,14 +26,15 @@ from datetime import date
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+
 
 from painter.errors import InputError
 from painter.io import sheet
 from painter.io.output_table import OutputTable
 from painter.io.storage import Storage, as_storage, writing
 
-REJECTED, SHEETS, RUNS = "_rejected", "_sheets", "_runs"
+REJECTED, SHEETS, RUNS, KEYS = "_rejected", "_sheets", "_runs", "_keys"
 SHEET_SAMPLES = 8  # samples of a prompt shown on the contact sheet and the gallery
 _COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -80,12 +83,22 @@ class OutputRoot:
     def _beside(self, folder: str, name: str) -> str:
         return posixpath.join(self.output, folder, f"run_date={self.run_date}", name)
 
-    def write_rejected(self, rejected: pa.Table) -> str:
-        """The night's rejected rows as one Parquet file (replaced by each run); its URL."""
-        buffer = io.BytesIO()
-        pq.write_table(rejected, buffer)
-        path = posixpath.join(self.errors_root, f"run_date={self.run_date}", "rejected.parquet")
-        return write_bytes(path, buffer.getvalue(), self.storage_options)
+    def rejected_folder(self) -> str:
+        """The folder of the night's rejected rows (Parquet parts), emptied by `clear_rejected`."""
+        return posixpath.join(self.errors_root, f"run_date={self.run_date}")
+
+    def clear_rejected(self) -> str:
+        """Empty the night's rejected rows (a run starting replaces them); returns the folder."""
+        folder = self.rejected_folder()
+        fs, root = as_storage(self.storage_options).fs(folder, fresh=True)
+        with writing(folder, "the rejected rows"):
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+        return folder
+
+    def keys_folder(self, run_id: str) -> str:
+        """Where run `run_id` keeps its prompt keys (`painter.io.key_buckets.KeyBuckets`) for a while."""
+        return posixpath.join(self.output, f"{KEYS}_{run_id}")
 
     def write_sheet(self, name: str, data: bytes) -> str:
         """A file of the night's `_sheets/` folder (contact_sheet.png, gallery.html); its URL."""
@@ -112,7 +125,10 @@ class OutputRoot:
 
     def _sheet_rows(self, prompts: int) -> list[list[sheet.SheetItem]]:
         """The committed images of the night's first `prompts` idx (sorted), a row of samples each."""
-        chosen = sorted(set(self.read(["idx"]).column("idx").to_pylist()))[:prompts] if self.table.exists() else []
+        if not self.table.exists():
+            return []
+        idx = pc.unique(self.read(["idx"]).column("idx"))  # in Arrow: a night can hold millions
+        chosen = idx.take(pc.sort_indices(idx)[:prompts]).to_pylist()
         if not chosen:
             return []
         rows = self.read(["idx", "text", "sample", "image"], idx=chosen).sort_by(

@@ -44,6 +44,7 @@ import uuid
 from urllib.parse import unquote
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -53,6 +54,7 @@ from deltalake.transaction import AddAction, CommitProperties, Transaction, crea
 
 from painter.errors import InputError
 from painter.io.retries import delta_retry_options
+from painter.io.rows import pair_keys, pairs_in
 from painter.io.storage import Storage, as_storage, writing
 
 APP_ID = "painter-generate"
@@ -167,7 +169,7 @@ class OutputTable:
     def __init__(self, root: str, storage_options: Storage | dict | None = None):
         self.root, self.storage_options = root.rstrip("/"), as_storage(storage_options).options
         self.delta_options = delta_storage_options(self.root, self.storage_options)
-        self._pairs_by_file: dict[str, list[tuple[str, int]]] = {}
+        self._pairs_by_file: dict[str, np.ndarray] = {}
         self._fs = None
 
     def __reduce__(self):  # ship to workers by what names it, not by open handles
@@ -250,21 +252,19 @@ class OutputTable:
 
     # -- committed state (driver) --------------------------------------------------------------
 
-    def committed_pairs(self, run_date: str, dt: DeltaTable | None = None) -> set[tuple[str, int]]:
-        """(idx, sample) of every row of the night in the table's latest version (or `dt`); reads only the
-        idx and sample columns of files not read before by this object."""
+    def committed_pairs(self, run_date: str, dt: DeltaTable | None = None) -> np.ndarray:
+        """The `pair_keys` of every row of the night in the table's latest version (or `dt`), sorted and
+        unique; reads only the idx and sample columns of files not read before by this object."""
         dt = dt or self.delta()
         actions = pa.table(dt.get_add_actions(flatten=True))
         paths = [unquote(p) for p, d in zip(actions.column("path").to_pylist(),  # the log holds URI-encoded paths
                                    actions.column("partition.run_date").to_pylist()) if d == run_date]
-        found = set()
         for path in paths:
             if path not in self._pairs_by_file:
                 with self.fs.open(self._path(path), "rb") as f:
                     part = pq.read_table(f, columns=["idx", "sample"])
-                self._pairs_by_file[path] = list(zip(part.column("idx").to_pylist(), part.column("sample").to_pylist()))
-            found.update(self._pairs_by_file[path])
-        return found
+                self._pairs_by_file[path] = pair_keys(part.column("idx").to_pylist(), part.column("sample").to_pylist())
+        return np.unique(np.concatenate([self._pairs_by_file[p] for p in paths] or [np.empty(0, np.uint64)]))
 
     def commit(self, files: pa.Table, run_date: str, schema: pa.Schema, partition_by: list[str],
                run_id: str) -> CommitResult:
@@ -274,15 +274,16 @@ class OutputTable:
         records = files.to_pylist()
         for _ in range(MAX_COMMIT_ATTEMPTS):
             dt = self.delta()
-            seen = self.committed_pairs(run_date, dt)
+            seen, taken = self.committed_pairs(run_date, dt), set()
             keep, left_out = [], []
             for record in records:
-                pairs = list(zip(record["idx"], record["sample"]))
-                if seen.isdisjoint(pairs):
+                keys = pair_keys(record["idx"], record["sample"])
+                new = ~pairs_in(keys, seen) & np.array([k not in taken for k in keys.tolist()], dtype=bool)
+                if new.all():
                     keep.append(record)
-                    seen.update(pairs)
+                    taken.update(keys.tolist())
                 else:
-                    left_out.extend(p for p in pairs if p not in seen)
+                    left_out.extend(p for p, n in zip(zip(record["idx"], record["sample"]), new) if n)
             result.left_out = left_out
             if not keep:
                 return result
@@ -341,6 +342,7 @@ class Committer:
         self.table, self.run_date, self.schema, self.partition_by = table, run_date, schema, partition_by
         self.run_id, self.commit_images, self.pending = run_id, commit_images, []
         self.images = self.commits = self.conflicts = self.files_left_out = 0
+        self.left_out = 0  # pairs of the files left out that the table did not have: to generate again
         self.version, self.truncated, self.seconds = None, set(), 0.0
 
     def add(self, records: pa.Table) -> None:
@@ -364,6 +366,7 @@ class Committer:
         result = self.table.commit(files, self.run_date, self.schema, self.partition_by, self.run_id)
         self.conflicts += result.conflicts
         self.files_left_out += files.num_rows - result.files
+        self.left_out += len(result.left_out)
         if result.version is not None:
             self.images, self.commits, self.version = self.images + result.rows, self.commits + 1, result.version
             for path, truncated in zip(files.column("path").to_pylist(), files.column("truncated").to_pylist()):

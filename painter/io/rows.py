@@ -9,10 +9,12 @@ rejected, which cell holds its image, and which rows repeat an idx.
 - `image_cells` picks each row's image cell among the image columns a job accepts.
 - `find_duplicates` finds the good rows that repeat an idx; the first by (file, row) is kept and the
   others get `duplicate_reason`, the one wording every job uses.
+- `pair_keys` gives each (idx, sample) a 64-bit key; `pairs_in` looks keys up in a sorted array of them.
 - `rank_share` deals rows to training workers by their keys, so a worker's rows never depend on timing.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 SOURCE, ROW, REASON = "_source", "_row", "_reason"
+PROMPT_COLUMN = "prompt_image"  # generate's optional input column: an image (bytes, or base64 text) to continue
 REJECTED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("source", pa.string()), pa.field("row", pa.int64()),
     pa.field("stage", pa.string()), pa.field("reason", pa.string()),
@@ -99,3 +102,19 @@ def rank_share(keys: pa.Table, sort_keys: Sequence[str], rank: int, world: int, 
     order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in sort_keys]).to_numpy()
     mine = order[rank::world]
     return mine[: keys.num_rows // world] if equal else mine
+
+
+def pair_keys(idx: list, sample: list) -> np.ndarray:
+    """A 64-bit key per (idx, sample): the first 8 bytes of blake2b of both. The exactly-once checks
+    compare these, 8 bytes a pair, where a set of Python tuples held ~150 bytes a pair on the driver."""
+    digest = lambda i, s: hashlib.blake2b(f"{i}\x1f{s}".encode(), digest_size=8).digest()  # noqa: E731
+    return np.fromiter((int.from_bytes(digest(i, s), "little") for i, s in zip(idx, sample)), dtype=np.uint64,
+                       count=len(idx))
+
+
+def pairs_in(keys: np.ndarray, committed: np.ndarray) -> np.ndarray:
+    """Which of `keys` are in `committed` (sorted and unique, as `OutputTable.committed_pairs` gives)."""
+    if not len(committed):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(committed, keys), len(committed) - 1)
+    return committed[at] == keys

@@ -5,11 +5,11 @@ One call takes a batch of encoded rows (`painter.encoder.ImageEncoder`'s output)
   - the good rows as one token-shard file `<output>/part-<name>.parquet` (the `ShardInfo` schema);
   - the rejected rows to `<errors>/part-<name>.parquet` (the rejected-rows schema);
   - the good rows' keys (idx, source file, row, the shard file and the row's place in it) to
-    `<output>/_keys/<bucket>/part-<name>.parquet`, split into `KEY_BUCKETS` buckets by a hash of idx,
-    so duplicate idx can be found later, bucket by bucket in parallel, without the tokens;
+    `<output>/_keys/<bucket>/part-<name>.parquet` (`painter.io.key_buckets.KeyBuckets`: buckets by a
+    hash of idx), so duplicate idx can be found later, bucket by bucket in parallel, without the tokens;
 and returns a small `BatchReport` (counts by reason, truncated texts, the first rejection).
 
-Duplicate idx are found once everything is written (`bucket_duplicates`: `find_duplicates` over one
+Duplicate idx are found once everything is written (`KeyBuckets.duplicates`: `find_duplicates` over one
 bucket of the keys, every row of an idx being in the same bucket) and `remove_rows` rewrites only the
 shard files that hold one. Writing first and removing the few duplicates after is what lets the job
 stream: nothing holds the corpus, in memory or on the driver.
@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import posixpath
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,15 +27,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from painter.io import rows
-from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
+from painter.io.key_buckets import KeyBuckets, write_part
+from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.shards import ShardInfo
-from painter.io.storage import as_storage, writing
+from painter.io.storage import as_storage
 
 if TYPE_CHECKING:
     from painter.io.storage import Storage
 
 KEYS_FOLDER = "_keys"  # under the shard folder: skipped by `painter train` like every `_*` folder
-KEY_BUCKETS = 32  # a task each when looking for duplicates; 100 M rows make ~3 M keys (~150 MB) a bucket
 SHARD, SHARD_ROW = "_shard", "_shard_row"
 KEYS_SCHEMA = pa.schema([pa.field("idx", pa.string()), pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()),
                          pa.field(REASON, pa.string()), pa.field(SHARD, pa.string()),
@@ -82,19 +81,13 @@ class TokenWriter:
     stage: str
     storage: "Storage | dict | None" = None  # painter.io.storage.Storage (or its options)
 
-    def _fs(self, path: str):
-        """(filesystem, root) for `path`, its cached listings dropped: Ray workers write here too."""
-        return as_storage(self.storage).fs(path, fresh=True)
+    @property
+    def keys(self) -> KeyBuckets:
+        """The good rows' keys, under `<output>/_keys/`."""
+        return KeyBuckets(posixpath.join(self.output, KEYS_FOLDER), KEYS_SCHEMA, self.storage)
 
     def _write(self, table: pa.Table, folder: str, name: str) -> str:
-        fs, root = self._fs(folder)
-        file = f"part-{name}.parquet"
-        path = posixpath.join(root, file)
-        with writing(posixpath.join(folder, file), "the file"):  # names the URL, not the stripped path
-            fs.makedirs(root, exist_ok=True)
-            with fs.open(path, "wb") as f:
-                pq.write_table(table, f)
-        return path
+        return write_part(table, folder, name, self.storage)
 
     def write(self, batch: pa.Table, name: str) -> BatchReport:
         """Write one batch of encoded rows (see the module docstring); `name` is unique to the call."""
@@ -112,33 +105,13 @@ class TokenWriter:
                              SHARD: pa.array([shard] * good.num_rows, pa.string()),
                              SHARD_ROW: pa.array(np.arange(good.num_rows), pa.int64()),
                              "is_truncated": good["is_truncated"]}, schema=KEYS_SCHEMA)
-            self._write_keys(keys, name)
+            self.keys.write(keys, name)
         return report
-
-    def _write_keys(self, keys: pa.Table, name: str) -> None:
-        buckets = np.array([zlib.crc32(i.encode()) % KEY_BUCKETS for i in keys["idx"].to_pylist()])
-        for bucket in np.unique(buckets):
-            part = keys.filter(pa.array(buckets == bucket))
-            self._write(part, posixpath.join(self.output, KEYS_FOLDER, f"{bucket:02d}"), name)
-
-    def key_buckets(self) -> list[str]:
-        """The key buckets written so far (folder names)."""
-        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER))
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)) if fs.exists(root) else []
-
-    def bucket_duplicates(self, bucket: str) -> pa.Table:
-        """The keys of one bucket that repeat an earlier good row's idx, with their reason."""
-        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER, bucket))
-        parts = []
-        for path in sorted(fs.find(root)):
-            with fs.open(path, "rb") as f:
-                parts.append(pq.read_table(f))
-        return duplicate_rows(pa.concat_tables(parts)) if parts else KEYS_SCHEMA.empty_table()
 
     def remove_rows(self, duplicates: pa.Table, name: str) -> None:
         """Drop `duplicates` (keys rows with their reason) from their shard files and add them to the
         errors table. A shard left empty is deleted."""
-        fs, _ = self._fs(self.output)
+        fs, _ = as_storage(self.storage).fs(self.output, fresh=True)
         for shard in sorted(set(duplicates[SHARD].to_pylist())):
             drop = duplicates.filter(pc.equal(duplicates[SHARD], shard))[SHARD_ROW].to_numpy()
             with fs.open(shard, "rb") as f:
@@ -152,21 +125,3 @@ class TokenWriter:
                 fs.rm(shard)
         d = duplicates.to_pydict()
         self._write(rows.rejected_table(d["idx"], d[SOURCE], d[ROW], d[REASON], self.stage), self.errors, name)
-
-    def remove_keys(self) -> None:
-        fs, root = self._fs(posixpath.join(self.output, KEYS_FOLDER))
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-
-
-def duplicate_rows(keys: pa.Table) -> pa.Table:
-    """The rows of `keys` (one hash bucket of them: every row of an idx) that `find_duplicates`
-    rejects, with their reason set."""
-    found = find_duplicates(keys)
-    if not found:
-        return keys.schema.empty_table()
-    pairs = list(zip(keys[SOURCE].to_pylist(), keys[ROW].to_pylist()))
-    at = [i for i, pair in enumerate(pairs) if pair in found]
-    repeats = keys.take(pa.array(at, pa.int64()))
-    reasons = pa.array([found[pairs[i]] for i in at], pa.string())
-    return repeats.set_column(repeats.schema.get_field_index(REASON), REASON, reasons)

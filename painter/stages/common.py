@@ -9,6 +9,8 @@
   otherwise so small machines keep a core free for the read tasks.
 - `remote_progress`: a `painter.logs.Progress` on the driver fed by Ray workers through a small actor
   (`Board`): a worker calls `board.set.remote(done, note)`; the driver polls it.
+- `duplicate_keys` finds the repeated idx among the keys a job wrote (`painter.io.key_buckets`) in Ray
+  tasks over the hash buckets, so only the duplicates reach the driver.
 - `painter_error_from` finds the `PainterError` a Ray task or actor raised, so a job can end with its
   one-line reason instead of Ray's stack trace.
 """
@@ -23,6 +25,7 @@ import ray
 
 from painter import errors, logs
 from painter.io import rows, tables
+from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage, is_remote
 
@@ -61,7 +64,8 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
     )
 
 
-def _to_rejected(batch: pa.Table, stage: str) -> pa.Table:
+def rejected_rows(batch: pa.Table, stage: str) -> pa.Table:
+    """`batch` (rows that carry a reason) in the rejected-rows schema."""
     d = batch.to_pydict()
     idx = d.get("idx", [None] * batch.num_rows)
     return rows.rejected_table(idx, d[SOURCE], d[ROW], d[REASON], stage)
@@ -71,7 +75,7 @@ def rejected_only(ds: ray.data.Dataset, stage: str) -> ray.data.Dataset:
     """The rows of `ds` that carry a reason, in the rejected-rows schema."""
     def keep(batch: pa.Table) -> pa.Table:
         mask = pa.compute.is_valid(batch[REASON])
-        return _to_rejected(batch.filter(mask), stage)
+        return rejected_rows(batch.filter(mask), stage)
 
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=0.25)
 
@@ -121,6 +125,29 @@ def actor_resources(actors: int | None = None) -> dict:
         return {"num_gpus": 1, "num_cpus": encode_cpus, "compute": ray.data.ActorPoolStrategy(size=size)}
     size = actors or max(1, cpus // 2)
     return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
+
+
+KEYS_PER_TASK = 2_000_000
+
+
+@ray.remote(num_cpus=0.5)
+def _bucket_duplicates(keys: KeyBuckets, buckets: list[str]) -> pa.Table:
+    return pa.concat_tables([keys.duplicates(bucket) for bucket in buckets])
+
+
+def duplicate_keys(keys: KeyBuckets, rows: int) -> pa.Table:
+    """The keys (of `rows` written) that repeat an earlier good row's idx, with their reason: Ray tasks
+    over the hash buckets of idx, so only the duplicates reach the driver. A task per `KEYS_PER_TASK`
+    keys, at most one per CPU: a task costs a worker's start (~1 s on 2 cores), more than reading a few
+    million keys."""
+    buckets = keys.buckets()
+    if not buckets:
+        return keys.schema.empty_table()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = max(1, min(len(buckets), cpus, -(-rows // KEYS_PER_TASK)))
+    found = ray.get([_bucket_duplicates.remote(keys, buckets[k::tasks]) for k in range(tasks)])
+    parts = [t for t in found if t.num_rows]
+    return pa.concat_tables(parts) if parts else keys.schema.empty_table()
 
 
 def join(base: str, *parts: str) -> str:

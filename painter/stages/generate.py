@@ -1,12 +1,15 @@
 """The generate job: a table of prompts -> N images each -> the night's rows in a Delta Lake table.
 
-Flow (`run`):
-1. `read_input` reads every input file in Ray tasks; the prompts (idx, text and pass-through columns,
-   never images) are gathered on the driver, where they are validated: unreadable rows, missing idx,
-   empty text and repeated idx (every occurrence after the first) go to the rejected rows
-   (`OutputRoot.write_rejected`, replaced by each run: a rerun reads the whole input again).
-2. Each prompt becomes `samples` rows (idx, sample); pairs already in the table for the run date are
-   dropped (`expand_samples`).
+Flow (`run`); the prompts stream through Ray and never gather on the driver:
+1. Pass 1 (`painter.stages.generate_prompts.scan_prompts`): Ray tasks read every input file and check
+   each row (unreadable rows, missing idx, empty text, a bad prompt image); they write the rejected rows
+   to the night's errors folder (`OutputRoot.rejected_folder`, emptied when a run starts: a rerun reads
+   the whole input again) and the good rows' keys to hash buckets of idx, where Ray tasks then find the
+   repeated idx (every occurrence after the first by (file, row) is rejected). The driver gets counts:
+   rows, rejected, and the pairs (idx, sample) not yet in the table for the run date.
+2. Pass 2 (`prompt_pairs`): the files read again, each prompt made `samples` rows (idx, sample), less the
+   repeated idx and the pairs already in the table (the table's pairs as 8-byte keys, through the object
+   store).
 3. An actor pool of `Generator`s (a GPU each where the cluster has GPUs, else CPU slices) generates
    each batch; the output table writes it as data files right there (`OutputTable.write_files`), so
    image bytes never reach the driver; only a small record per file comes back. Texts longer than the
@@ -25,29 +28,32 @@ per actor), as a crash part-way through a night would (`_fail_point`, the one pl
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import ray
 
 from painter import logs
 from painter.checkpoint import check_model_files, load_model
 from painter.errors import InputError, check_error_rate
-from painter.generator import PROMPT_COLUMN, GenerationConfig, Generator, default_micro_batch, prompt_image_problem
+from painter.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
-from painter.io.rows import REASON, ROW, SOURCE, empty_rows, find_duplicates, rejected_table
+from painter.io.key_buckets import KeyBuckets
+from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage
 from painter.options import option, to_dict
-from painter.stages.common import actor_resources, cluster_has_gpus, painter_error_from, read_input
+from painter.stages import generate_prompts as prompts
+from painter.stages.common import actor_resources, cluster_has_gpus
+from painter.stages.generate_prompts import Scan
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
 STAGE = "generate"
@@ -108,14 +114,6 @@ class Options:
                                          "each process's own AWS credential chain: environment, ~/.aws, role)")
 
 
-@dataclass(frozen=True)
-class Prompts:
-    accepted: pa.Table  # idx, text (strings) and pass-through columns
-    rejected: pa.Table  # REJECTED_SCHEMA
-    rows_in: int
-    dropped_columns: list[str]
-
-
 def _generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
@@ -127,78 +125,12 @@ def _generation_config(options: Options) -> GenerationConfig:
         raise InputError(str(e)) from None
 
 
-def gather_prompts(options: Options, storage: Storage) -> pa.Table:
-    """Every input row on the driver (schema columns, pass-through columns, `_source`, `_row`, `_reason`)."""
-    ds = read_input(options.input, options.input_schema, storage)
-    try:
-        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    except Exception as e:  # a worker's InputError (e.g. a file that is not Parquet) arrives wrapped
-        cause = painter_error_from(e)
-        if not isinstance(cause, InputError):
-            raise
-        raise cause from None
-    if not tables:
-        return empty_rows("idx", "text")
-    try:
-        return pa.concat_tables([_as_strings(t, ("idx", "text")) for t in tables], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"input files disagree on a column's type: {e}") from None
-
-
-def _as_strings(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
-    """`table` with the named columns as strings (Parquet may hold an integer idx; TSV holds text)."""
-    for name in names:
-        column = table.column(name)
-        if not pa.types.is_string(column.type):
-            strings = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
-            table = table.set_column(table.column_names.index(name), name, strings)
-    return table
-
-
-def validate_prompts(rows: pa.Table) -> Prompts:
-    """Split rows into accepted prompts and rejected rows (with reasons); idx and text become strings.
-    Among otherwise good rows, a repeated idx keeps its first row by (file, row) (`painter.io.rows.find_duplicates`)."""
-    idx, text = rows.column("idx").to_pylist(), rows.column("text").to_pylist()
-    prompts = rows.column(PROMPT_COLUMN).to_pylist() if PROMPT_COLUMN in rows.column_names else None
-    sources, numbers, reasons = (rows.column(c).to_pylist() for c in (SOURCE, ROW, REASON))
-    for i, reason in enumerate(reasons):
-        if reason is not None:
-            continue
-        if idx[i] is None or not str(idx[i]).strip():
-            reasons[i] = "missing idx"
-        elif text[i] is None or not str(text[i]).strip():
-            reasons[i] = "empty text"
-        elif prompts is not None and (reason := prompt_image_problem(prompts[i])):
-            reasons[i] = reason
-    keys = pa.table({"idx": pa.array([None if i is None else str(i) for i in idx], pa.string()),
-                     SOURCE: pa.array(sources, pa.string()), ROW: pa.array(numbers, pa.int64()),
-                     REASON: pa.array(reasons, pa.string())})
-    duplicates = find_duplicates(keys)
-    reasons = [reason or duplicates.get((source, number)) for reason, source, number in zip(reasons, sources, numbers)]
-    good = [r is None for r in reasons]
-    bad = [i for i, ok in enumerate(good) if not ok]
-    rejected = rejected_table([idx[i] for i in bad], [sources[i] for i in bad], [numbers[i] for i in bad],
-                              [reasons[i] for i in bad], STAGE)
-    dropped = [c for c in rows.column_names if c in GENERATED]
-    accepted = _as_strings(rows, ("idx", "text")).filter(pa.array(good)).drop_columns([SOURCE, ROW, REASON, *dropped])
-    return Prompts(accepted, rejected, rows.num_rows, dropped)
-
-
 def output_schema(prompts: pa.Schema, partition_by: list[str]) -> pa.Schema:
     """The table's columns: the fixed ones, pass-through input columns (not a prompt image), then the
     partition columns (run_date and --partition-by, as strings: their values live in the Delta log as text)."""
     passed = [f for f in prompts if f.name not in (*FIXED_SCHEMA.names, PROMPT_COLUMN, *partition_by)]
     parts = [pa.field(name, pa.string()) for name in ["run_date", *partition_by]]
     return pa.schema([*FIXED_SCHEMA, *(f.with_nullable(True) for f in passed), *parts])
-
-
-def expand_samples(prompts: pa.Table, samples: int, committed: set) -> tuple[pa.Table, int]:
-    """Rows (prompt, sample) not yet in the table, in input order with a `sample` column; and how many
-    of the wanted pairs were there already."""
-    idx = prompts.column("idx").to_pylist()
-    keep = [(i, s) for i in range(len(idx)) for s in range(samples) if (idx[i], s) not in committed]
-    table = prompts.take(pa.array([i for i, _ in keep], pa.int64()))
-    return table.append_column("sample", pa.array([s for _, s in keep], pa.int64())), len(idx) * samples - len(keep)
 
 
 def output_rows(batch: pa.Table, generated: dict, image_format: str, run_date: str, schema: pa.Schema) -> pa.Table:
@@ -247,13 +179,15 @@ class GenerateActor:
         return files
 
 
-def generate_into(todo: pa.Table, settings: "Settings", actors: int | None, actor_kwargs: dict,
+def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | None, actor_kwargs: dict,
                   committer: Committer) -> None:
-    """Generate `todo` in the actor pool; the committer commits whole batches as their records arrive."""
-    block = settings.batch_size * max(1, math.ceil(todo.num_rows / (settings.batch_size * 256)))  # ≤ ~256 blocks
-    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
-    files = ds.map_batches(GenerateActor, batch_size=settings.batch_size, batch_format="pyarrow",
-                           fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
+    """Generate the (prompt, sample) rows of `pairs` in the actor pool; the committer commits whole batches
+    as their records arrive."""
+    # blocks of one batch each: an actor call's records reach the driver as their own block (Ray joins the
+    # outputs of one task into one block), so the committer can commit batch by batch
+    batches = pairs.repartition(target_num_rows_per_block=settings.batch_size)
+    files = batches.map_batches(GenerateActor, batch_size=settings.batch_size, batch_format="pyarrow",
+                                fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
     start = time.time()
     try:
         for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -311,55 +245,65 @@ def preflight(options: Options) -> None:
         check_output("--tsv-output", os.path.dirname(options.tsv_output.rstrip("/")) or ".", storage)
 
 
-def read_prompts(options: Options, storage: Storage, partition_by: list[str]) -> Prompts:
-    prompts = validate_prompts(gather_prompts(options, storage))
-    missing = [c for c in partition_by if c not in prompts.accepted.column_names]
-    if missing and prompts.accepted.num_rows:
+def scan(options: Options, settings: Settings, root: out.OutputRoot, run_id: str,
+         committed: np.ndarray) -> tuple[Scan, list[str]]:
+    """Pass 1 over the prompts (`painter.stages.generate_prompts`) and the input columns the job writes
+    itself (dropped); InputError for a --partition-by column no input file has."""
+    keys = KeyBuckets(root.keys_folder(run_id), prompts.KEYS_SCHEMA, settings.storage)
+    found = prompts.scan_prompts(options.input, options.input_schema, errors=root.clear_rejected(), keys=keys,
+                                 samples=options.samples, committed=committed, storage=settings.storage)
+    missing = [c for c in settings.partition_by if c not in found.schema.names]
+    if missing and found.accepted:
         raise InputError(f"--partition-by {missing[0]!r}: no such input column "
-                         f"(columns: {', '.join(prompts.accepted.column_names)})")
-    return prompts
+                         f"(columns: {', '.join(found.schema.names)})")
+    return found, [c for c in found.schema.names if c in GENERATED]
 
 
 def run(options: Options) -> dict:
     settings = resolve(options)
     root = out.OutputRoot(options.output, settings.run_date, settings.storage, options.errors)
     model = load_model(options.model, parts=(), storage=settings.storage)  # config and fingerprints: no weights
-    prompts = read_prompts(options, settings.storage, settings.partition_by)
-    errors_path = root.write_rejected(prompts.rejected)
-    schema = output_schema(prompts.accepted.schema, settings.partition_by)
-    root.table.ensure(schema, ["run_date", *settings.partition_by])
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    committed = root.table.committed_pairs(root.run_date) if root.table.exists() else np.empty(0, np.uint64)
+    found, dropped = scan(options, settings, root, run_id, committed)
+    kept = pa.schema([f for f in found.schema if f.name not in dropped])
+    schema = output_schema(kept, settings.partition_by)
+    skipped = found.accepted * options.samples - found.todo
+    _progress(f"{found.rows_in} rows read, {found.rejected} rejected; {skipped} images already in the table, "
+              f"{found.todo} to generate")
+    root.table.ensure(schema, ["run_date", *settings.partition_by])
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
                         run_date=settings.run_date, run_id=run_id, fail_after=_fail_after(), storage=settings.storage)
-    written, skipped = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
-                                 settings.commit_images), None
+    written = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
+                        settings.commit_images)
+    todo = found.todo
     for round_number in range(MAX_ROUNDS + 1):  # more rounds only when concurrent runs took some of our files
-        todo, already = expand_samples(prompts.accepted, options.samples, root.table.committed_pairs(root.run_date))
-        if skipped is None:
-            skipped = already
-            _progress(f"{prompts.rows_in} rows read, {prompts.rejected.num_rows} rejected; {already} images already "
-                      f"in the table, {todo.num_rows} to generate")
-        if todo.num_rows == 0:
+        if todo == 0:
             break
         if round_number == MAX_ROUNDS:
-            raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo.num_rows} images still missing "
+            raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo} images still missing "
                                f"after {MAX_ROUNDS} rounds lost to concurrent runs")
-        generate_into(todo, settings, options.actors, actor_kwargs, written)
+        pairs = prompts.prompt_pairs(options.input, options.input_schema, samples=options.samples, scan=found,
+                                     schema=kept, committed=committed, storage=settings.storage)
+        left_out = written.left_out
+        generate_into(pairs, settings, options.actors, actor_kwargs, written)
+        todo = written.left_out - left_out  # pairs of files a concurrent run's commit overlapped
+        committed = root.table.committed_pairs(root.run_date) if todo else committed
     _progress(f"{written.images} images in {written.commits} commits to {options.output}")
     record = to_dict(options) | {"run_date": root.run_date,  # to_dict records --storage-options' source only
                                  "micro_batch": settings.micro_batch, "batch_size": settings.batch_size}
     summary = {
         "run_id": run_id, "run_date": root.run_date, "model": model.fingerprint,
-        "rows_in": prompts.rows_in, "prompts_accepted": prompts.accepted.num_rows,
-        "rows_rejected": prompts.rejected.num_rows, "truncated_texts": len(written.truncated),
-        "samples": options.samples, "pairs_total": prompts.accepted.num_rows * options.samples,
+        "rows_in": found.rows_in, "prompts_accepted": found.accepted,
+        "rows_rejected": found.rejected, "truncated_texts": len(written.truncated),
+        "samples": options.samples, "pairs_total": found.accepted * options.samples,
         "skipped_already_done": skipped, "images_out": written.images,
         "images_per_second": round(written.images / written.seconds, 3) if written.seconds else 0.0,
         "generation_seconds": round(written.seconds, 3), "batch_size": settings.batch_size,
         "micro_batch": settings.micro_batch, "commits": written.commits, "commit_conflicts": written.conflicts,
         "files_left_out": written.files_left_out, "table_version": written.version, "output": options.output,
-        "errors": errors_path, "dropped_input_columns": prompts.dropped_columns,
+        "errors": root.rejected_folder(), "dropped_input_columns": dropped,
     }
     return _finish(root, options, summary, record)
 

@@ -36,9 +36,9 @@ from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
 from painter.options import option
-from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, join,
+from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, duplicate_keys, join,
                                    painter_error_from, read_input)
-from painter.stages.token_sink import TokenSink, duplicate_keys
+from painter.stages.token_sink import TokenSink
 
 STAGE = "tokenize"
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
@@ -209,14 +209,14 @@ def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -
     _log(f"writing token shards to {options.output} and rejected rows to {errors}")
     encode_dataset(options, storage, info).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     _log(f"encoded {sink.report.rows} rows; checking duplicate idx")
-    duplicates = duplicate_keys(writer, sink.report.rows)
+    duplicates = duplicate_keys(writer.keys, sink.report.rows)
     report = sink.report
     if duplicates.num_rows:
         writer.remove_rows(duplicates, f"{run_id}-duplicates")
         d = duplicates.to_pydict()
         report = report.merge(BatchReport.of_rejections(d[REASON], d[SOURCE], d[ROW]))
         report.truncated -= sum(d["is_truncated"])
-    writer.remove_keys()
+    writer.keys.remove()
     return report
 
 
