@@ -90,7 +90,7 @@ class StorePeak:
         self._thread.join()
 
 
-def measure(job: str, corpus: list[str], model: str, output: str) -> dict:
+def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: int) -> dict:
     """Run one job in this process (the driver) and return its memory figures."""
     from painter.cli import init_ray
     from painter.stages import generate, tokenize
@@ -103,7 +103,7 @@ def measure(job: str, corpus: list[str], model: str, output: str) -> dict:
             summary = tokenize.run(tokenize.Options(input=corpus, model=model, output=output))
         else:
             summary = generate.run(generate.Options(input=corpus, model=model, output=output, top_k=1,
-                                                    contact_sheet=False, batch_size=256))
+                                                    contact_sheet=False, batch_size=256, micro_batch=micro_batch))
     rows = summary["rows_out"] if job == "tokenize" else summary["images_out"]
     return {"job": job, "rows_out": rows, "seconds": round(time.perf_counter() - start, 1),
             "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -111,7 +111,7 @@ def measure(job: str, corpus: list[str], model: str, output: str) -> dict:
             "object_store_peak_mb": round(store.peak / 2 ** 20, 1), "store_samples": store.samples}
 
 
-def run_case(job: str, rows: int, model: str, root: str) -> dict:
+def run_case(job: str, rows: int, model: str, root: str, micro_batch: int) -> dict:
     """Make the corpus in a child process, then measure the job in another (a clean driver)."""
     folder = tempfile.mkdtemp(dir=root, prefix=f"{job}-{rows}-")
     corpus_dir = os.path.join(folder, "corpus")
@@ -119,7 +119,8 @@ def run_case(job: str, rows: int, model: str, root: str) -> dict:
     script = os.path.abspath(__file__)
     subprocess.run([sys.executable, script, "--make-corpus", job, str(rows), corpus_dir], check=True)
     corpus = sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir))
-    done = subprocess.run([sys.executable, script, "--measure", job, model, os.path.join(folder, "out"), *corpus],
+    done = subprocess.run([sys.executable, script, "--micro-batch", str(micro_batch), "--measure", job, model,
+                           os.path.join(folder, "out"), *corpus],
                           check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"rows": rows}
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--jobs", nargs="+", default=["tokenize", "generate"], choices=("tokenize", "generate"))
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--micro-batch", type=int, default=256,
+                        help="generate's rows per model call (the figures are memory; this only sets the pace)")
     parser.add_argument("--make-corpus", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -137,20 +140,21 @@ def main(argv: list[str] | None = None) -> dict:
         return {"files": make_corpus(job, int(rows), folder)}
     if args.measure:
         job, model, output, *corpus = args.measure
-        result = measure(job, corpus, model, output)
+        result = measure(job, corpus, model, output, args.micro_batch)
         print(json.dumps(result))
         return result
     from painter.checkpoint import new_model
 
     with tempfile.TemporaryDirectory(prefix="painter-scale-") as root:
         model = new_model(args.preset, os.path.join(root, "model"))
-        cases = [run_case(job, rows, model, root) for job in args.jobs for rows in sorted(args.rows)]
+        cases = [run_case(job, rows, model, root, args.micro_batch) for job in args.jobs for rows in sorted(args.rows)]
     growth = {}
     for job in args.jobs:
         small, large = [c for c in cases if c["job"] == job][0], [c for c in cases if c["job"] == job][-1]
         growth[job] = {key: round(large[key] / max(small[key], 1e-9), 3)
                        for key in ("driver_peak_mb", "object_store_peak_mb")}
-    result = {"benchmark": "scale", "preset": args.preset, "cpus": os.cpu_count(), "cases": cases,
+    result = {"benchmark": "scale", "preset": args.preset, "micro_batch": args.micro_batch, "cpus": os.cpu_count(),
+              "cases": cases,
               "growth_largest_over_smallest": growth}
     print(json.dumps(result))
     return result

@@ -4,6 +4,8 @@
   `painter.io.tables.iter_rows`, so every row keeps its file, row number and reason.
 - `write_parquet` writes a Dataset through the job's Storage; `write_rejected` writes the rows that
   carry a reason to the errors table with it.
+- `bound_store` caps the object store a Dataset's execution may fill (read-ahead stays the same whatever
+  the corpus).
 - `actor_resources` asks for a GPU per actor only when the cluster has GPUs (a GPU request on a
   cluster without one hangs), with the CPUs its image encoders need, and for a fraction of a CPU
   otherwise so small machines keep a core free for the read tasks.
@@ -98,6 +100,14 @@ def good_only(ds: ray.data.Dataset) -> ray.data.Dataset:
         return batch.filter(pa.compute.is_null(batch[REASON]))
 
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=0.25)
+
+
+def bound_store(ds: ray.data.Dataset, budget: int) -> ray.data.Dataset:
+    """`ds`, its execution limited to `budget` bytes of object store (Ray Data's own limit is a share of
+    the whole store, which a fast reader fills with blocks the actors have not reached)."""
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return ds
 
 
 def cluster_has_gpus() -> bool:

@@ -52,7 +52,7 @@ from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
-from painter.stages.common import actor_resources, cluster_has_gpus
+from painter.stages.common import actor_resources, bound_store, cluster_has_gpus
 from painter.stages.generate_prompts import Scan
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -60,6 +60,10 @@ STAGE = "generate"
 GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", "image", "image_format",
              *IMAGE_FORMATS)
 MAX_ROUNDS = 3
+# The object store the prompt blocks may fill ahead of the actors, per actor: ~600k prompts of text, or
+# ~2,000 rows with a 30 KB prompt image. Blocks under 100 KB live in the driver's own heap (Ray inlines
+# small objects), so without a cap a fast reader would hold a large corpus there.
+STORE_BYTES_PER_ACTOR = 64 * 2 ** 20
 FIXED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field("sample", pa.int64()),
     pa.field("seed", pa.int64()), pa.field("image", pa.binary()), pa.field("image_format", pa.string()),
@@ -185,9 +189,11 @@ def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | N
     as their records arrive."""
     # blocks of one batch each: an actor call's records reach the driver as their own block (Ray joins the
     # outputs of one task into one block), so the committer can commit batch by batch
-    batches = pairs.repartition(target_num_rows_per_block=settings.batch_size)
+    resources = actor_resources(actors)
+    batches = bound_store(pairs, STORE_BYTES_PER_ACTOR * resources["compute"].max_size).repartition(
+        target_num_rows_per_block=settings.batch_size)
     files = batches.map_batches(GenerateActor, batch_size=settings.batch_size, batch_format="pyarrow",
-                                fn_constructor_kwargs=actor_kwargs, **actor_resources(actors))
+                                fn_constructor_kwargs=actor_kwargs, **resources)
     start = time.time()
     try:
         for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):

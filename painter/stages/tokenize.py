@@ -36,8 +36,8 @@ from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
 from painter.options import option
-from painter.stages.common import (actor_resources, arrow_filesystem, cluster_has_gpus, duplicate_keys, join,
-                                   painter_error_from, read_input)
+from painter.stages.common import (actor_resources, arrow_filesystem, bound_store, cluster_has_gpus,
+                                   duplicate_keys, join, painter_error_from, read_input)
 from painter.stages.token_sink import TokenSink
 
 STAGE = "tokenize"
@@ -167,23 +167,17 @@ def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.d
         resources = _cpu_resources(options.actors)
         # reads ask for less CPU than the encoders, or Ray would fuse reading into the actors
         readers = -(-resources["compute"].max_size // CPU_ACTORS_PER_READER)
-        rows = _bound_store(_read(options, storage, num_cpus=0.25, readers=readers), "cpu", resources)
+        rows = bound_store(_read(options, storage, num_cpus=0.25, readers=readers),
+                           STORE_BYTES_PER_ACTOR["cpu"] * resources["compute"].max_size)
         return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
-    prepared = _bound_store(_read(options, storage, num_cpus=0.5), "gpu", resources).map_batches(
+    budget = STORE_BYTES_PER_ACTOR["gpu"] * resources["compute"].max_size
+    prepared = bound_store(_read(options, storage, num_cpus=0.5), budget).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
-
-
-def _bound_store(ds: ray.data.Dataset, kind: str, resources: dict) -> ray.data.Dataset:
-    """`ds`, its execution limited to `STORE_BYTES_PER_ACTOR[kind]` of object store per encoder actor."""
-    limits = ds.context.execution_options.resource_limits
-    budget = STORE_BYTES_PER_ACTOR[kind] * resources["compute"].max_size
-    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
-    return ds
 
 
 def _read(options: Options, storage: Storage, num_cpus: float, readers: int | None = None) -> ray.data.Dataset:
