@@ -26,7 +26,8 @@ per (run_date, idx, sample) comes from the table itself: every commit of a night
 transaction id `painter-generate/<run_date>` (a Delta `txn` action) at the next version, so two
 commits of the same night that read the same snapshot conflict in delta-rs' conflict checker and the
 loser re-reads the table and tries again. Before each attempt the pairs already in the table are read
-(only the `idx` and `sample` columns of files it has not read yet), and a file holding any pair
+(only the `idx` and `sample` columns of files it has not read yet, kept as 8-byte keys:
+`painter.io.rows.pair_keys`), and a file holding any pair
 already there is left out: such a file stays uncommitted and its other pairs are generated again by
 the caller. Files nobody commits (a killed run, a lost race) are orphans: `vacuum` removes them once
 they are older than the table's `delta.deletedFileRetentionDuration` (7 days unless set), which must

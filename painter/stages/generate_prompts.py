@@ -29,6 +29,7 @@ from painter.errors import InputError
 from painter.io.key_buckets import KeyBuckets, write_part
 from painter.io.rows import PROMPT_COLUMN, REASON, ROW, SOURCE, pair_keys, pairs_in
 from painter.io.storage import Storage
+from painter.io.tables import parquet_rows
 from painter.stages.common import duplicate_keys, painter_error_from, read_input, rejected_rows
 
 STAGE = "generate"
@@ -112,7 +113,8 @@ def scan_batch(batch: pa.Table, *, errors: str, keys: KeyBuckets, samples: int, 
 
 def scan_prompts(inputs: list[str], input_schema: str, *, errors: str, keys: KeyBuckets, samples: int,
                  committed: np.ndarray, storage: Storage) -> Scan:
-    """Pass 1 (see the module docstring); writes the rejected rows, repeated idx last."""
+    """Pass 1 (see the module docstring); writes the rejected rows, repeated idx last, and checks from the
+    written files' footers that every rejected row is there."""
     ds = read_input(inputs, input_schema, storage, num_cpus=READ_CPUS).map_batches(
         scan_batch, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs={"errors": errors, "keys": keys, "samples": samples, "committed": ray.put(committed),
@@ -130,6 +132,9 @@ def scan_prompts(inputs: list[str], input_schema: str, *, errors: str, keys: Key
         write_part(rejected_rows(duplicates, STAGE), errors, f"{uuid.uuid4().hex}-duplicates", storage)
         counts["todo"] -= int(_todo(duplicates["idx"].to_pylist(), samples, committed).sum())
     rejected = counts["rejected"] + duplicates.num_rows
+    written = parquet_rows(errors, storage.find(errors, (".parquet",)), storage)
+    if written != rejected:
+        raise AssertionError(f"rows lost: {counts['rows']} read, {rejected} rejected, {written} in {errors}")
     return Scan(counts["rows"], rejected, counts["rows"] - rejected, counts["todo"], _unify(schemas),
                 duplicates.select([SOURCE, ROW]))
 

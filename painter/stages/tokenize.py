@@ -21,7 +21,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import ray
 
 from painter import logs
@@ -191,8 +190,9 @@ def count_written(output: str, errors: str, storage: Storage, info: ShardInfo) -
     shard_files = storage.find(output, (".parquet",), exclude=(errors, join(output, KEYS_FOLDER)))
     if shard_files and (reason := read_shard_info(shard_files, filesystem).mismatch(info)):
         raise AssertionError(f"written shards do not carry this run's metadata: {reason}")
-    rows = lambda files: sum(pq.read_metadata(f, filesystem=filesystem).num_rows for f in files)  # noqa: E731
-    return rows(shard_files), len(shard_files), rows(storage.find(errors, (".parquet",)))
+    rejected = storage.find(errors, (".parquet",))
+    return (tables.parquet_rows(output, shard_files, storage), len(shard_files),
+            tables.parquet_rows(errors, rejected, storage))
 
 
 def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -> BatchReport:
