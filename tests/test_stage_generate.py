@@ -173,3 +173,18 @@ def test_checks_and_pairs_without_the_job(ray_session, tmp_path):
     assert list(zip(pairs.column("idx").to_pylist(), pairs.column("sample").to_pylist())) == [
         ("1", 1), ("1", 2), ("2", 0), ("2", 1)]
     assert "seed" not in pairs.column_names
+
+
+def test_a_scan_task_run_twice_leaves_one_copy_of_its_rows(ray_session, tmp_path):
+    """Ray runs a task again when its worker dies: the second try must replace the first one's files."""
+    rows = pa.table({"idx": ["a", "b", None], "text": ["x", "y", "z"],
+                     "_source": ["f"] * 3, "_row": [1, 2, 3], "_reason": [None] * 3})
+    keys = KeyBuckets(str(tmp_path / "keys"), generate_prompts.KEYS_SCHEMA)
+    errors, committed = str(tmp_path / "rejected"), ray.put(np.empty(0, np.uint64))
+    for _ in range(2):
+        counts = generate_prompts.scan_batch(rows, errors=errors, keys=keys, samples=2, committed=committed,
+                                             storage=None)
+    assert counts.select(["rows", "rejected", "todo"]).to_pylist() == [{"rows": 3, "rejected": 1, "todo": 4}]
+    assert pq.read_table(errors).column("reason").to_pylist() == ["missing idx"]
+    written = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "keys").rglob("*.parquet"))])
+    assert sorted(written.column("idx").to_pylist()) == ["a", "b"]

@@ -17,6 +17,7 @@ prompt image loads the image code.
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -93,6 +94,14 @@ def _todo(idx: list[str], samples: int, committed) -> np.ndarray:
     return ~pairs_in(keys, committed)
 
 
+def _batch_name(batch: pa.Table) -> str:
+    """A name for a batch's files that only its rows decide: a task Ray runs again (after its worker died)
+    replaces the files of its first try instead of adding a second copy of its rows."""
+    sources, rows = batch[SOURCE], batch[ROW]
+    ends = f"{sources[0]}:{rows[0]}:{sources[-1]}:{rows[-1]}:{batch.num_rows}" if batch.num_rows else "empty"
+    return hashlib.sha256(ends.encode()).hexdigest()[:24]
+
+
 def scan_batch(batch: pa.Table, *, errors: str, keys: KeyBuckets, samples: int, committed,
                storage: Storage) -> pa.Table:
     """Pass 1 over one batch (a Ray task): its rejected rows to `errors`, its good rows' keys to `keys`;
@@ -100,7 +109,7 @@ def scan_batch(batch: pa.Table, *, errors: str, keys: KeyBuckets, samples: int, 
     checked = check_prompts(batch)
     good_mask = pc.is_null(checked[REASON])
     good, bad = checked.filter(good_mask), checked.filter(pc.invert(good_mask))
-    name = uuid.uuid4().hex
+    name = _batch_name(checked)
     if bad.num_rows:
         write_part(rejected_rows(bad, STAGE), errors, name, storage)
     if good.num_rows:
