@@ -187,6 +187,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+def _unraisable_to_log(unraisable) -> None:
+    """Python's "Exception ignored in ..." reports (a `__del__` that raised; Ray's actor handles collected
+    at exit after a stopped job do this) go to the job's log file, so the terminal ends with the job's own
+    lines."""
+    try:
+        logs.to_file(f"exception ignored in {unraisable.object!r}", unraisable.exc_value)
+    except Exception:  # at interpreter exit the log may be closed already: nothing more to do
+        pass
+
+
+def entry() -> None:
+    """The `painter` console script: `main`, with ignored-exception reports kept off the terminal to the end."""
+    sys.unraisablehook = _unraisable_to_log
+    sys.exit(main())
+
+
 def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
@@ -248,4 +264,4 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -111,3 +111,16 @@ def test_main_in_process_returns_the_exit_code(tmp_path, capsys):
     assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 1
     summary = last_json(capsys.readouterr().out)
     assert summary["status"] == "failed" and "missing.ckpt" in summary["error"]
+
+
+def test_python_s_ignored_exception_reports_stay_off_the_terminal():
+    """A `__del__` that raises at exit (Ray's actor handles after a stopped job) must not print a traceback
+    under the job's last line: the `painter` script sends such reports to the log."""
+    code = ("import sys\nfrom painter import cli\nsys.unraisablehook = cli._unraisable_to_log\n"
+            "class Bad:\n    def __del__(self):\n        raise RuntimeError('raised in __del__')\n"
+            "kept = Bad()\nprint('done')\n")
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert ours.stdout.strip() == "done" and "raised in __del__" not in ours.stderr, ours.stderr
+    plain = subprocess.run([sys.executable, "-c", code.replace("sys.unraisablehook = cli._unraisable_to_log\n", "")],
+                           capture_output=True, text=True, check=True, timeout=120)
+    assert "raised in __del__" in plain.stderr  # what Python prints without the hook
