@@ -173,6 +173,8 @@ def training_night(job: str, world, env, logs: Path, disk: tuple) -> dict:
     summary = good_run(args, env)
     state = torch.load(os.path.join(summary["checkpoint"], "train_state.pt"), weights_only=True)
     assert summary["steps"] == state["step"] == _logged_step(output, job) == NIGHT_STEPS, summary
+    kept = sorted(p.name for p in Path(output, "_runs", job).glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2, kept  # the last two, none of those the stopped runs were writing
     done = f"{NIGHT_STEPS} of {NIGHT_STEPS} steps"
     return outcome | {
         "sigterm": f"failed cleanly (exit 143) after step {termed}; rerun with --resume continued from its "

@@ -238,3 +238,25 @@ def test_a_relative_output_gives_an_absolute_run_location(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     runs, run_path = run_location(Options(data=["tokens"], output="model", name="night"))
     assert runs == str(tmp_path / "model" / "_runs") and run_path == str(tmp_path / "model" / "_runs" / "night")
+
+
+def test_checkpoint_folders_an_interrupted_run_left_are_removed(tmp_path):
+    """A run stopped or killed while writing a checkpoint leaves a folder that Ray Train's snapshot does not
+    list and no later run deletes: each stop of a night cost a checkpoint's worth of disk (CI's 256 MiB
+    training tmpfs filled up). Only the folders the snapshot lists stay; no snapshot lists none."""
+    from painter.io.storage import Storage
+    from painter.stages.train_runner import SNAPSHOT_FILE, drop_stray_checkpoints
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c", "checkpoint_d"):
+        (run / name).mkdir(parents=True)
+        (run / name / "train_state.pt").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text("{}\n")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_b"}, {"checkpoint_dir_name": "checkpoint_c"}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_c"}, "pending_training_results": []}
+    (run / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    assert drop_stray_checkpoints(str(run), Storage(), "train") == ["checkpoint_a", "checkpoint_d"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint_b", "checkpoint_c", "metrics.jsonl", SNAPSHOT_FILE])
+    (run / SNAPSHOT_FILE).unlink()
+    assert drop_stray_checkpoints(str(run), Storage(), "train") == ["checkpoint_b", "checkpoint_c"]
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

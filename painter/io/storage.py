@@ -110,6 +110,14 @@ class Storage:
             found.append(file)
         return sorted(found)
 
+    def names(self, folder: str) -> list[str]:
+        """The names of the files and folders directly in `folder` (a fresh listing, sorted; none when it
+        does not exist)."""
+        fs, stripped = self.fs(folder, fresh=True)
+        if not fs.exists(stripped):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(stripped, detail=False))
+
     def arrow(self, path: str):
         """(pyarrow filesystem, path without protocol) for Ray Data and pyarrow: fsspec underneath."""
         import pyarrow.fs as pafs

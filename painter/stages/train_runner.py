@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from painter import logs
 from painter.checkpoint import ModelConfig, load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
@@ -35,6 +36,7 @@ FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
 DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
 STATE_FILE = "train_state.pt"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's kept checkpoints
 # Ray Train's controller takes each worker's report from a one-slot queue when it polls the workers, every
 # 2 s by default: a run that reports more often waits for it at every report (10 of the 35 s of a 24-step
 # run here). The runner polls this often unless the user set the variable.
@@ -118,11 +120,11 @@ def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     return runs, run_path
 
 
-def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None):
-    """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage`
-    (`o.max_failures` restarts from the last checkpoint, the last two checkpoints kept, the test fault
-    switch passed on); the Result.
-    """
+def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None, *,
+        stage: str):
+    """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage` (`o.max_failures`
+    restarts from the last checkpoint, the last two kept, the test fault switch passed on, the checkpoints
+    interrupted runs left removed before and after; `stage` logs it); the Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -139,20 +141,38 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage:
                              failure_config=FailureConfig(max_failures=o.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}))
-    handle = as_storage(storage)
-    marker = posixpath.join(runs, o.name, DIVERGED_FILE)  # a resumed run starts without its old verdict
-    if handle.exists(marker):
-        handle.remove(marker)
+    handle, run = as_storage(storage), posixpath.join(runs, o.name)
+    marker = posixpath.join(run, DIVERGED_FILE)
+    handle.remove(marker)  # a resumed run starts without its old verdict
+    drop_stray_checkpoints(run, handle, stage)
     result = _fit_polled(trainer)
+    drop_stray_checkpoints(run, handle, stage)
     if handle.exists(marker):
         diverged = json.loads(handle.read_text(marker))
         kept = result.checkpoint.path if result.checkpoint else "none: no checkpoint was due before it"
-        raise TrainingDiverged(f"{posixpath.join(runs, o.name)}: the training loss is {diverged['loss']} after step "
-                               f"{diverged['step']}; stopped there without saving it. Last good checkpoint: {kept}; "
+        raise TrainingDiverged(f"{run}: the training loss is {diverged['loss']} after step {diverged['step']}; "
+                               f"stopped there without saving it. Last good checkpoint: {kept}; "
                                "continue from it with --resume (with a lower --lr)")
     if result.checkpoint is None:
-        raise PainterError(f"{posixpath.join(runs, o.name)}: the run ended without a checkpoint")
+        raise PainterError(f"{run}: the run ended without a checkpoint")
     return result
+
+
+def drop_stray_checkpoints(run_path: str, storage: Storage, stage: str) -> list[str]:
+    """Delete the checkpoint folders of the run at `run_path` that Ray Train's snapshot of it does not list
+    (all of them when there is no snapshot): the ones a stopped or killed run was still writing, which no
+    later run would ever delete, so each stop would leave a checkpoint's worth of disk behind. The names."""
+    snapshot = posixpath.join(run_path, SNAPSHOT_FILE)
+    state = json.loads(storage.read_text(snapshot)) if storage.exists(snapshot) else {}
+    listed = [state.get("latest_checkpoint_result") or {}, *state.get("checkpoint_results", []),
+              *state.get("pending_training_results", [])]
+    kept = {entry.get("checkpoint_dir_name") for entry in listed}
+    stray = [n for n in storage.names(run_path) if n.startswith("checkpoint_") and n not in kept | {SNAPSHOT_FILE}]
+    for name in stray:
+        storage.remove(posixpath.join(run_path, name), recursive=True)
+    if stray:
+        logs.get(stage).info(f"{run_path}: removed the checkpoints interrupted runs left: {', '.join(stray)}")
+    return stray
 
 
 def _fit_polled(trainer):

@@ -256,7 +256,7 @@ def run(o: Options) -> dict:
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
                    "has_eval": bool(held_out), "storage": storage, "in_memory": in_memory, **blocks}
     with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage)
+        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage, stage=STAGE)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
     summary["data_path"] = "memory" if in_memory else "stream"
