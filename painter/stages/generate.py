@@ -60,10 +60,10 @@ STAGE = "generate"
 GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", "image", "image_format",
              *IMAGE_FORMATS)
 MAX_ROUNDS = 3
-# The object store the prompt blocks may fill ahead of the actors, per actor: ~600k prompts of text, or
-# ~2,000 rows with a 30 KB prompt image. Blocks under 100 KB live in the driver's own heap (Ray inlines
-# small objects), so without a cap a fast reader would hold a large corpus there.
-STORE_BYTES_PER_ACTOR = 64 * 2 ** 20
+# The object store the prompt blocks may fill ahead of the actors, per actor: ~150k prompts of text, or
+# two batches of 256 rows with a 30 KB prompt image. Blocks under 100 KB live in the driver's own heap
+# (Ray inlines small objects), so without a cap a fast reader would hold a large corpus there.
+STORE_BYTES_PER_ACTOR = 16 * 2 ** 20
 FIXED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field("sample", pa.int64()),
     pa.field("seed", pa.int64()), pa.field("image", pa.binary()), pa.field("image_format", pa.string()),
