@@ -75,9 +75,7 @@ class KeyBuckets:
         return duplicate_rows(pa.concat_tables(parts)) if parts else self.schema.empty_table()
 
     def remove(self) -> None:
-        fs, root = self._fs(self.root)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
+        as_storage(self.storage).remove(self.root, recursive=True)
 
 
 def duplicate_rows(keys: pa.Table) -> pa.Table:

@@ -28,7 +28,6 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
 from painter.errors import InputError
 from painter.io import sheet
 from painter.io.output_table import OutputTable
@@ -90,10 +89,8 @@ class OutputRoot:
     def clear_rejected(self) -> str:
         """Empty the night's rejected rows (a run starting replaces them); returns the folder."""
         folder = self.rejected_folder()
-        fs, root = as_storage(self.storage_options).fs(folder, fresh=True)
         with writing(folder, "the rejected rows"):
-            if fs.exists(root):
-                fs.rm(root, recursive=True)
+            as_storage(self.storage_options).remove(folder, recursive=True)
         return folder
 
     def keys_folder(self, run_id: str) -> str:

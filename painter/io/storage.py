@@ -161,8 +161,8 @@ class Storage:
         fs.makedirs(stripped, exist_ok=True)
 
     def remove(self, path: str, recursive: bool = False) -> None:
-        """Delete `path` if it exists."""
-        fs, stripped = self.fs(path)
+        """Delete `path` if it exists (asked of the store, not of cached listings: Ray workers write there)."""
+        fs, stripped = self.fs(path, fresh=True)
         if fs.exists(stripped):
             fs.rm(stripped, recursive=recursive)
 
