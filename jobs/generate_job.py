@@ -6,7 +6,7 @@ keeps every name in it from shadowing a module (`jobs/tokenize.py` once hid the 
 """
 import sys
 
-from painter.cli import main
+from painter.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    entry(["generate", *sys.argv[1:]])

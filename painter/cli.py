@@ -197,10 +197,11 @@ def _unraisable_to_log(unraisable) -> None:
         pass
 
 
-def entry() -> None:
-    """The `painter` console script: `main`, with ignored-exception reports kept off the terminal to the end."""
+def entry(argv: list[str] | None = None) -> None:
+    """The `painter` console script and the `jobs/*_job.py` scripts: `main`, with ignored-exception reports
+    kept off the terminal to the end."""
     sys.unraisablehook = _unraisable_to_log
-    sys.exit(main())
+    sys.exit(main(argv))
 
 
 def _ray_running() -> bool:
