@@ -16,6 +16,7 @@ import ray
 
 from painter import cli
 from painter.errors import ErrorRateExceeded, InputError
+from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.key_buckets import KeyBuckets
 from painter.io.output_table import OutputTable
 from painter.io.rows import pair_keys
@@ -86,6 +87,10 @@ def test_generate_end_to_end_through_the_cli(ray_session, tiny_model_dir, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["gen.tsv", "out", "prompts.tsv"]
     assert os.path.exists(summary["contact_sheet"]) and os.path.exists(summary["gallery"])
     assert summary["tsv_lines"] == 9
+    # streamed through Ray, line for line what the whole night read on one machine makes (hostile idx sorted)
+    expected = tmp_path / "night.tsv"
+    assert write_easynlp_tsv(OutputTable(output).read(DATE), str(expected), "image") == 9
+    assert (tmp_path / "gen.tsv").read_bytes() == expected.read_bytes()
 
     rerun = run(_options(tiny_model_dir, [inputs], output, samples=2, partition_by=["category"],
                          max_error_rate=0.5))
@@ -117,8 +122,11 @@ def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_b
     output = f"s3://{bucket}/gen"
     monkeypatch.setenv("PAINTER_TEST_S3", json.dumps(storage_options))  # credentials are refused inline
     summary = run(_options(tiny_model_dir, [local, f"s3://{bucket}/in/"], output, partition_by=["category"],
-                           storage_options="env:PAINTER_TEST_S3", contact_sheet=True))
+                           storage_options="env:PAINTER_TEST_S3", contact_sheet=True,
+                           tsv_output=f"s3://{bucket}/gen.tsv"))
     assert summary["images_out"] == 5 and summary["rows_rejected"] == 0
+    lines = remote.fs.cat(f"{bucket}/gen.tsv").decode().splitlines()  # read back from the bucket by Ray tasks
+    assert summary["tsv_lines"] == 5 and [line.split("\t")[0] for line in lines] == ["100", "101", "p0", "p1", "p2"]
     assert "testing" not in json.dumps(summary)  # credentials never reach the summary
     rows = _committed(output, storage_options)
     assert _pairs(rows) == [("100", 0), ("101", 0), ("p0", 0), ("p1", 0), ("p2", 0)]

@@ -20,6 +20,7 @@ import base64
 import binascii
 import posixpath
 import uuid
+from typing import Iterable
 
 import pyarrow as pa
 
@@ -97,15 +98,23 @@ def write_easynlp_tsv(table: pa.Table, path: str, image_column: str, storage_opt
                       output_schema: str = DEFAULT_OUTPUT_SCHEMA, append_cols: str | None = None,
                       order: list[str] | None = None, output_text: dict[str, str] | None = None) -> int:
     """Write `table` (rows idx, text, sample, image bytes, pass-through columns) to `path` in EasyNLP's
-    predict format; a temp file beside it is moved into place. Returns the number of lines (inputs)."""
+    predict format (`write_lines`). Returns the number of lines (inputs)."""
     lines = easynlp_lines(table, image_column, output_schema, append_cols, order, output_text)
+    return write_lines(lines, path, storage_options)
+
+
+def write_lines(lines: Iterable[str], path: str, storage_options: dict | None = None) -> int:
+    """Write `lines` (without their newline, consumed as they come) to `path`: a temp file beside it is
+    moved into place. Returns the number of lines."""
     fs, stripped = url_to_fs(path, storage_options)
     head, tail = posixpath.split(stripped)
     if head:
         fs.makedirs(head, exist_ok=True)
     tmp = posixpath.join(head, f"_{tail}.{uuid.uuid4().hex}.tmp")
+    count = 0
     with fs.open(tmp, "wb") as f:
         for line in lines:
             f.write((line + "\n").encode("utf-8"))
+            count += 1
     fs.mv(tmp, stripped)
-    return len(lines)
+    return count

@@ -318,6 +318,12 @@ class OutputTable:
         filters = [("run_date", "=", run_date)] + ([("idx", "in", list(idx))] if idx is not None else [])
         return self.delta(version).to_pyarrow_table(columns=columns, filters=filters)
 
+    def night_files(self, run_date: str) -> list[str]:
+        """The data files of the night's committed rows, as delta-rs names them (a URL, or a local path)."""
+        if not self.exists():
+            return []
+        return self.delta().file_uris(file_pruning_predicate=[("run_date", "=", run_date)])
+
     def run_dates(self) -> list[str]:
         """The nights that hold at least one committed file, oldest first."""
         if not self.exists():

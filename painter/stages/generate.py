@@ -44,12 +44,12 @@ from painter.errors import InputError, check_error_rate
 from painter.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
-from painter.io.easynlp_tsv import write_easynlp_tsv
+from painter.io.easynlp_tsv import easynlp_lines, write_lines
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import PROMPT_COLUMN
-from painter.io.storage import Storage
+from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
 from painter.stages.common import actor_resources, bound_store, cluster_has_gpus
@@ -319,10 +319,32 @@ def _finish(root: out.OutputRoot, options: Options, summary: dict, record: dict)
     summary |= root.write_sheets(contact_sheet=options.contact_sheet, gallery=options.gallery,
                                  prompts=options.sheet_prompts, font=options.font, image_format=options.image_format)
     if options.tsv_output:
-        summary["tsv_lines"] = write_easynlp_tsv(root.read(), options.tsv_output, "image", root.storage_options)
+        summary["tsv_lines"] = write_night_tsv(root, options.tsv_output)
         summary["tsv_output"] = options.tsv_output
     summary["vacuumed_files"] = root.table.vacuum()
     root.write_run_record(summary["run_id"], record | {"summary": summary})
     check_error_rate(summary["rows_rejected"], summary["rows_in"], options.max_error_rate,
                      f"see {summary['errors']}", summary)
     return summary
+
+
+def write_night_tsv(root: out.OutputRoot, path: str) -> int:
+    """`--tsv-output`: EasyNLP's predict TSV of the night's committed images, through Ray: each idx's
+    images become its line in a Ray task, the lines are sorted by idx, and the driver writes them a block
+    at a time as they arrive (it never holds the night). The number of lines."""
+    files = root.table.night_files(root.run_date)
+    if not files:
+        return write_lines([], path, root.storage_options)
+    storage = as_storage(root.storage_options)
+    filesystem, _ = storage.arrow(files[0])
+    night = ray.data.read_parquet([storage.fs(f)[1] for f in files], filesystem=filesystem, partitioning=None,
+                                  columns=["idx", "text", "sample", "image"], num_cpus=0.25)
+    lines = night.groupby("idx").map_groups(_idx_line, batch_format="pyarrow", num_cpus=0.25).sort("idx")
+    lines.context.execution_options.preserve_order = True
+    blocks = lines.iter_batches(batch_size=None, batch_format="pyarrow")
+    return write_lines((line for block in blocks for line in block["line"].to_pylist()), path, root.storage_options)
+
+
+def _idx_line(images: pa.Table) -> pa.Table:
+    """The TSV line of one idx's images (`easynlp_lines`), beside its idx."""
+    return pa.table({"idx": images["idx"][:1], "line": easynlp_lines(images, "image")})
