@@ -90,7 +90,8 @@ class StorePeak:
         self._thread.join()
 
 
-def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: int) -> dict:
+def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: int,
+            rows_per_file: int | None = None) -> dict:
     """Run one job in this process (the driver) and return its memory figures."""
     from painter.cli import init_ray
     from painter.stages import generate, tokenize
@@ -100,7 +101,8 @@ def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: i
     start = time.perf_counter()
     with StorePeak() as store:
         if job == "tokenize":
-            summary = tokenize.run(tokenize.Options(input=corpus, model=model, output=output))
+            shard_rows = {"rows_per_file": rows_per_file} if rows_per_file else {}
+            summary = tokenize.run(tokenize.Options(input=corpus, model=model, output=output, **shard_rows))
         else:
             summary = generate.run(generate.Options(input=corpus, model=model, output=output, top_k=1,
                                                     contact_sheet=False, batch_size=256, micro_batch=micro_batch))
@@ -111,7 +113,7 @@ def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: i
             "object_store_peak_mb": round(store.peak / 2 ** 20, 1), "store_samples": store.samples}
 
 
-def run_case(job: str, rows: int, model: str, root: str, micro_batch: int) -> dict:
+def run_case(job: str, rows: int, model: str, root: str, micro_batch: int, rows_per_file: int | None) -> dict:
     """Make the corpus in a child process, then measure the job in another (a clean driver)."""
     folder = tempfile.mkdtemp(dir=root, prefix=f"{job}-{rows}-")
     corpus_dir = os.path.join(folder, "corpus")
@@ -119,7 +121,8 @@ def run_case(job: str, rows: int, model: str, root: str, micro_batch: int) -> di
     script = os.path.abspath(__file__)
     subprocess.run([sys.executable, script, "--make-corpus", job, str(rows), corpus_dir], check=True)
     corpus = sorted(os.path.join(corpus_dir, f) for f in os.listdir(corpus_dir))
-    done = subprocess.run([sys.executable, script, "--micro-batch", str(micro_batch), "--measure", job, model,
+    sized = ["--rows-per-file", str(rows_per_file)] if rows_per_file else []
+    done = subprocess.run([sys.executable, script, "--micro-batch", str(micro_batch), *sized, "--measure", job, model,
                            os.path.join(folder, "out"), *corpus],
                           check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"rows": rows}
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--micro-batch", type=int, default=256,
                         help="generate's rows per model call (the figures are memory; this only sets the pace)")
+    parser.add_argument("--rows-per-file", type=int, help="tokenize's rows per shard file (default: the job's)")
     parser.add_argument("--make-corpus", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -140,20 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
         return {"files": make_corpus(job, int(rows), folder)}
     if args.measure:
         job, model, output, *corpus = args.measure
-        result = measure(job, corpus, model, output, args.micro_batch)
+        result = measure(job, corpus, model, output, args.micro_batch, args.rows_per_file)
         print(json.dumps(result))
         return result
     from painter.checkpoint import new_model
 
     with tempfile.TemporaryDirectory(prefix="painter-scale-") as root:
         model = new_model(args.preset, os.path.join(root, "model"))
-        cases = [run_case(job, rows, model, root, args.micro_batch) for job in args.jobs for rows in sorted(args.rows)]
+        cases = [run_case(job, rows, model, root, args.micro_batch, args.rows_per_file)
+                 for job in args.jobs for rows in sorted(args.rows)]
     growth = {}
     for job in args.jobs:
         small, large = [c for c in cases if c["job"] == job][0], [c for c in cases if c["job"] == job][-1]
         growth[job] = {key: round(large[key] / max(small[key], 1e-9), 3)
                        for key in ("driver_peak_mb", "object_store_peak_mb")}
     result = {"benchmark": "scale", "preset": args.preset, "micro_batch": args.micro_batch, "cpus": os.cpu_count(),
+              "rows_per_file": args.rows_per_file,
               "cases": cases,
               "growth_largest_over_smallest": growth}
     print(json.dumps(result))
