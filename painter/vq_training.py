@@ -172,11 +172,21 @@ class CodeCounter:
         return usage_from_counts(counts)
 
     def state_dict(self) -> dict:
-        return {"window": self.window.cpu(), "since_restart": self.since_restart.cpu()}
+        """Both histograms summed over the ranks (every rank must call it: it all-reduces), for the checkpoint
+        that rank 0 alone writes: rank 0's own counts would lose the codes only other ranks chose, and a
+        resumed run would restart them as dead (a redone step then differs from its first run)."""
+        state = {"window": self.window.clone(), "since_restart": self.since_restart.clone()}
+        if _distributed():
+            for counts in state.values():
+                dist.all_reduce(counts)
+        return {name: counts.cpu() for name, counts in state.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.window.copy_(state["window"])
-        self.since_restart.copy_(state["since_restart"])
+        """Restore summed histograms: rank 0 takes them and the other ranks start from zero, so the sums over
+        ranks are those saved."""
+        first = not _distributed() or dist.get_rank() == 0
+        for name in ("window", "since_restart"):
+            getattr(self, name).copy_(state[name] if first else torch.zeros_like(state[name]))
 
 
 @torch.no_grad()

@@ -280,7 +280,7 @@ class TrainerRun:
         pass
 
     def checkpoint_metrics(self) -> dict:
-        """Extra metrics at a checkpoint step, checked for divergence with the step's loss."""
+        """Extra metrics at a checkpoint step (every rank, before rank 0 saves), checked for divergence."""
         return {}
 
     def validates(self, epoch_end: bool, final: bool) -> bool:

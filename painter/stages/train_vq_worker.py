@@ -81,6 +81,7 @@ class VQRun(TrainerRun):
             self.discriminator = ray.train.torch.prepare_model(self.disc)
         self.optimizer, self.disc_optimizer = make_optimizers(self.vqgan, self.tc, self.disc)
         self.counter = CodeCounter(self.config.vqgan.n_embed, self.device)
+        self.counter_state: dict | None = None  # the histograms summed over ranks at a checkpoint step
         self.memory: dict[str, torch.Tensor] = {}  # "train"/"eval": this rank's images, when the run keeps them
         saved = state.pop("saved", None)
         if saved:
@@ -212,12 +213,16 @@ class VQRun(TrainerRun):
                 "codebook_usage": usage["codebook_usage"], "perplexity": usage["perplexity"],
                 "codes_used": usage["codes_used"]}
 
+    def checkpoint_metrics(self) -> dict:
+        self.counter_state = self.counter.state_dict()  # every rank: it all-reduces; rank 0 saves it
+        return {}
+
     def save(self, directory: str) -> None:
         """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
         copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)
         state = dict(self.state) | {
-            "optimizer": self.optimizer.state_dict(), "counter": self.counter.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "counter": self.counter_state,
             "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
         if self.disc is not None:
             state |= {"discriminator": self.disc.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict()}
