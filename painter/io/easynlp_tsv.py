@@ -18,14 +18,12 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import posixpath
-import uuid
 from typing import Iterable
 
 import pyarrow as pa
 
 from painter.errors import InputError
-from painter.io.tables import url_to_fs
+from painter.io.storage import as_storage
 
 IMAGES_COLUMN = "gen_imgbase64"
 OUTPUT_COLUMNS = ("idx", "text", IMAGES_COLUMN)  # what EasyNLP's text2image predictor returns
@@ -104,17 +102,15 @@ def write_easynlp_tsv(table: pa.Table, path: str, image_column: str, storage_opt
 
 
 def write_lines(lines: Iterable[str], path: str, storage_options: dict | None = None) -> int:
-    """Write `lines` (without their newline, consumed as they come) to `path`: a temp file beside it is
-    moved into place. Returns the number of lines."""
-    fs, stripped = url_to_fs(path, storage_options)
-    head, tail = posixpath.split(stripped)
-    if head:
-        fs.makedirs(head, exist_ok=True)
-    tmp = posixpath.join(head, f"_{tail}.{uuid.uuid4().hex}.tmp")
+    """Write `lines` (without their newline, consumed as they come) to `path` in one step
+    (`Storage.write_atomic`). Returns the number of lines."""
     count = 0
-    with fs.open(tmp, "wb") as f:
+
+    def encoded():
+        nonlocal count
         for line in lines:
-            f.write((line + "\n").encode("utf-8"))
             count += 1
-    fs.mv(tmp, stripped)
+            yield (line + "\n").encode("utf-8")
+
+    as_storage(storage_options).write_atomic(path, encoded())
     return count

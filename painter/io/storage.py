@@ -18,6 +18,7 @@ import posixpath
 import shutil
 import uuid
 from contextlib import contextmanager
+from typing import Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -172,16 +173,18 @@ class Storage:
             shutil.copyfileobj(fin, fout, length=COPY_CHUNK)
         return dst
 
-    def write_atomic(self, path: str, data: bytes) -> str:
+    def write_atomic(self, path: str, data: bytes | Iterable[bytes]) -> str:
         """Replace `path` in one step, so a reader sees the old bytes or the new, never part: a temp file
-        beside it, then a rename (local) or a server-side copy (object stores); returns `path`."""
+        beside it, then a rename (local) or a server-side copy (object stores); returns `path`. `data` is
+        the bytes, or chunks of them written as they come (a file too large to hold at once)."""
         fs, stripped = self.fs(path)
         head = posixpath.dirname(stripped)
         if head:
             fs.makedirs(head, exist_ok=True)
         tmp = temp_beside(stripped)
         with fs.open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in (data,) if isinstance(data, bytes) else data:
+                f.write(chunk)
         if isinstance(fs, LocalFileSystem):
             os.replace(tmp, stripped)
         else:
