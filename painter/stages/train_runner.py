@@ -166,8 +166,8 @@ def drop_stray_checkpoints(run_path: str, storage: Storage, stage: str) -> list[
     state = json.loads(storage.read_text(snapshot)) if storage.exists(snapshot) else {}
     listed = [state.get("latest_checkpoint_result") or {}, *state.get("checkpoint_results", []),
               *state.get("pending_training_results", [])]
-    kept = {entry.get("checkpoint_dir_name") for entry in listed}
-    stray = [n for n in storage.names(run_path) if n.startswith("checkpoint_") and n not in kept | {SNAPSHOT_FILE}]
+    kept = {entry.get("checkpoint_dir_name") for entry in listed} | {SNAPSHOT_FILE}  # named checkpoint_ too
+    stray = [n for n in storage.names(run_path) if n.startswith("checkpoint_") and n not in kept]
     for name in stray:
         storage.remove(posixpath.join(run_path, name), recursive=True)
     if stray:
