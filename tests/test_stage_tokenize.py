@@ -299,3 +299,22 @@ def test_painter_error_from_ray_traceback_text():
     wrapped = RuntimeError("outer")
     wrapped.__cause__ = InputError("inner")
     assert str(painter_error_from(wrapped)) == "inner"
+
+
+def test_read_blocks_are_a_number_of_rows_whatever_the_row_size(ray_session, tmp_path):
+    """`read_input(block_rows=...)`: blocks of about that many rows for small and large rows alike,
+    within the byte cap; the Dataset's block target is the one taken (the store budget is counted in it)."""
+    from painter.stages.common import read_input
+
+    def blocks(cell: int, cap: int) -> tuple[int, list[int]]:
+        path = tmp_path / f"rows-{cell}.tsv"
+        path.write_text("".join(f"{i}\tt\t{'x' * cell}\n" for i in range(1000)))
+        ds = read_input([str(path)], tokenize.DEFAULT_SCHEMA, block_bytes=cap, block_rows=200)
+        return ds.context.target_max_block_size, [b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+
+    for cell in (1_000, 8_000):  # 200 rows: ~0.2 MB and ~1.6 MB
+        target, sizes = blocks(cell, cap=8 * 2 ** 20)
+        assert 200 * cell < target < 200 * (cell + 256)
+        assert sum(sizes) == 1000 and max(sizes) <= 256 and len(sizes) >= 4, sizes
+    target, sizes = blocks(8_000, cap=2 ** 20)  # the cap wins: ~128 rows of 8 KB
+    assert target == 2 ** 20 and sum(sizes) == 1000 and max(sizes) <= 256 and len(sizes) >= 4, sizes

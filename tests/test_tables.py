@@ -178,3 +178,22 @@ def test_read_split_deals_every_rank_an_equal_disjoint_share_in_idx_order(tmp_pa
             assert (text_ids == numbers[:, None]).all() and (image_tokens == numbers[:, None] + 100).all()
             assert text_ids.dtype == image_tokens.dtype == np.int32
         assert shares[-1][2] == read_split(list(reversed(files)), world - 1, world)[2]  # not the files' order
+
+
+def test_row_bytes_is_the_arrow_size_of_a_files_first_rows_as_read(tmp_path):
+    schema = parse_schema("idx,text")
+    tsv = tmp_path / "a.tsv"
+    tsv.write_bytes(b"".join(b"%05d\t" % i + b"x" * 994 + b"\n" for i in range(3000)))
+    first = pa.table(next(tables.iter_tsv(str(tsv), schema, chunk_rows=tables.SAMPLE_ROWS)))
+    assert first.num_rows == tables.SAMPLE_ROWS
+    assert tables.row_bytes(str(tsv), schema) == first.nbytes / first.num_rows
+    assert 1000 < tables.row_bytes(str(tsv), schema) < 1000 + 2 * len(str(tsv)) + 64  # cells + bookkeeping
+    images = [bytes([i % 256, i // 256]) * 2000 for i in range(500)]
+    pq.write_table(pa.table({"idx": [str(i) for i in range(500)], "image": images}), tmp_path / "a.parquet",
+                   compression="zstd")  # a few KB on disk; the estimate is what a read row takes
+    assert 4000 < tables.row_bytes(str(tmp_path / "a.parquet"), parse_schema("idx,imgbase64"),
+                                   alternatives={"imgbase64": "image"}) < 4000 + 2 * len(str(tmp_path)) + 128
+    (tmp_path / "empty.tsv").write_bytes(b"")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    assert tables.row_bytes(str(tmp_path / "empty.tsv"), schema) is None
+    assert tables.row_bytes(str(tmp_path / "bad.parquet"), schema) is None

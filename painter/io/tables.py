@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
@@ -17,6 +18,7 @@ from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage
 
 DEFAULT_CHUNK_ROWS = 256
+SAMPLE_ROWS = 64  # the rows `row_bytes` reads
 TABLE_EXTENSIONS = (".tsv", ".txt", ".csv", ".parquet")
 
 
@@ -157,6 +159,22 @@ def iter_rows(path: str, schema: list[Column], storage_options: Storage | dict |
         yield from iter_parquet(path, schema, storage_options, chunk_rows, alternatives)
     else:
         yield from iter_tsv(path, schema, storage_options, chunk_rows)
+
+
+def row_bytes(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
+              alternatives: dict[str, str] | None = None) -> float | None:
+    """The Arrow bytes a row of this file takes as read (with the bookkeeping columns), from its first
+    `SAMPLE_ROWS` rows; None for a file without rows or one that is not readable (its read task gives
+    the reason)."""
+    chunks = iter_rows(path, schema, storage_options, SAMPLE_ROWS, alternatives)
+    try:
+        chunk = next(chunks, None)
+    except InputError:
+        return None
+    finally:
+        chunks.close()
+    table = pa.table(chunk) if chunk else None
+    return table.nbytes / table.num_rows if table is not None and table.num_rows else None
 
 
 def parquet_rows(root: str, files: list[str], storage: Storage | dict | None = None) -> int:

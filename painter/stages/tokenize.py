@@ -42,14 +42,20 @@ from painter.stages.token_sink import TokenSink
 STAGE = "tokenize"
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 REQUIRED_COLUMNS = ("idx", "text", BASE64_COLUMN)
-# Blocks of the image rows as read (~256 rows of 32 KB images): decoding and encoding start on a file's
-# first rows while the rest is read, and a large file never makes one block of its own
+# Blocks of the image rows as read: 256 rows (8 MiB of 32 KB images) and never more than 8 MiB. Decoding
+# and encoding start on a file's first rows while the rest is read, and a large file never makes one block
+# of its own. Measured on 2 cores, the block size that is fastest follows the rows, not the bytes: 1 MiB
+# blocks made 4 KB rows faster than 8 MiB ones and 32 KB rows a third slower.
+READ_BLOCK_ROWS = 256
 READ_BLOCK_BYTES = 8 * 2 ** 20
-# The object store the job's blocks may hold, per encoder actor. Ray Data's own budget is a share of the
-# whole store, which a fast reader fills with blocks the encoders have not reached: measured on 2 cores,
-# 84 MB at 20k rows and 503 MB at 200k. A fixed budget per actor keeps the read-ahead the same whatever
-# the corpus. On CPU, 32 MiB is four read blocks per actor, many batches of 64 images; a GPU actor eats
-# ~600 MB/s of 256x256 pixels, so it gets more (not yet measured on a GPU).
+# The object store the job's blocks may hold per encoder actor: 16 read blocks, at most 32 MiB (512 MiB
+# with a GPU). Ray Data's own budget is a share of the whole store, which a fast reader fills with blocks
+# the encoders have not reached: measured on 2 cores, 84 MB at 20k rows and 503 MB at 200k. A fixed
+# budget per actor keeps the read-ahead the same whatever the corpus; counted in blocks (rows), it is the
+# same work ahead whatever the image size, so a small corpus fills it too. On CPU that is many batches of
+# 64 images; with four 1 MiB blocks an actor, the 200k-row scale run took over 11 minutes instead of ~4,
+# its encoders at 3-5% of a core and the driver at 95%. A GPU actor eats ~600 MB/s of 256x256 pixels, so it gets more (not yet measured on a GPU).
+STORE_BLOCKS_PER_ACTOR = 16
 STORE_BYTES_PER_ACTOR = {"cpu": 32 * 2 ** 20, "gpu": 512 * 2 ** 20}
 # Rows per token-shard file (~10-20 MB of Parquet for a 256-token model). Ray Data gathers a file's rows
 # in the object store before its write task runs: at 100,000 rows (~130 MB) that buffer outgrew the
@@ -166,22 +172,27 @@ def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.d
         resources = _cpu_resources(options.actors)
         # reads ask for less CPU than the encoders, or Ray would fuse reading into the actors
         readers = -(-resources["compute"].max_size // CPU_ACTORS_PER_READER)
-        rows = bound_store(_read(options, storage, num_cpus=0.25, readers=readers),
-                           STORE_BYTES_PER_ACTOR["cpu"] * resources["compute"].max_size)
+        read = _read(options, storage, num_cpus=0.25, readers=readers)
+        rows = bound_store(read, _store_budget(read, "cpu", resources["compute"].max_size))
         return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
-    budget = STORE_BYTES_PER_ACTOR["gpu"] * resources["compute"].max_size
-    prepared = bound_store(_read(options, storage, num_cpus=0.5), budget).map_batches(
+    read = _read(options, storage, num_cpus=0.5)
+    prepared = bound_store(read, _store_budget(read, "gpu", resources["compute"].max_size)).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
     return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
 
 
+def _store_budget(read: ray.data.Dataset, device: str, actors: int) -> int:
+    per_actor = min(STORE_BYTES_PER_ACTOR[device], STORE_BLOCKS_PER_ACTOR * read.context.target_max_block_size)
+    return per_actor * actors
+
+
 def _read(options: Options, storage: Storage, num_cpus: float, readers: int | None = None) -> ray.data.Dataset:
     return read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
-                      block_bytes=READ_BLOCK_BYTES, num_cpus=num_cpus, readers=readers)
+                      block_bytes=READ_BLOCK_BYTES, block_rows=READ_BLOCK_ROWS, num_cpus=num_cpus, readers=readers)
 
 
 def count_written(output: str, errors: str, storage: Storage, info: ShardInfo) -> tuple[int, int, int]:
