@@ -173,6 +173,20 @@ def test_output_table_on_s3_with_conditional_put(s3_bucket):
     keys = table.fs.find(f"{bucket}/gen")
     assert f"{bucket}/gen/_delta_log/00000000000000000001.json" in keys
     assert sorted(r["category"] or "" for r in table.read(DATE, ["category"]).to_pylist()) == ["", "a/b", "a/b"]
+    assert table.first_idx(DATE, 2) == ["1", "2"]
+
+
+def test_first_idx_is_the_nights_smallest_distinct_idx_across_its_files(tmp_path):
+    table = ot.OutputTable(str(tmp_path / "gen"))
+    assert table.first_idx(DATE, 3) == []  # no table yet
+    table.ensure(SCHEMA, ["run_date", "category"])
+    _write_and_commit(table, _rows(["9", "4", "4", "7"], [0, 0, 1, 0], ["a", "b", "b", "a"]), "b1")
+    _write_and_commit(table, _rows(["5", "2"], [0, 0], ["b", "c"]), "b2")
+    _write_and_commit(table, _rows(["1", "3"], [0, 0], date="2024-05-02"), "b3", date="2024-05-02")
+    assert table.first_idx(DATE, 3) == ["2", "4", "5"]
+    assert table.first_idx(DATE, 10) == ["2", "4", "5", "7", "9"]
+    assert table.first_idx("2024-05-02", 10) == ["1", "3"]
+    assert table.first_idx("2024-06-01", 10) == [] and table.first_idx(DATE, 0) == []
 
 
 def test_easynlp_tsv_has_one_line_per_idx_with_a_list_of_images(tmp_path):

@@ -26,7 +26,6 @@ from datetime import date
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from painter.errors import InputError
 from painter.io import sheet
@@ -122,10 +121,7 @@ class OutputRoot:
 
     def _sheet_rows(self, prompts: int) -> list[list[sheet.SheetItem]]:
         """The committed images of the night's first `prompts` idx (sorted), a row of samples each."""
-        if not self.table.exists():
-            return []
-        idx = pc.unique(self.read(["idx"]).column("idx"))  # in Arrow: a night can hold millions
-        chosen = idx.take(pc.sort_indices(idx)[:prompts]).to_pylist()
+        chosen = self.table.first_idx(self.run_date, prompts)
         if not chosen:
             return []
         rows = self.read(["idx", "text", "sample", "image"], idx=chosen).sort_by(

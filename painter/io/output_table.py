@@ -318,6 +318,19 @@ class OutputTable:
         filters = [("run_date", "=", run_date)] + ([("idx", "in", list(idx))] if idx is not None else [])
         return self.delta(version).to_pyarrow_table(columns=columns, filters=filters)
 
+    def first_idx(self, run_date: str, count: int) -> list[str]:
+        """The night's `count` smallest distinct idx, from its idx column read a batch at a time (a night
+        can hold millions; the driver holds one batch and the `count` kept)."""
+        if not self.exists() or count < 1:
+            return []
+        scanner = self.delta().to_pyarrow_dataset().scanner(columns=["idx"], filter=pc.field("run_date") == run_date)
+        kept = None
+        for batch in scanner.to_batches():
+            column = batch.column("idx")
+            both = pc.unique(column if kept is None else pa.concat_arrays([kept, column]))
+            kept = both.take(pc.sort_indices(both)[:count])
+        return [] if kept is None else kept.to_pylist()
+
     def night_files(self, run_date: str) -> list[str]:
         """The data files of the night's committed rows, as delta-rs names them (a URL, or a local path)."""
         if not self.exists():
