@@ -52,7 +52,7 @@ from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
-from painter.stages.common import actor_resources, bound_store, cluster_has_gpus
+from painter.stages.common import actor_resources, bound_store, cluster_has_gpus, iter_blocks
 from painter.stages.generate_prompts import Scan
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -196,7 +196,7 @@ def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | N
                                 fn_constructor_kwargs=actor_kwargs, **resources)
     start = time.time()
     try:
-        for records in files.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for records in iter_blocks(files):
             committer.add(records)
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
         committer.flush()
