@@ -341,8 +341,8 @@ def write_night_tsv(root: out.OutputRoot, path: str) -> int:
                                   columns=["idx", "text", "sample", "image"], num_cpus=0.25)
     lines = night.groupby("idx").map_groups(_idx_line, batch_format="pyarrow", num_cpus=0.25).sort("idx")
     lines.context.execution_options.preserve_order = True
-    blocks = lines.iter_batches(batch_size=None, batch_format="pyarrow")
-    return write_lines((line for block in blocks for line in block["line"].to_pylist()), path, root.storage_options)
+    return write_lines((line for block in iter_blocks(lines) for line in block["line"].to_pylist()), path,
+                       root.storage_options)
 
 
 def _idx_line(images: pa.Table) -> pa.Table:

@@ -31,7 +31,7 @@ from painter.io.key_buckets import KeyBuckets, write_part
 from painter.io.rows import PROMPT_COLUMN, REASON, ROW, SOURCE, pair_keys, pairs_in
 from painter.io.storage import Storage
 from painter.io.tables import parquet_rows
-from painter.stages.common import duplicate_keys, painter_error_from, read_input, rejected_rows
+from painter.stages.common import duplicate_keys, iter_blocks, painter_error_from, read_input, rejected_rows
 
 STAGE = "generate"
 KEYS_SCHEMA = pa.schema([pa.field("idx", pa.string()), pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()),
@@ -133,7 +133,7 @@ def scan_prompts(inputs: list[str], input_schema: str, *, errors: str, keys: Key
                    "storage": storage})
     counts, schemas = dict.fromkeys(COUNTS, 0), set()  # the distinct schemas (serialized): one per kind of file
     try:
-        for block in _raising_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        for block in _raising_input_errors(iter_blocks(ds)):
             for name in COUNTS:
                 counts[name] += pc.sum(block[name]).as_py() or 0
             schemas.update(block["schema"].to_pylist())
