@@ -196,3 +196,18 @@ def test_a_scan_task_run_twice_leaves_one_copy_of_its_rows(ray_session, tmp_path
     assert pq.read_table(errors).column("reason").to_pylist() == ["missing idx"]
     written = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "keys").rglob("*.parquet"))])
     assert sorted(written.column("idx").to_pylist()) == ["a", "b"]
+
+
+def test_iter_blocks_hands_the_driver_every_row_once_in_order(ray_session):
+    """`common.iter_blocks` (the driver's way to take a Dataset's blocks): every row once, as Arrow
+    tables, in the Dataset's order where it has one (a sort)."""
+    from painter.stages.common import iter_blocks
+
+    whole = ray.data.range(1000, override_num_blocks=7).map_batches(lambda b: b, batch_format="pyarrow")
+    blocks = list(iter_blocks(whole))
+    assert all(isinstance(b, pa.Table) for b in blocks) and len(blocks) >= 7
+    assert sorted(pa.concat_tables(blocks)["id"].to_pylist()) == list(range(1000))
+    cut = ray.data.range(1000, override_num_blocks=4).limit(333)
+    ordered = ray.data.range(1000, override_num_blocks=5).sort("id", descending=True)
+    assert sorted(pa.concat_tables(list(iter_blocks(cut)))["id"].to_pylist()) == list(range(333))
+    assert pa.concat_tables(list(iter_blocks(ordered)))["id"].to_pylist() == list(range(999, -1, -1))
