@@ -173,8 +173,10 @@ def row_bytes(path: str, schema: list[Column], storage_options: Storage | dict |
         return None
     finally:
         chunks.close()
-    table = pa.table(chunk) if chunk else None
-    return table.nbytes / table.num_rows if table is not None and table.num_rows else None
+    if chunk is None:  # the file has no rows
+        return None
+    table = pa.table(chunk)
+    return table.nbytes / table.num_rows if table.num_rows else None
 
 
 def parquet_rows(root: str, files: list[str], storage: Storage | dict | None = None) -> int:

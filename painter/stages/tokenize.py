@@ -54,7 +54,8 @@ READ_BLOCK_BYTES = 8 * 2 ** 20
 # budget per actor keeps the read-ahead the same whatever the corpus; counted in blocks (rows), it is the
 # same work ahead whatever the image size, so a small corpus fills it too. On CPU that is many batches of
 # 64 images; with four 1 MiB blocks an actor, the 200k-row scale run took over 11 minutes instead of ~4,
-# its encoders at 3-5% of a core and the driver at 95%. A GPU actor eats ~600 MB/s of 256x256 pixels, so it gets more (not yet measured on a GPU).
+# its encoders at 3-5% of a core and the driver at 95%. A GPU actor eats ~600 MB/s of 256x256 pixels, so
+# it gets more (not yet measured on a GPU).
 STORE_BLOCKS_PER_ACTOR = 16
 STORE_BYTES_PER_ACTOR = {"cpu": 32 * 2 ** 20, "gpu": 512 * 2 ** 20}
 # Rows per token-shard file (~10-20 MB of Parquet for a 256-token model). Ray Data gathers a file's rows
