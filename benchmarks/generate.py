@@ -1,13 +1,13 @@
 """Benchmark: images/s of generation (new engine, old engine, reference algorithm) and where the time goes.
 
 Three ways to make the same images from the same random weights and batch, timed in one process:
-- ours: `painter.generator.Generator`, i.e. the static-shape decode engine (`painter.engine`: one
+- ours: `painter.inference.generator.Generator`, i.e. the static-shape decode engine (`painter.inference.engine`: one
   CUDA graph replay per step on a GPU, on-device sampling with top-k-only noise), bf16 weights on
   CUDA, one VQGAN decode per micro-batch, PNG encoding on a thread pool overlapping the next chunk;
 - old_engine: the same Generator decoding as before the engine: the growing `KVCache`,
-  full-vocabulary noise, bf16 autocast on CUDA (`painter.sampling.generate`);
+  full-vocabulary noise, bf16 autocast on CUDA (`painter.inference.sampling.generate`);
 - reference: the pai-painter algorithm: recompute the whole sequence at every step
-  (`painter.sampling.reference_generate`), fp32, and the whole batch decoded once per row as its
+  (`painter.inference.sampling.reference_generate`), fp32, and the whole batch decoded once per row as its
   postprocess does. All three encode PNGs; their tokens are the same (checked on fp32).
 
 Also reported: host framework calls per decode step (aten ops dispatched for one step, counted with a
@@ -39,12 +39,14 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from painter.checkpoint import PRESETS, load_model, new_model  # noqa: E402
-from painter.generator import GenerationConfig, Generator  # noqa: E402
-from painter.io.images import encode_image, uint8_from_tensor  # noqa: E402
-from painter.training import peak_bf16_tflops  # noqa: E402
+from painter.checkpoint.config import PRESETS  # noqa: E402
+from painter.checkpoint.model_dir import load_model, new_model
+from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
+from painter.io.images import encode_image  # noqa: E402
+from painter.inference.pixels import uint8_from_tensor
+from painter.training.gpt import peak_bf16_tflops  # noqa: E402
 from painter.runtime import autocast, pick_device  # noqa: E402
-from painter.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
+from painter.inference.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
 
 PROMPTS = ["宽松T恤", "红色连衣裙", "远处的雪山，表面覆盖着厚厚的积雪", "蓝色牛仔裤"]
 

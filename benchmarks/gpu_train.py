@@ -2,13 +2,13 @@
 training step's tokens/s and model FLOPs utilisation (MFU), each against the device's dense bf16 peak.
 
 (a) encoder: the full f16/16384 VQGAN (random weights) encodes random 256x256 uint8 pictures through
-    `painter.vq_encode.encode_codes`, the tokenize job's own loop (pinned uint8 copies, channels_last,
+    `painter.inference.vq_encode.encode_codes`, the tokenize job's own loop (pinned uint8 copies, channels_last,
     bf16 autocast on CUDA; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
     counted by torch's FlopCounterMode (convolutions, attention, the nearest-code search), so the
     roofline is peak / FLOPs. The breakdown: input copy, encoder network and code search timed apart;
     on CUDA the same loop in NCHW instead of channels_last (torch's CUDA GroupNorm is NCHW-only), with
     cuDNN's autotuner on, and (last, if the time budget allows) with the encoder network compiled.
-(b) train: `painter.training.train_step` (bf16 autocast, fused AdamW on CUDA, SDPA attention) for the
+(b) train: `painter.training.gpt.train_step` (bf16 autocast, fused AdamW on CUDA, SDPA attention) for the
     `base` and `large` GPT shapes, batches fed from host memory through `prefetch_to_device` as in the
     train job, at the largest batch that fits (halving from --max-batch on CUDA out-of-memory), eager
     and then compiled (`torch.compile`) while the time budget lasts; the faster is the figure. MFU =
@@ -43,9 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from painter.models.gpt import GPT, GPTConfig  # noqa: E402
 from painter.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 from painter.runtime import autocast  # noqa: E402
-from painter.training import (GPTLoss, TrainConfig, compile_model, make_optimizer, mfu, peak_bf16_tflops,  # noqa: E402
-                              prefetch_to_device, train_flops_per_token, train_step, use_compile)
-from painter.vq_encode import default_max_batch, encode_codes, model_input, prepare_vqgan  # noqa: E402
+from painter.training.gpt import GPTLoss, TrainConfig, compile_model, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
+from painter.inference.vq_encode import default_max_batch, encode_codes, model_input, prepare_vqgan  # noqa: E402
 
 # The GPT presets' shapes (painter.checkpoint.PRESETS; a test holds them equal: that module needs fsspec).
 GPT_SHAPES = {"base": {"n_layer": 12, "n_head": 12, "n_embd": 768},

@@ -1,6 +1,6 @@
 """Benchmark: what guidance and reranking cost, in images/s against plain sampling, same weights and batch.
 
-Times three `painter.generator.Generator` configurations in one process, alternating, best of
+Times three `painter.inference.generator.Generator` configurations in one process, alternating, best of
 `--repeats`: plain sampling (guidance 1, one candidate), classifier-free guidance (`--guidance S`:
 2B rows in one batch and cache) and guidance with reranking (`--candidates N`: N candidates per
 image, each scored by one full forward of 2BN rows, the best kept). Each includes VQGAN decode and
@@ -28,9 +28,9 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from painter import synthetic  # noqa: E402
-from painter.checkpoint import BUNDLED, load_model  # noqa: E402
-from painter.generator import GenerationConfig, Generator  # noqa: E402
+from painter.evaluation import synthetic  # noqa: E402
+from painter.checkpoint.model_dir import BUNDLED, load_model  # noqa: E402
+from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
 from painter.runtime import pick_device  # noqa: E402
 
 

@@ -75,7 +75,7 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
-    from painter.checkpoint import new_model
+    from painter.checkpoint.model_dir import new_model
     from painter.stages import generate as new_stage
 
     work = tempfile.mkdtemp(prefix="painter-bench-output-")

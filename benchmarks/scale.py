@@ -93,7 +93,7 @@ class StorePeak:
 def measure(job: str, corpus: list[str], model: str, output: str, micro_batch: int,
             rows_per_file: int | None = None) -> dict:
     """Run one job in this process (the driver) and return its memory figures."""
-    from painter.cli import init_ray
+    from painter.cli.main import init_ray
     from painter.stages import generate, tokenize
 
     init_ray()
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = measure(job, corpus, model, output, args.micro_batch, args.rows_per_file)
         print(json.dumps(result))
         return result
-    from painter.checkpoint import new_model
+    from painter.checkpoint.model_dir import new_model
 
     with tempfile.TemporaryDirectory(prefix="painter-scale-") as root:
         model = new_model(args.preset, os.path.join(root, "model"))

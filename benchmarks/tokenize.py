@@ -40,9 +40,10 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from painter.checkpoint import new_model, preset_config  # noqa: E402
-from painter.cli import init_ray  # noqa: E402
-from painter.encoder import ImageEncoder, prepare_batch  # noqa: E402
+from painter.checkpoint.model_dir import new_model  # noqa: E402
+from painter.checkpoint.config import preset_config
+from painter.cli.main import init_ray  # noqa: E402
+from painter.inference.encoder import ImageEncoder, prepare_batch  # noqa: E402
 from painter.io import tables  # noqa: E402
 from painter.stages import tokenize  # noqa: E402
 

@@ -26,12 +26,11 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from painter.checkpoint import PRESETS, preset_config  # noqa: E402
+from painter.checkpoint.config import PRESETS, preset_config  # noqa: E402
 from painter.models.gpt import GPT  # noqa: E402
 from painter.models.vqgan import VQGAN  # noqa: E402
 from painter.runtime import pick_device  # noqa: E402
-from painter.training import (GPTLoss, TrainConfig, make_optimizer, mfu, peak_bf16_tflops,  # noqa: E402
-                              train_flops_per_token, train_step)
+from painter.training.gpt import GPTLoss, TrainConfig, make_optimizer, mfu, peak_bf16_tflops, train_flops_per_token, train_step
 
 
 def _sync(device: torch.device) -> None:

@@ -25,8 +25,8 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from painter.checkpoint import bundled_model_dir  # noqa: E402
-from painter.cli import init_ray, run_command  # noqa: E402
+from painter.checkpoint.model_dir import bundled_model_dir  # noqa: E402
+from painter.cli.main import init_ray, run_command  # noqa: E402
 
 
 def alternate(cfg: dict) -> None:
@@ -34,7 +34,7 @@ def alternate(cfg: dict) -> None:
     import ray.train
 
     from painter.stages.train_worker import GPTRun
-    from painter.training import train_step
+    from painter.training.gpt import train_step
 
     run, steps = GPTRun(cfg), cfg["bench_steps"]
     shard = ray.train.get_dataset_shard("train")

@@ -6,7 +6,7 @@ keeps every name in it from shadowing a module (`jobs/tokenize.py` once hid the 
 """
 import sys
 
-from painter.cli import entry
+from painter.cli.main import entry
 
 if __name__ == "__main__":
     entry(["tokenize", *sys.argv[1:]])

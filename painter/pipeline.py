@@ -9,8 +9,8 @@ import base64
 
 from PIL import Image
 
-from painter.checkpoint import BUNDLED, load_model, zoo_name
-from painter.generator import GenerationConfig, Generator
+from painter.checkpoint.model_dir import BUNDLED, load_model, zoo_name
+from painter.inference.generator import GenerationConfig, Generator
 from painter.io.images import open_image
 from painter.runtime import pick_device
 
@@ -56,7 +56,7 @@ def pipeline(task: str, model_dir: str | None = None, device=None, *, guidance: 
              ) -> TextToImagePipeline:
     """A text-to-image callable on `model_dir` (a path, `s3://` prefix, model-zoo name, or None for the
     bundled model, which draws the synthetic task's captions, e.g. "白色背景中间的一个大的红色圆形");
-    `guidance` is its classifier-free guidance scale (default: the model's, see `painter.generator`).
+    `guidance` is its classifier-free guidance scale (default: the model's, see `painter.inference.generator`).
 
     As in EasyNLP, a zoo name alone names both: `pipeline("pai-painter-commercial-base-zh")` (or
     `"alibaba-pai/pai-painter-commercial-base-zh"`) is text2image_generation with that model."""

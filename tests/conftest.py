@@ -51,7 +51,7 @@ def _restore(saved: dict) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised `tiny` model directory (32x32 images, 8x8 tokens), made once."""
-    from painter.checkpoint import new_model
+    from painter.checkpoint.model_dir import new_model
 
     return new_model("tiny", str(tmp_path_factory.mktemp("models") / "tiny"), seed=0)
 

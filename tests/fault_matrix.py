@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from painter import synthetic
-from painter.checkpoint import load_model
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import load_model
 from painter.io.shards import ShardInfo, shard_table
 
 ROOT = Path(__file__).resolve().parents[1]

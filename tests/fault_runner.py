@@ -27,7 +27,7 @@ def clear_filesystem_caches() -> None:
 
 
 def run_case(argv: list[str], env: dict) -> dict:
-    from painter import cli
+    from painter.cli import main as cli
 
     saved = dict(os.environ)
     os.environ.update(env)

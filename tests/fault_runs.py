@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from painter.checkpoint import load_model
+from painter.checkpoint.model_dir import load_model
 
 from fault_matrix import (CORPUS_ROWS, PLANTED, SHARD_ROWS, SIGNALS, assert_failed_cleanly, assert_no_credentials,
                           ray_busy, run_painter, signal_when)

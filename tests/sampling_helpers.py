@@ -3,7 +3,7 @@ GPU tests (no pytest import: tests/test_gpu.py also runs as a plain script)."""
 import torch
 
 from painter.models.gpt import GPT, GPTConfig
-from painter.sampling import row_keys
+from painter.inference.sampling import row_keys
 
 
 def sharp_model(seed: int = 0, img_vocab: int = 100, img_len: int = 16, std: float = 0.3) -> GPT:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from painter.checkpoint import (PRESETS, ZOO_NAMES, ModelConfig, load_model, new_model, preset_config, read_manifest,
-                                resolve_model_dir, save_model)
+from painter.checkpoint.config import PRESETS, ModelConfig, preset_config
+from painter.checkpoint.model_dir import ZOO_NAMES, load_model, new_model, read_manifest, resolve_model_dir, save_model
 from painter.errors import CheckpointError
 from painter.models.gpt import GPT
 from painter.models.vqgan import VQGAN
-from painter.text import TextTokenizer
+from painter.checkpoint.tokenizer import TextTokenizer
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import painter.cli as cli
-from painter import registry
-from painter.checkpoint import load_model
+import painter.cli.main as cli
+from painter.cli import registry
+from painter.checkpoint.model_dir import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def run_painter(*args: str, script: bool = False) -> subprocess.CompletedProcess
     """`painter ARGS` in a fresh interpreter: `python -m painter.cli`, or as the console script calls it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if script:  # what the `painter` entry point does: no runpy, just import and call main()
-        command = [sys.executable, "-c", "import sys; from painter.cli import main; sys.exit(main())", *args]
+        command = [sys.executable, "-c", "import sys; from painter.cli.main import main; sys.exit(main())", *args]
     else:
         command = [sys.executable, "-m", "painter.cli", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -116,7 +116,7 @@ def test_main_in_process_returns_the_exit_code(tmp_path, capsys):
 def test_python_s_ignored_exception_reports_stay_off_the_terminal():
     """A `__del__` that raises at exit (Ray's actor handles after a stopped job) must not print a traceback
     under the job's last line: the `painter` script sends such reports to the log."""
-    code = ("import sys\nfrom painter import cli\nsys.unraisablehook = cli._unraisable_to_log\n"
+    code = ("import sys\nfrom painter.cli import main as cli\nsys.unraisablehook = cli._unraisable_to_log\n"
             "class Bad:\n    def __del__(self):\n        raise RuntimeError('raised in __del__')\n"
             "kept = Bad()\nprint('done')\n")
     ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from painter.cli import build_parser
-from painter.options import credential_keys
+from painter.cli.main import build_parser
+from painter.io.storage_options import credential_keys
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

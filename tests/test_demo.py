@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from painter import synthetic
-from painter.checkpoint import bundled_model_dir, load_model
-from painter.judge import caption_accuracy
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import bundled_model_dir, load_model
+from painter.evaluation.judge import caption_accuracy
 from painter.io.images import to_model_input
 from painter.models.gpt import GPT, GPTConfig
-from painter.training import GPTLoss, TrainConfig, make_optimizer, train_step
+from painter.training.gpt import GPTLoss, TrainConfig, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,17 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
-from painter import cli, registry
-from painter.checkpoint import ZOO_NAMES, load_model, resolve_model_dir
-from painter.easynlp import check_flags, painter_schema, parse_user_defined_parameters
-from painter.easynlp_modes import easynlp_text
+from painter.cli import main as cli, registry
+from painter.checkpoint.model_dir import ZOO_NAMES, load_model, resolve_model_dir
+from painter.easynlp.flags import check_flags, painter_schema, parse_user_defined_parameters
+from painter.easynlp.modes import easynlp_text
 from painter.errors import CheckpointError, InputError
-from painter.importers import import_easynlp, read_torch_checkpoint
+from painter.checkpoint.importers import import_easynlp, read_torch_checkpoint
 from painter.io.easynlp_tsv import parse_images_cell, write_easynlp_tsv
-from painter.io.images import fit_square_reference, prepare_pixels, uint8_from_tensor
+from painter.io.images import fit_square_reference, prepare_pixels
+from painter.inference.pixels import uint8_from_tensor
 from painter.options import from_args
 from painter.pipeline import pipeline
-from painter.text import TextTokenizer, default_vocab
+from painter.checkpoint.tokenizer import TextTokenizer, default_vocab
 from test_importers import SMALL_GPT, SMALL_VOCAB, easynlp_state, reference_keys, write_easynlp_dir
 
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from painter import cli
-from painter.checkpoint import load_model
-from painter.generator import GenerationConfig, Generator
-from painter.importers import causal_mask, import_easynlp
+from painter.cli import main as cli
+from painter.checkpoint.model_dir import load_model
+from painter.inference.generator import GenerationConfig, Generator
+from painter.checkpoint.importers import causal_mask, import_easynlp
 from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
 from painter.models.vqgan import VQGAN, VQGANConfig
 from painter.pipeline import pipeline
-from painter.text import default_vocab
+from painter.checkpoint.tokenizer import default_vocab
 
 CAPTIONS = ["红色的圆", "蓝色方块", "绿色三角形", "黄色背景"]
 VOCAB = default_vocab()[:300]

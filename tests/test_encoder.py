@@ -1,5 +1,5 @@
-"""Tests of painter.encoder without Ray: prepare_batch's per-row reasons and ImageEncoder's token rows; the
-encode loop's device choices (painter.vq_encode) and the reduced-size decoding of large JPEGs."""
+"""Tests of painter.inference.encoder without Ray: prepare_batch's per-row reasons and ImageEncoder's token rows; the
+encode loop's device choices (painter.inference.vq_encode) and the reduced-size decoding of large JPEGs."""
 from __future__ import annotations
 
 import base64
@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from painter.checkpoint import load_model
-from painter.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
+from painter.checkpoint.model_dir import load_model
+from painter.inference.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
 from painter.io.images import fit_square, load_image, prepare_pixels, preprocess, to_model_input
 from painter.io.rows import REASON, ROW, SOURCE
-from painter.vq_encode import default_max_batch, model_input, scale_channels_last
+from painter.inference.vq_encode import default_max_batch, model_input, scale_channels_last
 
 
 @pytest.fixture(scope="module")

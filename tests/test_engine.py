@@ -1,13 +1,12 @@
-"""Tests of painter.engine and the top-k-only sampler: the static-shape decode loop gives the reference's
+"""Tests of painter.inference.engine and the top-k-only sampler: the static-shape decode loop gives the reference's
 tokens, rows do not depend on the micro-batch, and the steering hooks (combine, forcing) do what they say."""
 
 import pytest
 import torch
 
-from painter.engine import DecodeEngine, Steering
+from painter.inference.engine import DecodeEngine, Steering
 from painter.models.gpt import GPT
-from painter.sampling import (SamplingConfig, choose_codes, reference_generate, row_keys, sample_codes, uniform_noise,
-                              uniform_noise_at)
+from painter.inference.sampling import SamplingConfig, choose_codes, reference_generate, row_keys, sample_codes, uniform_noise, uniform_noise_at
 from sampling_helpers import keys_for, sharp_model, text_batch
 
 SAMPLINGS = [SamplingConfig(top_k=1), SamplingConfig(temperature=0.0, top_k=None),

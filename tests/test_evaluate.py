@@ -1,4 +1,4 @@
-"""`painter.metrics` (FID, IS, extractors), `painter.judge` (caption accuracy), VQGAN reconstruction, and
+"""`painter.evaluation.metrics` (FID, IS, extractors), `painter.evaluation.judge` (caption accuracy), VQGAN reconstruction, and
 `painter evaluate`."""
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from painter import cli, synthetic
-from painter import judge
-from painter import metrics as ev
-from painter import reconstruction
-from painter.checkpoint import load_model
+from painter.cli import main as cli
+from painter.evaluation import synthetic
+from painter.evaluation import judge
+from painter.evaluation import metrics as ev
+from painter.evaluation import reconstruction
+from painter.checkpoint.model_dir import load_model
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.output_table import OutputTable
 from painter.io.images import encode_image, open_image

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from painter.checkpoint import load_model
-from painter.generator import GenerationConfig, Generator, default_micro_batch
+from painter.checkpoint.model_dir import load_model
+from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io.images import open_image
 
 ROWS = [(f"p{i}", f"宽松T恤 第{i}款", s) for i in range(6) for s in range(2)]
@@ -96,7 +96,7 @@ def test_an_empty_batch_gives_empty_columns(loaded):
 
 
 def test_generator_codes_are_the_reference_algorithms(loaded):
-    from painter.sampling import reference_generate, row_keys
+    from painter.inference.sampling import reference_generate, row_keys
 
     generator = Generator(loaded, GenerationConfig(seed=4), micro_batch=3)
     rows = ROWS[:3]
@@ -107,7 +107,7 @@ def test_generator_codes_are_the_reference_algorithms(loaded):
 
 
 def test_device_rounding_is_uint8_from_tensor(loaded):
-    from painter.io.images import uint8_from_tensor
+    from painter.inference.pixels import uint8_from_tensor
 
     generator = Generator(loaded, micro_batch=2)
     codes = torch.randint(0, loaded.config.gpt.img_vocab_size, (2, loaded.config.gpt.img_len))

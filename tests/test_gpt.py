@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from painter.checkpoint import PRESETS
+from painter.checkpoint.config import PRESETS
 from painter.models.gpt import GPT, GPTConfig, KVCache, attention_mask_keys
 
 FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"

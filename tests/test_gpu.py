@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_sampling's helpers, when run as a script
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # painter from the checkout
 
-from painter.checkpoint import load_model, new_model  # noqa: E402
-from painter.engine import DecodeEngine  # noqa: E402
-from painter.generator import GenerationConfig, Generator  # noqa: E402
-from painter.sampling import SamplingConfig, reference_generate, row_keys  # noqa: E402
+from painter.checkpoint.model_dir import load_model, new_model  # noqa: E402
+from painter.inference.engine import DecodeEngine  # noqa: E402
+from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
+from painter.inference.sampling import SamplingConfig, reference_generate, row_keys  # noqa: E402
 from sampling_helpers import keys_for, sharp_model, text_batch  # noqa: E402
 
 try:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from painter.checkpoint import preset_config
+from painter.checkpoint.config import preset_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
 

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from painter import rerank, synthetic
-from painter.checkpoint import bundled_model_dir, load_model, save_model
-from painter.judge import caption_accuracy
-from painter.generator import DEFAULT_GUIDANCE, GenerationConfig, Generator
+from painter.inference import rerank
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import bundled_model_dir, load_model, save_model
+from painter.evaluation.judge import caption_accuracy
+from painter.inference.generator import DEFAULT_GUIDANCE, GenerationConfig, Generator
 from painter.io.images import open_image, preprocess, to_model_input
 from painter.models.gpt import GPT, GPTConfig
-from painter.engine import DecodeEngine, Steering
-from painter.sampling import SamplingConfig, guided_logits, reference_generate, row_keys
-from painter.training import GPTLoss, TrainConfig, drop_captions, make_optimizer, train_step
+from painter.inference.engine import DecodeEngine, Steering
+from painter.inference.sampling import SamplingConfig, guided_logits, reference_generate, row_keys
+from painter.training.gpt import GPTLoss, TrainConfig, drop_captions, make_optimizer, train_step
 
 PAD = 0
 

@@ -1,4 +1,4 @@
-"""Tests of painter.importers: EasyNLP pai-painter directories and taming VQGAN checkpoints."""
+"""Tests of painter.checkpoint.importers: EasyNLP pai-painter directories and taming VQGAN checkpoints."""
 
 import json
 import sys
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from painter.checkpoint import ModelConfig, check_state_dict, load_model
+from painter.checkpoint.config import ModelConfig
+from painter.checkpoint.model_dir import check_state_dict, load_model
 from painter.errors import CheckpointError
-from painter.generator import GenerationConfig, Generator
-from painter.importers import (gpt_config_from_state, import_easynlp, import_vqgan, read_torch_checkpoint,
-                               split_prefixed, vqgan_config_from_state)
+from painter.inference.generator import GenerationConfig, Generator
+from painter.checkpoint.importers import gpt_config_from_state, import_easynlp, import_vqgan, read_torch_checkpoint, split_prefixed, vqgan_config_from_state
 from painter.io.images import open_image
 from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
 from painter.models.vqgan import VQGAN, VQGANConfig
-from painter.text import TextTokenizer, default_vocab
+from painter.checkpoint.tokenizer import TextTokenizer, default_vocab
 
 FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
 

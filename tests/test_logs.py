@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from painter import logs
-from painter.cli import one_line_reason
+from painter.cli import console
+from painter.cli.main import one_line_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def painter(*args: str, env: dict | None = None) -> tuple[int, list[str], dict]:
 
 
 def noise_in(lines: list[str]) -> list[str]:
-    return [line for line in lines if logs.is_noise(line)]
+    return [line for line in lines if console.is_noise(line)]
 
 
 @pytest.mark.slow
@@ -64,7 +65,7 @@ def test_jobs_keep_rays_noise_in_the_log_file_and_say_a_planted_error_in_one_lin
 def test_line_filter_drops_noise_by_name_and_passes_the_rest(tmp_path):
     logs.setup("test", str(tmp_path / "x.log"))
     out = io.StringIO()
-    stream = logs.LineFilter(out)
+    stream = console.LineFilter(out)
     stream.write("(PlacementGroupCleaner pid=1) Failed to query Ray Train Controller actor state. State API may be "
                  "temporarily unavailable. Continuing to monitor.\n")
     stream.write("[train] a real line")
@@ -104,7 +105,7 @@ def test_rays_warnings_reach_the_terminal_in_painters_format_unless_they_are_noi
     ray_logger.setLevel(logging.INFO)  # Ray's default; the suite's shared Ray session may have set "ray" to WARNING
     handler = logging.StreamHandler(sys.stderr)  # what Ray's own console handler is
     ray_logger.handlers = [handler]
-    logs.quiet_ray(initialized=False)
+    console.quiet_ray(initialized=False)
     ray_logger.warning("the object store is full")
     ray_logger.warning("Failed to query Ray Train Controller actor state. Continuing to monitor.")
     ray_logger.info("Starting execution of Dataset")

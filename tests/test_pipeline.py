@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from painter.checkpoint import load_model
-from painter.io.images import encode_image, uint8_from_tensor
+from painter.checkpoint.model_dir import load_model
+from painter.io.images import encode_image
+from painter.inference.pixels import uint8_from_tensor
 from painter.pipeline import pipeline
-from painter.sampling import SamplingConfig, reference_generate
+from painter.inference.sampling import SamplingConfig, reference_generate
 
 TEXTS = ["宽松T恤", "蓝色连衣裙"]
 
@@ -97,7 +98,7 @@ def test_unknown_task_is_refused(tiny_model_dir):
 
 def test_no_model_dir_means_the_bundled_model():
     """pipeline() with no model uses the model shipped in the package (or says how to build it)."""
-    from painter.checkpoint import bundled_model_dir
+    from painter.checkpoint.model_dir import bundled_model_dir
     from painter.errors import CheckpointError
 
     try:

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from painter import plots
+from painter.training import loss_curve as plots
 
 
 def _colour_pixels(png: bytes, colour) -> list[tuple[int, int]]:

@@ -1,12 +1,11 @@
-"""Tests of painter.sampling: KV-cache generation equals full recomputation, filtering, row-keyed noise."""
+"""Tests of painter.inference.sampling: KV-cache generation equals full recomputation, filtering, row-keyed noise."""
 
 import math
 
 import pytest
 import torch
 
-from painter.sampling import (SamplingConfig, choose_codes, filter_logits, generate, reference_generate, row_key,
-                              row_keys, uniform_noise)
+from painter.inference.sampling import SamplingConfig, choose_codes, filter_logits, generate, reference_generate, row_key, row_keys, uniform_noise
 from sampling_helpers import keys_for, sharp_model, text_batch
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from painter import cli, synthetic
+from painter.cli import main as cli
+from painter.evaluation import synthetic
 from painter.errors import InputError
-from painter.options import parse_storage_options, storage_options_source, to_dict
+from painter.io.storage_options import parse_storage_options, storage_options_source
+from painter.options import to_dict
 from painter.stages import tokenize
 
 SOURCE_ENV = "PAINTER_TEST_STORAGE_OPTIONS"

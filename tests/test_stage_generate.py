@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from painter import cli
+from painter.cli import main as cli
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.easynlp_tsv import write_easynlp_tsv
 from painter.io.key_buckets import KeyBuckets
@@ -201,7 +201,7 @@ def test_a_scan_task_run_twice_leaves_one_copy_of_its_rows(ray_session, tmp_path
 def test_iter_blocks_hands_the_driver_every_row_once_in_order(ray_session):
     """`common.iter_blocks` (the driver's way to take a Dataset's blocks): every row once, as Arrow
     tables, in the Dataset's order where it has one (a sort)."""
-    from painter.stages.common import iter_blocks
+    from painter.stages.datasets import iter_blocks
 
     whole = ray.data.range(1000, override_num_blocks=7).map_batches(lambda b: b, batch_format="pyarrow")
     blocks = list(iter_blocks(whole))

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from painter import cli
-from painter.checkpoint import load_model
+from painter.cli import main as cli
+from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, read_shard_info
@@ -28,8 +28,9 @@ from painter.io.storage import as_storage
 from painter.io.rows import REASON, ROW, SOURCE, find_duplicates
 from painter.io.tables import url_to_fs
 from painter.stages import tokenize
-from painter.stages.common import arrow_filesystem, painter_error_from
-from painter.vq_encode import default_max_batch, encode_codes
+from painter.stages.datasets import arrow_filesystem
+from painter.stages.ray_errors import painter_error_from
+from painter.inference.vq_encode import default_max_batch, encode_codes
 
 MAX_PIXELS = 3_000_000
 FIELDS = "expected 3 tab-separated fields (idx,text,imgbase64), got"
@@ -304,7 +305,7 @@ def test_painter_error_from_ray_traceback_text():
 def test_read_blocks_are_a_number_of_rows_whatever_the_row_size(ray_session, tmp_path):
     """`read_input(block_rows=...)`: blocks of about that many rows for small and large rows alike,
     within the byte cap; the Dataset's block target is the one taken (the store budget is counted in it)."""
-    from painter.stages.common import read_input
+    from painter.stages.datasets import read_input
 
     def blocks(cell: int, cap: int) -> tuple[int, list[int]]:
         path = tmp_path / f"rows-{cell}.tsv"

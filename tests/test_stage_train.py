@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from painter.checkpoint import ModelConfig, load_model, new_model
+from painter.checkpoint.config import ModelConfig
+from painter.checkpoint.model_dir import load_model, new_model
 from painter.errors import InputError, PainterError
 from painter.io.shards import ShardInfo, shard_table
 from painter.stages.train import Options, list_shards, resolve_start, run
@@ -138,7 +139,7 @@ def _easynlp_dir(path: str, tiny_model_dir: str) -> str:
 
 @pytest.mark.slow
 def test_fine_tunes_an_imported_easynlp_model(ray_session, tiny_model_dir, tmp_path):
-    from painter.importers import import_easynlp
+    from painter.checkpoint.importers import import_easynlp
 
     src = _easynlp_dir(str(tmp_path / "pai-painter-tiny-zh"), tiny_model_dir)
     imported = import_easynlp(src, str(tmp_path / "imported"), text_len=16, resolution=32)
@@ -220,7 +221,7 @@ def test_dropout_shapes_a_fresh_gpt_only(tiny_model_dir):
 
 
 def test_the_cli_builds_these_options():
-    from painter.cli import build_parser
+    from painter.cli.main import build_parser
     from painter.options import from_args
 
     args = build_parser().parse_args(["train", "--data", "a", "b", "--init", "m", "--output", "o", "--workers", "2",

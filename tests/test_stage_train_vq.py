@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from painter import synthetic
-from painter.checkpoint import load_model
-from painter.encoder import PIXELS
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import load_model
+from painter.inference.encoder import PIXELS
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, shard_table
@@ -180,7 +180,7 @@ def test_lr_defaults_to_fine_tuning_unless_from_scratch():
 
 
 def test_the_cli_builds_these_options():
-    from painter.cli import build_parser
+    from painter.cli.main import build_parser
     from painter.options import from_args
 
     args = build_parser().parse_args(["train-vq", "--input", "a", "b", "--model", "m", "--output", "o",

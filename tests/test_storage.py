@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from painter import cli, synthetic
-from painter.checkpoint import load_model
+from painter.cli import main as cli
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError
 from painter.io.output_table import OutputTable
 from painter.io.shards import ShardInfo, shard_table
@@ -95,7 +96,7 @@ def test_s3_paths_retry_in_botocore_only_and_s3fs_loads_only_where_a_bucket_is_u
     fs, _ = Storage({"anon": True}).fs("s3://bucket/key")
     assert fs.retries == S3FS_TRIES == 1
     assert fs.config_kwargs["retries"] == {"total_max_attempts": STORAGE_ATTEMPTS, "mode": "standard"}
-    check = "import sys, painter.cli, painter.stages.tokenize; print('s3fs' in sys.modules)"
+    check = "import sys, painter.cli.main, painter.stages.tokenize; print('s3fs' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.split() == ["False"]
 

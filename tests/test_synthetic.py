@@ -1,4 +1,4 @@
-"""Tests for painter.synthetic: captions, drawing, the corpus files, and the judge that reads pictures back.
+"""Tests for painter.evaluation.synthetic: captions, drawing, the corpus files, and the judge that reads pictures back.
 
 The judge is measured on 500 rendered scenes at 32x32 and at 64x64, clean (>= 99% on every
 attribute) and degraded (>= 95%): Gaussian blur of radius 0.7, then additive Gaussian noise of
@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from painter import cli, registry, synthetic
+from painter.cli import main as cli, registry
+from painter.evaluation import synthetic
 from painter.io.images import decode_base64, load_image, preprocess
 from painter.io.rows import REASON
 from painter.io.tables import iter_rows, parse_schema
-from painter.synthetic import (ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Reading, Scene,
-                               all_scenes, caption, captions_for_eval, hold_out, judge, parse_caption,
-                               render, sample_scenes, write_corpus)
-from painter.judge import score
+from painter.evaluation.synthetic import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Reading, Scene, all_scenes, caption, captions_for_eval, hold_out, judge, parse_caption, render, sample_scenes, write_corpus
+from painter.evaluation.judge import score
 
 SCHEMA = parse_schema("idx:str:1,text:str:1,imgbase64:str:1")
 N_JUDGED = 500
@@ -46,7 +45,7 @@ def judged_set():
 
 
 def test_caption_round_trip_for_every_scene():
-    from painter.text import TextTokenizer
+    from painter.checkpoint.tokenizer import TextTokenizer
 
     scenes = all_scenes()
     assert len(scenes) == len(SHAPES) * len(SIZES) * len(POSITIONS) * sum(

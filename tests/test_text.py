@@ -1,4 +1,4 @@
-"""Tests for painter.text: the default vocab, the WordPiece tokenizer, vocab files."""
+"""Tests for painter.checkpoint.tokenizer: the default vocab, the WordPiece tokenizer, vocab files."""
 
 import hashlib
 import pickle
@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from painter.text import PAD_TOKEN, UNK_TOKEN, TextTokenizer, default_vocab
+from painter.checkpoint.tokenizer import PAD_TOKEN, UNK_TOKEN, TextTokenizer, default_vocab
 
 CAPTION = "蓝色背景上的一个大的红色圆形"
 

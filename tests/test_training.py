@@ -8,11 +8,9 @@ import math
 import pytest
 import torch
 
-from painter.checkpoint import preset_config
+from painter.checkpoint.config import preset_config
 from painter.models.gpt import GPT
-from painter.training import (PEAK_BF16_TFLOPS, GPTLoss, TrainConfig, compile_model, corrupt_tokens, lr_at,
-                              make_optimizer, mfu, param_groups, peak_bf16_tflops, prefetch_to_device,
-                              train_flops_per_token, train_step, use_compile, use_fused_adamw)
+from painter.training.gpt import PEAK_BF16_TFLOPS, GPTLoss, TrainConfig, compile_model, corrupt_tokens, lr_at, make_optimizer, mfu, param_groups, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile, use_fused_adamw
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from painter import synthetic
-from painter.checkpoint import preset_config
-from painter.reconstruction import codebook_usage
+from painter.evaluation import synthetic
+from painter.checkpoint.config import preset_config
+from painter.evaluation.reconstruction import codebook_usage
 from painter.io.images import to_model_input
 from painter.models.vqgan import VQGAN
-from painter.training import lr_at
-from painter.vq_training import (CodeCounter, PatchDiscriminator, VQTrainConfig, hinge_d_loss, make_optimizers,
-                                 restart_dead_codes, train_step, usage_from_counts)
+from painter.training.gpt import lr_at
+from painter.training.vqgan import CodeCounter, PatchDiscriminator, VQTrainConfig, hinge_d_loss, make_optimizers, restart_dead_codes, train_step, usage_from_counts
 
 
 @pytest.fixture(autouse=True)

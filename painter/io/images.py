@@ -26,7 +26,8 @@ A row's image either converts or gets a one-line reason (`preprocess` returns (a
 on the header (`Image.open` reads no pixel data) before anything is decoded; Pillow's own
 decompression-bomb limit (2 x `Image.MAX_IMAGE_PIXELS`) stays in force above it.
 
-Output side: `uint8_from_tensor`, `encode_image` and `open_image` for generated pictures. The model's
+Output side: `encode_image` and `open_image` for generated pictures (`painter.inference.pixels` makes
+their 8-bit arrays from the model's output, with `PIXEL_ROUNDING`). The model's
 [-1, 1] output becomes 8 bits by rounding to the nearest level by default (`round`); EasyNLP's
 predictor truncates instead (`astype(np.uint8)`, every pixel half a level darker on average, 46% of
 values one level below rounding), which `truncate` reproduces (`painter easynlp` uses it).
@@ -41,7 +42,6 @@ import re
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -265,19 +265,8 @@ def preprocess(cell, size: int, *, is_base64: bool = True, max_pixels: int = DEF
     return (None, reason) if pixels is None else (to_model_input(pixels), None)
 
 
-def uint8_from_tensor(images: torch.Tensor, rounding: str = "round") -> np.ndarray:
-    """(B, 3, H, W) floats in [-1, 1] -> (B, H, W, 3) uint8: (x + 1) * 127.5 to the nearest level
-    (`round`, the default), or truncated as EasyNLP's `astype(np.uint8)` does (`truncate`)."""
-    return uint8_on_device(images, rounding).cpu().numpy()
 
 
-def uint8_on_device(images: torch.Tensor, rounding: str = "round") -> torch.Tensor:
-    """`uint8_from_tensor` without leaving the device: (B, 3, H, W) -> (B, H, W, 3) uint8 tensor."""
-    if rounding not in PIXEL_ROUNDING:
-        raise ValueError(f"pixel rounding {rounding!r} is not one of {PIXEL_ROUNDING}")
-    x = (images.detach().float().clamp(-1, 1) + 1.0) * 127.5
-    x = x.round() if rounding == "round" else x.floor()
-    return x.to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def encode_image(pixels: np.ndarray, image_format: str = "png") -> bytes:

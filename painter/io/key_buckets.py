@@ -5,7 +5,7 @@ A job that streams its rows writes the keys of each batch's good rows with `KeyB
 bucket the batch touches, under `<root>/<bucket>/`. The bucket is a hash of idx, so every row of an idx
 is in one bucket. Once everything is written, `KeyBuckets.duplicates(bucket)` finds the rows of one bucket
 that repeat an earlier good row's idx (`painter.io.rows.find_duplicates`): the buckets can be searched in
-parallel (Ray tasks: `painter.stages.common.duplicate_keys`) and only the duplicates reach the driver,
+parallel (Ray tasks: `painter.stages.datasets.duplicate_keys`) and only the duplicates reach the driver,
 whatever the corpus. `remove` deletes the keys. The tokenize job keeps its keys beside its shards
 (`painter.io.token_writer`), the generate job beside its output table (`painter.io.output.OutputRoot`).
 

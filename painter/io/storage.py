@@ -24,7 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from painter.errors import StorageError
-from painter.options import parse_storage_options
+from painter.io.storage_options import parse_storage_options
 
 COPY_CHUNK = 16 << 20
 

@@ -1,7 +1,7 @@
 """Where the tokenize job's encoded rows go, one batch at a time, and how duplicates leave afterwards.
 
 No Ray here: `painter.stages.tokenize` calls `TokenWriter.write` from a Ray datasink's write tasks.
-One call takes a batch of encoded rows (`painter.encoder.ImageEncoder`'s output) and writes:
+One call takes a batch of encoded rows (`painter.inference.encoder.ImageEncoder`'s output) and writes:
   - the good rows as one token-shard file `<output>/part-<name>.parquet` (the `ShardInfo` schema);
   - the rejected rows to `<errors>/part-<name>.parquet` (the rejected-rows schema);
   - the good rows' keys (idx, source file, row, the shard file and the row's place in it) to

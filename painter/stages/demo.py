@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import fsspec
 
-from painter import logs, synthetic
-from painter.checkpoint import bundled_model_dir, new_model
+from painter import logs
+from painter.evaluation import synthetic
+from painter.checkpoint.model_dir import bundled_model_dir, new_model
 from painter.errors import ErrorRateExceeded, InputError
 from painter.options import option
-from painter.registry import run_command
-from painter.text import TextTokenizer
+from painter.checkpoint.tokenizer import TextTokenizer
 
 log = logs.get("demo")
 SCORES = ("colour_shape", "colour", "shape", "background", "size", "position")
@@ -58,11 +58,12 @@ class Options:
     seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
-def _step(name: str, options, steps: dict) -> dict:
-    """Run one job in-process (as `painter <name>` would, in the Ray the CLI started) and keep its summary."""
+def _step(name: str, job, options, steps: dict) -> dict:
+    """Run one job module's `run` in-process (as `painter <name>` would, in the Ray the CLI started) and keep
+    its summary."""
     start = time.time()
     try:
-        summary = run_command(name, options)
+        summary = job.run(options)
     except ErrorRateExceeded as e:
         steps[name] = {"seconds": round(time.time() - start, 1), **e.summary}
         raise InputError(f"demo step {name} failed: {e}") from None
@@ -104,7 +105,7 @@ def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     TextTokenizer(synthetic.caption_vocab()).save(vocab)
     start = new_model(o.preset, posixpath.join(out, "vq-start"), seed=o.seed, vocab=vocab)
     vq_out = posixpath.join(out, "vq-model")
-    _step("train-vq", train_vq.Options(
+    _step("train-vq", train_vq, train_vq.Options(
         input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
         workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
         checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}",
@@ -124,18 +125,18 @@ def run(o: Options) -> dict:
     log.info(f"corpus: {o.rows} images in {corpus}, {o.hold_out} captions held out")
     base = _vqgan_model(o, out, corpus, steps)
     tokens, model = posixpath.join(out, "tokens"), posixpath.join(out, "model")
-    _step("tokenize", tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), steps)
+    _step("tokenize", tokenize, tokenize.Options(input=[corpus], model=base, output=tokens, overwrite=True), steps)
     init = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
-    _step("train", train.Options(
+    _step("train", train, train.Options(
         data=[tokens], **init, output=model, run_dir=posixpath.join(out, "runs"),
         name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
         lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
         null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))
-    _step("generate", generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
+    _step("generate", generate, generate.Options(input=[prompts], model=model, output=posixpath.join(out, "generated"),
                                        samples=1 if o.top_k == 1 else 2, top_k=o.top_k, seed=o.seed,
                                        guidance=o.guidance, candidates=o.candidates, gallery=True), steps)
-    evaluation = _step("evaluate", evaluate.Options(model=model, captions=o.captions, held_out=held_out,
+    evaluation = _step("evaluate", evaluate, evaluate.Options(model=model, captions=o.captions, held_out=held_out,
                                                 top_k=o.top_k, seed=o.seed, guidance=o.guidance,
                                                 candidates=o.candidates, output=posixpath.join(out, "eval")), steps)
     scores = evaluation.get("caption_accuracy", {})

@@ -1,7 +1,7 @@
 """`painter evaluate`: score a model on the synthetic task, FID/IS against real images, VQGAN reconstruction.
 
 What it measures (any combination, in one run):
-1. **Caption accuracy.** `--captions N` held-out captions (`painter.synthetic.captions_for_eval`, a random
+1. **Caption accuracy.** `--captions N` held-out captions (`painter.evaluation.synthetic.captions_for_eval`, a random
    stream apart from any training corpus' rows; with `--held-out FILE`, only the captions of
    (colour, shape) pairs `painter make-corpus --hold-out-pairs` kept out of training) are generated
    with `--model` and read back by the synthetic judge. Or `--generated PATH` scores images that exist
@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 
-from painter import judge, metrics
-from painter.checkpoint import check_model_files, load_model, read_bytes
+from painter.evaluation import judge, metrics
+from painter.checkpoint.model_dir import check_model_files, load_model, read_bytes
 from painter.errors import InputError, check_error_rate
-from painter.generator import GenerationConfig, Generator
+from painter.inference.generator import GenerationConfig, Generator
 from painter.io import output as out
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
@@ -66,7 +66,7 @@ class Options:
     model: str | None = option(None, "model directory (local, s3:// or a zoo name): generates the caption "
                                "images, and its VQGAN reconstructs --corpus")
     captions: int = option(200, "synthetic captions to generate and judge (0: none)")
-    caption_seed: int = option(0, "which evaluation captions (painter.synthetic.captions_for_eval)")
+    caption_seed: int = option(0, "which evaluation captions (painter.evaluation.synthetic.captions_for_eval)")
     held_out: str | None = option(None, "draw captions only from this file of captions kept out of training "
                                   "(<corpus>/_held_out.txt of a synthetic corpus made with held out pairs)")
     samples: int = option(1, "images per caption")
@@ -74,7 +74,7 @@ class Options:
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")
     top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
     top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
-    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.generator."
+    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.inference.generator."
                                           "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
     candidates: int = option(1, "images drawn per caption and sample; the best-scored one is judged")
     scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
@@ -240,7 +240,7 @@ def _runs_on_gpu_worker(options: Options) -> bool:
         return False
     import ray
 
-    from painter.stages.common import cluster_has_gpus
+    from painter.stages.resources import cluster_has_gpus
     return ray.is_initialized() and cluster_has_gpus()
 
 
@@ -248,7 +248,7 @@ def run_as_task(options: Options, resources: dict) -> dict:
     """`evaluate(options)` as one Ray task with `resources`; a PainterError raised there comes back as itself."""
     import ray
 
-    from painter.stages.common import painter_error_from
+    from painter.stages.ray_errors import painter_error_from
     try:
         return ray.get(ray.remote(**resources)(evaluate).remote(options))
     except Exception as e:

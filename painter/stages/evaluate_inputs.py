@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from painter import synthetic
+from painter.evaluation import synthetic
 from painter.errors import InputError
 from painter.io import output as out
 from painter.io import rows, tables

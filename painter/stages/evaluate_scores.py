@@ -1,20 +1,20 @@
 """What `painter evaluate` computes from the images it has: the synthetic judge's verdicts, the samples'
 diversity, FID/IS features of both sides, VQGAN reconstruction of `--corpus`, and the contact sheet of
-verdicts. The metrics themselves are `painter.metrics`, `painter.judge` and `painter.reconstruction` (no
+verdicts. The metrics themselves are `painter.evaluation.metrics`, `painter.evaluation.judge` and `painter.evaluation.reconstruction` (no
 I/O); this wires them to the rows read.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from painter import judge, metrics
+from painter.evaluation import judge, metrics
 from painter import logs
-from painter import synthetic
+from painter.evaluation import synthetic
 from painter.errors import InputError
 from painter.io import sheet
 from painter.io.images import ImageRejected, fit_square, load_image, to_model_input
 from painter.io.storage import Storage
-from painter.reconstruction import ReconstructionMeter
+from painter.evaluation.reconstruction import ReconstructionMeter
 from painter.stages.evaluate_inputs import Candidate, Rejected, table_rows
 
 SHEET_COLUMNS = 8
@@ -78,7 +78,7 @@ def judge_candidates(candidates: list[Candidate], features: FeaturePass | None, 
 
 
 def sample_diversity(candidates: list[Candidate]) -> dict:
-    """`painter.metrics.diversity` of the samples of each caption (generated here: every image decodes)."""
+    """`painter.evaluation.metrics.diversity` of the samples of each caption (generated here: every image decodes)."""
     groups: dict[str, list] = {}
     for c in candidates:
         groups.setdefault(c.idx, []).append(load_image(c.image))

@@ -39,9 +39,9 @@ import pyarrow as pa
 import ray
 
 from painter import logs
-from painter.checkpoint import check_model_files, load_model
+from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, check_error_rate
-from painter.generator import GenerationConfig, Generator, default_micro_batch
+from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import easynlp_lines, write_lines
@@ -52,7 +52,8 @@ from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
-from painter.stages.common import actor_resources, bound_store, cluster_has_gpus, iter_blocks
+from painter.stages.resources import actor_resources, cluster_has_gpus
+from painter.stages.datasets import bound_store, iter_blocks
 from painter.stages.generate_prompts import Scan
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -86,7 +87,7 @@ class Options:
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")
     top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
     top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
-    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.generator."
+    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.inference.generator."
                                           "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
     candidates: int = option(1, "images drawn per (idx, sample); the best-scored is kept, its score a column")
     scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "

@@ -4,7 +4,7 @@
    unreadable rows, missing idx, empty text, a bad prompt image). Each task writes its batch's rejected
    rows to the night's errors folder and its good rows' keys to the run's key buckets
    (`painter.io.key_buckets`), and returns one row of counts. Repeated idx are then found bucket by
-   bucket in Ray tasks (`painter.stages.common.duplicate_keys`): the first good row by (file, row) is
+   bucket in Ray tasks (`painter.stages.datasets.duplicate_keys`): the first good row by (file, row) is
    kept, the others are rejected, and only they reach the driver.
 2. `prompt_pairs` (pass 2): the same files read again, each batch checked again (the same verdicts),
    less the repeated idx found in pass 1, each prompt made `samples` rows (idx, sample), less the pairs
@@ -31,7 +31,8 @@ from painter.io.key_buckets import KeyBuckets, write_part
 from painter.io.rows import PROMPT_COLUMN, REASON, ROW, SOURCE, pair_keys, pairs_in
 from painter.io.storage import Storage
 from painter.io.tables import parquet_rows
-from painter.stages.common import duplicate_keys, iter_blocks, painter_error_from, read_input, rejected_rows
+from painter.stages.datasets import duplicate_keys, iter_blocks, read_input, rejected_rows
+from painter.stages.ray_errors import painter_error_from
 
 STAGE = "generate"
 KEYS_SCHEMA = pa.schema([pa.field("idx", pa.string()), pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()),
@@ -76,7 +77,7 @@ def check_prompts(batch: pa.Table) -> pa.Table:
     prompts = batch.column(PROMPT_COLUMN).to_pylist() if PROMPT_COLUMN in batch.column_names else None
     problem = None
     if prompts is not None and any(p is not None for p in prompts):
-        from painter.generator import prompt_image_problem as problem  # the image code loads torch
+        from painter.inference.generator import prompt_image_problem as problem  # the image code loads torch
     for i, reason in enumerate(reasons):
         if reason is not None:
             continue

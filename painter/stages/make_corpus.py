@@ -1,4 +1,4 @@
-"""`painter make-corpus`: write the synthetic Chinese-captioned corpus of `painter.synthetic` as
+"""`painter make-corpus`: write the synthetic Chinese-captioned corpus of `painter.evaluation.synthetic` as
 EasyNLP TSV shards (`idx \\t text \\t base64 PNG`, no header), byte-identical for a seed. No Ray."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from painter import synthetic
+from painter.evaluation import synthetic
 from painter.errors import PainterError
 from painter.options import option
 

@@ -5,7 +5,7 @@ Pipeline (Ray Data), streaming end to end; nothing holds the corpus, in memory o
   -> prepare_batch    CPU tasks: idx/text checks, base64, decode, resize + crop -> uint8 pixels
   -> ImageEncoder     actor pool holding the VQGAN, one GPU each (on a CPU-only cluster the two are
                       one actor per CPU, `DecodingEncoder`, each decoding and encoding its own rows)
-  -> TokenSink        write tasks (`painter.stages.token_sink`, torch-free): good rows to shard files,
+  -> TokenSink        write tasks (`painter.stages.tokenize_sink`, torch-free): good rows to shard files,
                       rejected rows to the errors table, the good rows' keys to `<output>/_keys/`
   -> duplicates       Ray tasks over the hash buckets of the keys (one per 2 M keys, at most one per
                       CPU); only duplicates reach the driver, which removes them from their shard
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import ray
 
 from painter import logs
-from painter.checkpoint import check_model_files, load_model
-from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
+from painter.checkpoint.model_dir import check_model_files, load_model
+from painter.inference.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
@@ -35,9 +35,10 @@ from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
 from painter.options import option
-from painter.stages.common import (actor_resources, arrow_filesystem, bound_store, cluster_has_gpus,
-                                   duplicate_keys, join, painter_error_from, read_input)
-from painter.stages.token_sink import TokenSink
+from painter.stages.resources import actor_resources, cluster_has_gpus
+from painter.stages.datasets import arrow_filesystem, bound_store, duplicate_keys, join, read_input
+from painter.stages.ray_errors import painter_error_from
+from painter.stages.tokenize_sink import TokenSink
 
 STAGE = "tokenize"
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"

@@ -3,7 +3,7 @@
 The driver (`run`) lists the shards, refuses any whose metadata does not fit the model (another
 VQGAN, vocab or lengths), sizes the run (steps per epoch from the row count), and starts a
 `TorchTrainer` through the one runner (`painter.stages.train_runner`); every worker runs
-`painter.stages.train_worker.train_loop` (painter.training's `train_step` over its split of the shards).
+`painter.stages.train_worker.train_loop` (painter.training.gpt's `train_step` over its split of the shards).
 Only token ids flow: the VQGAN is never loaded, its weights file is only copied along into every checkpoint.
 
 Where the model starts: `--init DIR` (a model directory; one without gpt.safetensors, as
@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from painter import logs, plots
-from painter.checkpoint import PRESETS, ModelConfig, check_model_files, load_model, preset_config
+from painter import logs
+from painter.training import loss_curve as plots
+from painter.checkpoint.config import PRESETS, ModelConfig, preset_config
+from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, PainterError, StorageError
 from painter.io import tables
 from painter.io.checks import check_output, describe
@@ -40,11 +42,11 @@ from painter.io.shards import ShardInfo, check_shards_fit
 from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
-from painter.stages.common import remote_progress
+from painter.stages.progress import remote_progress
 from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps,
                                          run_location, scaling_config)
 from painter.stages.train_worker import train_loop
-from painter.training import TrainConfig
+from painter.training.gpt import TrainConfig
 
 log = logs.get("train")
 

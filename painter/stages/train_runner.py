@@ -26,11 +26,12 @@ import time
 from dataclasses import dataclass
 
 from painter import logs
-from painter.checkpoint import ModelConfig, load_model
+from painter.checkpoint.config import ModelConfig
+from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
-from painter.stages.common import cluster_has_gpus
+from painter.stages.resources import cluster_has_gpus
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite

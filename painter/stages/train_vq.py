@@ -9,7 +9,7 @@ Pipeline:
              are measured with the starting weights and after the last step.
   train      the other good rows stream from Ray Data CPU tasks (decode -> uint8 (S, S, 3) pixels) to
              the workers every epoch; each runs `painter.stages.train_vq_worker.train_loop`
-             (`painter.vq_training.train_step` over its split: L1 + L2 + codebook loss, dead-code
+             (`painter.training.vqgan.train_step` over its split: L1 + L2 + codebook loss, dead-code
              restarts every `--restart-every` steps, an optional PatchGAN term with `--gan-weight`).
   export     the final checkpoint's model directory is copied to `--output` with `train.json`.
 Images are decoded once by the check and once per epoch by the training stream (nothing the size of
@@ -38,9 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from painter import logs, plots
-from painter.checkpoint import check_model_files, load_model
-from painter.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS, image_cells
+from painter import logs
+from painter.training import loss_curve as plots
+from painter.checkpoint.model_dir import check_model_files, load_model
+from painter.inference.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS, image_cells
 from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
@@ -48,12 +49,14 @@ from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE, empty_rows
 from painter.io.storage import Storage
 from painter.options import option, to_dict
-from painter.stages.common import join, painter_error_from, read_input, remote_progress, write_rejected
+from painter.stages.datasets import join, read_input, write_rejected
+from painter.stages.ray_errors import painter_error_from
+from painter.stages.progress import remote_progress
 from painter.stages.tokenize import DEFAULT_SCHEMA
 from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
                                          scaling_config)
 from painter.stages.train_vq_worker import train_loop
-from painter.vq_training import VQTrainConfig
+from painter.training.vqgan import VQTrainConfig
 
 STAGE = "train-vq"
 SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4

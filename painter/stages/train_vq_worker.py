@@ -5,9 +5,9 @@ loop, the reporting and checkpoint cadence, the checkpoint layout (a full model 
 `train_state.pt`), the divergence stop and the fault switch): restoring the VQGAN (and discriminator) and Adam, the pixel batches
 (uint8 (B, H, W, 3) rows from Ray Data, or for a run that keeps its images in memory this rank's share
 of the decoded images by (file, row), turned into [-1, 1] floats on the worker's device), the
-step (`painter.vq_training.train_step`: reconstruction + codebook loss, dead-code restarts, optional
+step (`painter.training.vqgan.train_step`: reconstruction + codebook loss, dead-code restarts, optional
 GAN), the metrics (loss, L1, codebook usage and perplexity over the logging window, lr) and the
-held-out reconstruction measurement (`painter.reconstruction.ReconstructionMeter` on every rank's
+held-out reconstruction measurement (`painter.evaluation.reconstruction.ReconstructionMeter` on every rank's
 part of the `eval` dataset, summed over ranks) before the first step and after the last.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from painter.checkpoint import load_model, save_model
-from painter.encoder import PIXELS
+from painter.checkpoint.model_dir import load_model, save_model
+from painter.inference.encoder import PIXELS
 from painter.io.rows import ROW, SOURCE, rank_share
 from painter.models.vqgan import VQGAN
-from painter.reconstruction import ReconstructionMeter
+from painter.evaluation.reconstruction import ReconstructionMeter
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
-from painter.vq_training import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
+from painter.training.vqgan import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
 
 
 def train_loop(cfg: dict) -> None:

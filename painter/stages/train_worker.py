@@ -5,8 +5,8 @@ loop, the reporting and checkpoint cadence, the divergence stop and the fault sw
 the GPT and AdamW (from a model directory plus `train_state.pt`), iterate this worker's split of the
 shards with a seeded per-epoch local shuffle (or a full shuffle of the split kept in memory, which the
 worker reads itself: `painter.io.shards.read_split`), copy the
-micro-batches ahead to the device (`painter.training.prefetch_to_device`), call
-`painter.training.train_step` (on the model compiled with `torch.compile` where `use_compile` says so),
+micro-batches ahead to the device (`painter.training.gpt.prefetch_to_device`), call
+`painter.training.gpt.train_step` (on the model compiled with `torch.compile` where `use_compile` says so),
 the metrics (tokens/s, and on a known GPU the model FLOPs utilisation), the validation loss and, with
 `record_rows`, the idx of every row trained on. The driver side, options and summary are in
 `painter.stages.train`.
@@ -22,13 +22,12 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from painter.checkpoint import load_model, save_model
+from painter.checkpoint.model_dir import load_model, save_model
 from painter.io.shards import read_split
 from painter.models.gpt import GPT
 from painter.runtime import autocast
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
-from painter.training import (GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops,
-                              prefetch_to_device, train_flops_per_token, train_step, use_compile)
+from painter.training.gpt import GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
 
 
 def train_loop(cfg: dict) -> None:

@@ -7,8 +7,8 @@ at its position, sample code s). Nothing in the loop reads a tensor on the host,
 the same shapes, so on CUDA the prefill and the step are each captured once as a `torch.cuda.CUDAGraph`
 and the loop is `img_len - 1` graph replays. On CPU the same functions run eagerly.
 
-Sampling is `painter.sampling.sample_codes` (noise hashed for the top-k candidates only); the tokens
-equal `painter.sampling.reference_generate` for the same weights, text and keys.
+Sampling is `painter.inference.sampling.sample_codes` (noise hashed for the top-k candidates only); the tokens
+equal `painter.inference.sampling.reference_generate` for the same weights, text and keys.
 
 Two hooks for callers that steer decoding (`Steering`), fixed when the engine is built:
 - `combine` + `rows_per_sample`: the model computes `rows_per_sample * B` rows (say conditional
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from painter.models.gpt import GPT
-from painter.sampling import SamplingConfig, sample_codes
+from painter.inference.sampling import SamplingConfig, sample_codes
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture: cuBLAS workspaces, lazy kernel loading
 

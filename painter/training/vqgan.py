@@ -5,7 +5,7 @@ codebook/commitment loss, optionally + a hinge GAN term), `PatchDiscriminator` (
 pix2pix/taming-style PatchGAN) with `hinge_d_loss`, `CodeCounter` (code histograms: per logging
 window and since the last restart), `restart_dead_codes` and `train_step`. No Ray and no I/O: the
 train-vq stage (`painter.stages.train_vq`) drives these on every worker. The lr schedule is
-`painter.training.lr_at` (linear warm-up, then cosine).
+`painter.training.gpt.lr_at` (linear warm-up, then cosine).
 
 **Codebook collapse: dead-code restarts, not EMA.** The codebook keeps learning by gradient (the
 quantizer's codebook term, as in taming), and every `restart_every` optimizer steps every code that no
@@ -35,10 +35,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from painter.reconstruction import codebook_usage
+from painter.evaluation.reconstruction import codebook_usage
 from painter.models.vqgan import VQGAN
 from painter.runtime import autocast
-from painter.training import TrainConfig, lr_at
+from painter.training.gpt import TrainConfig, lr_at
 
 
 @dataclass
@@ -63,7 +63,7 @@ class VQTrainConfig:
             raise ValueError("restart_every, gan_weight and gan_start must be >= 0")
 
     def schedule(self, lr: float | None = None) -> TrainConfig:
-        """The warm-up + cosine schedule of `painter.training.lr_at` with these settings."""
+        """The warm-up + cosine schedule of `painter.training.gpt.lr_at` with these settings."""
         return TrainConfig(lr=self.lr if lr is None else lr, warmup_steps=self.warmup_steps,
                            total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio)
 
@@ -145,7 +145,7 @@ def _distributed() -> bool:
 
 
 def usage_from_counts(counts) -> dict:
-    """`painter.reconstruction.codebook_usage`'s dict (codes_used, codebook_usage, perplexity, ...) of a histogram."""
+    """`painter.evaluation.reconstruction.codebook_usage`'s dict (codes_used, codebook_usage, perplexity, ...) of a histogram."""
     counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.int64)
     return codebook_usage(np.repeat(np.arange(len(counts)), counts), len(counts))
 

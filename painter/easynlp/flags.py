@@ -1,7 +1,7 @@
 """`painter easynlp`: EasyNLP's text2image command lines, unchanged but for the program name.
 
 `easynlp --mode=train|evaluate|predict ... --user_defined_parameters='k=v ...'` becomes
-`painter easynlp` with the same flags, each mapped onto painter's own jobs (`painter.easynlp_modes`):
+`painter easynlp` with the same flags, each mapped onto painter's own jobs (`painter.easynlp.modes`):
   * train: `tokenize` of each of `--tables` (train, then valid) -> `train` from the model named by
     `pretrain_model_name_or_path` (or `--resume_from_checkpoint`); `--checkpoint_dir` ends up a
     painter model directory that `pipeline()` and `--model` read;
@@ -204,13 +204,3 @@ def absolute(path: str | None) -> str | None:
     return os.path.abspath(path) + ("/" if path.endswith("/") else "")
 
 
-def run(o) -> dict:
-    """Run `o.mode` (see the module docstring); the summary of the jobs it ran."""
-    from painter import easynlp_modes
-
-    params = check_flags(o)
-    o = dataclasses.replace(o, tables=",".join(absolute(t) for t in split_tables(o.tables)),
-                            checkpoint_dir=absolute(o.checkpoint_dir), outputs=absolute(o.outputs),
-                            resume_from_checkpoint=absolute(o.resume_from_checkpoint))
-    return {"train": easynlp_modes.train, "evaluate": easynlp_modes.evaluate,
-            "predict": easynlp_modes.predict}[o.mode](o, params)

@@ -13,6 +13,7 @@ import os
 import posixpath
 import sys
 import tempfile
+import dataclasses
 import time
 from datetime import date, datetime, timezone
 
@@ -21,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from painter.checkpoint import load_model, resolve_model_dir
-from painter.easynlp import absolute, check_model_shape, painter_schema, split_tables
+from painter.checkpoint.model_dir import load_model, resolve_model_dir
+from painter.easynlp.flags import Options  # noqa: F401 (the command's options, for the registry)
+from painter.easynlp.flags import absolute, check_flags, check_model_shape, painter_schema, split_tables
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io import tables
 from painter.io.easynlp_tsv import check_columns, write_easynlp_tsv
@@ -183,3 +185,14 @@ def predict(o, params: dict) -> dict:
     if failed:
         raise ErrorRateExceeded(failed, result)
     return result
+
+
+def run(o) -> dict:
+    """Run `o.mode` (see the module docstring); the summary of the jobs it ran."""
+    params = check_flags(o)
+    o = dataclasses.replace(o, tables=",".join(absolute(t) for t in split_tables(o.tables)),
+                            checkpoint_dir=absolute(o.checkpoint_dir), outputs=absolute(o.outputs),
+                            resume_from_checkpoint=absolute(o.resume_from_checkpoint))
+    return {"train": train, "evaluate": evaluate, "predict": predict}[o.mode](o, params)
+
+

@@ -19,12 +19,12 @@ import re
 import fsspec
 import torch
 
-from painter.checkpoint import (ModelConfig, check_state_dict, load_tokenizer, preset_config, read_bytes,
-                                save_model)
+from painter.checkpoint.config import ModelConfig, preset_config
+from painter.checkpoint.model_dir import check_state_dict, load_tokenizer, read_bytes, save_model
 from painter.errors import CheckpointError
 from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
 from painter.models.vqgan import VQGAN, VQGANConfig
-from painter.text import TextTokenizer
+from painter.checkpoint.tokenizer import TextTokenizer
 
 _LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 

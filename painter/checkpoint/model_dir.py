@@ -4,29 +4,27 @@ A model directory holds `config.json` (a `ModelConfig`), `vocab.txt`, `gpt.safet
 `vqgan.safetensors`; every path goes through the job's `painter.io.storage.Storage` so `s3://` directories work
 like local ones.
 A tensor that is missing, unexpected or misshapen raises `CheckpointError` naming the file and the
-first tensor that does not fit. Importers of foreign layouts are in `painter.importers`.
+first tensor that does not fit. Importers of foreign layouts are in `painter.checkpoint.importers`.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from painter.checkpoint.config import FORMAT, ModelConfig, preset_config
 from painter.errors import CheckpointError
 from painter.io.storage import Storage, absolute, as_storage
-from painter.models.gpt import GPT, GPTConfig
-from painter.models.vqgan import VQGAN, VQGANConfig
-from painter.text import TextTokenizer
+from painter.models.gpt import GPT
+from painter.models.vqgan import VQGAN
+from painter.checkpoint.tokenizer import TextTokenizer
 
-FORMAT = "painter-model"
-FORMAT_VERSION = 1
 ZOO_NAMES = (
     "pai-painter-base-zh",
     "pai-painter-large-zh",
@@ -37,69 +35,12 @@ ZOO_NAMES = (
 ZOO_ORG = "alibaba-pai/"  # EasyNLP and its model hub also spell zoo names with the organisation
 
 
-@dataclass
-class ModelConfig:
-    gpt: GPTConfig = field(default_factory=GPTConfig)
-    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
-    name: str = "custom"
-    null_caption_prob: float = 0.0  # share of training rows whose caption was dropped (0: no guidance training)
-
-    def __post_init__(self):
-        if not 0.0 <= self.null_caption_prob < 1.0:
-            raise ValueError(f"null_caption_prob {self.null_caption_prob} is not in [0, 1)")
-        if isinstance(self.gpt, dict):
-            self.gpt = GPTConfig(**self.gpt)
-        if isinstance(self.vqgan, dict):
-            self.vqgan = VQGANConfig(**self.vqgan)
-        if self.gpt.img_len != self.vqgan.image_token_count:
-            raise ValueError(f"gpt.img_len {self.gpt.img_len} != VQGAN tokens per image {self.vqgan.image_token_count}")
-        if self.gpt.img_vocab_size != self.vqgan.n_embed:
-            raise ValueError(f"gpt.img_vocab_size {self.gpt.img_vocab_size} != VQGAN codes {self.vqgan.n_embed}")
-
-    @property
-    def image_size(self) -> int:
-        return self.vqgan.resolution
-
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "image_size": self.image_size,
-                "text_len": self.gpt.text_len, "img_len": self.gpt.img_len,
-                "null_caption_prob": self.null_caption_prob, "gpt": dataclasses.asdict(self.gpt), "vqgan": dataclasses.asdict(self.vqgan)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(gpt=GPTConfig(**d["gpt"]), vqgan=VQGANConfig(**d["vqgan"]), name=d.get("name", "custom"),
-                   null_caption_prob=float(d.get("null_caption_prob", 0.0)))
 
 
-def _reference_vqgan() -> VQGANConfig:
-    return VQGANConfig()  # taming f16, 16384 codes, 256x256
 
 
-PRESETS = {
-    "base": lambda: ModelConfig(GPTConfig(n_layer=12, n_head=12, n_embd=768), _reference_vqgan(), "base"),
-    "large": lambda: ModelConfig(GPTConfig(n_layer=24, n_head=16, n_embd=1024), _reference_vqgan(), "large"),
-    # CPU presets for tests and the demo: 32x32 (tiny) and 64x64 (small) images, 8x8 image tokens.
-    "tiny": lambda: ModelConfig(
-        GPTConfig(img_vocab_size=256, text_len=16, img_len=64, n_layer=2, n_head=2, n_embd=64),
-        VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                    z_channels=32, embed_dim=32, n_embed=256), "tiny"),
-    "small": lambda: ModelConfig(
-        GPTConfig(img_vocab_size=512, text_len=16, img_len=64, n_layer=4, n_head=4, n_embd=128),
-        VQGANConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                    z_channels=64, embed_dim=64, n_embed=512), "small"),
-    # The bundled demo model's shape: 32x32 images as 8x8 tokens from 512 codes, a 4-layer GPT over a
-    # small vocab holding only the synthetic captions' characters (see painter.synthetic).
-    "demo": lambda: ModelConfig(
-        GPTConfig(img_vocab_size=512, text_vocab_size=64, text_len=16, img_len=64, n_layer=4, n_head=4, n_embd=128),
-        VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                    z_channels=32, embed_dim=32, n_embed=512), "demo"),
-}
 
 
-def preset_config(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise CheckpointError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]()
 
 
 @dataclass
@@ -283,7 +224,7 @@ BUNDLED = "bundled"  # the small model that ships in the package (painter/assets
 
 def bundled_model_dir() -> str:
     """The model directory shipped in the package: trained on the synthetic task by `make bundled-model`."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo-model")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo-model")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: the bundled model is missing from this install; `make bundled-model` builds it")
     return path

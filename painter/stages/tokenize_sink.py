@@ -1,6 +1,6 @@
 """Ray's side of the token-shard writer (`painter.io.token_writer.TokenWriter`): the datasink the tokenize
 job streams its encoded rows into (the duplicate idx are then found over the written keys by
-`painter.stages.common.duplicate_keys`).
+`painter.stages.datasets.duplicate_keys`).
 
 This module imports no torch (a test holds it to that): Ray runs these tasks in workers that never load
 the VQGAN, and a write task that had to import torch would spend more starting than writing.

@@ -3,7 +3,7 @@ and the diversity of the samples of one caption.
 
 No Ray, and no I/O beyond what the caller passes in (bytes of an extractor, a loaded model, images).
 `painter.stages.evaluate` (`painter evaluate`) reads files and wires these together, with the synthetic
-judge (`painter.judge`) and VQGAN reconstruction (`painter.reconstruction`).
+judge (`painter.evaluation.judge`) and VQGAN reconstruction (`painter.evaluation.reconstruction`).
 
 **FID** (`frechet_distance`, `feature_statistics`): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in
 float64. Tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of

@@ -16,9 +16,9 @@ import posixpath
 import fsspec
 import torch
 
-from painter.checkpoint import load_model
+from painter.checkpoint.model_dir import load_model
 from painter.errors import CheckpointError
-from painter.importers import causal_mask
+from painter.checkpoint.importers import causal_mask
 from painter.models.gpt import attention_mask_keys
 from painter.models.vqgan import VQGANConfig
 

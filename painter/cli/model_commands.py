@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from painter.checkpoint import PRESETS, new_model
-from painter.checkpoint import load_model
-from painter.exporters import export_easynlp, shape_note
-from painter.importers import import_easynlp, import_vqgan
+from painter.checkpoint.config import PRESETS
+from painter.checkpoint.model_dir import new_model
+from painter.checkpoint.model_dir import load_model
+from painter.checkpoint.exporters import export_easynlp, shape_note
+from painter.checkpoint.importers import import_easynlp, import_vqgan
 from painter.options import option
 
 

@@ -1,6 +1,6 @@
 """`Generator`: the plain callable that turns a batch of (idx, text, sample) rows into images.
 
-It owns one loaded model and runs tokenize-text -> static-shape decoding (`painter.engine`, CUDA
+It owns one loaded model and runs tokenize-text -> static-shape decoding (`painter.inference.engine`, CUDA
 graphs on a GPU) -> batched VQGAN decode -> image encoding. Precision: bf16 weights on CUDA (a
 converted copy; the VQGAN also channels_last), fp32 on CPU, or as `GenerationConfig.precision` says.
 It runs and tests without Ray; `painter.stages.generate` puts it in an actor pool and
@@ -13,11 +13,11 @@ convolution for a batch of one, cuBLAS picks GEMM tiles per shape), so a fixed s
 image byte-identical whatever batch, worker or order it came in. The micro-batch size is therefore
 part of what names an image, like the seed; it defaults by device (`default_micro_batch`).
 
-Guidance, reranking and image prompts steer the same engine (`painter.engine.Steering`): `guidance` S
+Guidance, reranking and image prompts steer the same engine (`painter.inference.engine.Steering`): `guidance` S
 runs each row under its caption and under the null caption (all [PAD]) as 2B model rows with one
 cache and samples from `u + S (c - u)` (S = 1 runs the plain engine: exactly the conditional tokens;
 S = 0 samples the null caption); `candidates` N draws each (idx, sample) N times with derived keys
-(`painter.rerank.candidate_keys`) and keeps the best by the model's own caption-vs-null likelihood
+(`painter.inference.rerank.candidate_keys`) and keeps the best by the model's own caption-vs-null likelihood
 ratio (or `scorer`, a user's image-text model file), returned as the `score` column; an input
 column `prompt_image` (encoded image bytes, or base64 text) with `keep_rows` K forces the first K
 token rows to that image's VQGAN codes and generates the rest. A micro-batch of R rows is always
@@ -41,14 +41,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from painter import logs, rerank
-from painter.checkpoint import LoadedModel, load_model, read_bytes
-from painter.engine import DecodeEngine, Steering
-from painter.io.images import (IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image,
-                               preprocess, uint8_on_device)
+from painter import logs
+from painter.inference import rerank
+from painter.checkpoint.model_dir import LoadedModel, load_model, read_bytes
+from painter.inference.engine import DecodeEngine, Steering
+from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image, preprocess
+from painter.inference.pixels import uint8_on_device
 from painter.io.rows import PROMPT_COLUMN
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
-from painter.sampling import SamplingConfig, guided_logits
+from painter.inference.sampling import SamplingConfig, guided_logits
 
 # The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
 # Chosen by measurement on the bundled model (README, "Guidance and reranking").

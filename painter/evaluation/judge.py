@@ -1,6 +1,6 @@
 """The synthetic judge: caption accuracy of images generated for synthetic captions.
 
-Images are read back by `painter.synthetic.judge`; the summary (`score`, `summarize`) holds the accuracy of
+Images are read back by `painter.evaluation.synthetic.judge`; the summary (`score`, `summarize`) holds the accuracy of
 all attributes, of colour and shape together, of each attribute, `unread`, and the `chance` levels, plus
 one `Verdict` per image for contact sheets. `caption_accuracy(model, captions)` generates and judges in
 one call, as the demo and the tests use it. No Ray, no I/O.
@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from painter import synthetic
+from painter.evaluation import synthetic
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,13 @@ def score(texts: Sequence[str], images: Iterable) -> dict:
 
 
 def eval_idx(i: int) -> str:
-    """The idx of evaluation row i: with the seed and sample, it fixes the image (`painter.sampling`)."""
+    """The idx of evaluation row i: with the seed and sample, it fixes the image (`painter.inference.sampling`)."""
     return f"eval-{i:06d}"
 
 
 def generate_images(generator, captions: Sequence[str], samples: int = 1, batch_size: int = 64,
                     progress: Callable[[int, int], None] | None = None) -> tuple[list[str], list[int], list[bytes]]:
-    """(idx, sample, encoded image) of `samples` images per caption, made by a `painter.generator.Generator`;
+    """(idx, sample, encoded image) of `samples` images per caption, made by a `painter.inference.generator.Generator`;
     caption i is row `eval_idx(i)`, rows in caption-major order."""
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1 (got {samples}, {batch_size})")
@@ -128,7 +128,7 @@ def make_generator(model_or_generator, seed: int = 0, *, device=None, micro_batc
     """A `Generator` with this generation config (`GenerationConfig` fields: temperature, top_k, top_p,
     guidance, candidates, ...): from a model directory (loaded here), a `LoadedModel`, or a `Generator`
     (its loaded model, device and micro-batch are reused; its generation config is not)."""
-    from painter.generator import GenerationConfig, Generator
+    from painter.inference.generator import GenerationConfig, Generator
 
     config = GenerationConfig(seed=seed, **generation)
     if isinstance(model_or_generator, Generator):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from painter.models.gpt import GPT
 from painter.runtime import autocast
-from painter.sampling import row_keys, uniform_noise
+from painter.inference.sampling import row_keys, uniform_noise
 
 
 @dataclass

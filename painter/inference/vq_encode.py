@@ -8,7 +8,7 @@ the codes stay on the device until one copy back at the end. On CPU: fp32 on
 `painter.io.images.to_model_input`'s contiguous floats, so the tokens are exactly the reference's.
 `channels_last=False` keeps CUDA in NCHW: torch's CUDA GroupNorm works on NCHW only, so every norm of
 the channels_last VQGAN converts its input; `benchmarks/gpu_train.py` times both layouts.
-`painter.encoder.ImageEncoder` (the tokenize job) and `benchmarks/gpu_train.py` both run it; it needs
+`painter.inference.encoder.ImageEncoder` (the tokenize job) and `benchmarks/gpu_train.py` both run it; it needs
 only torch and numpy (no Ray, no fsspec).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ray wiring shared by the jobs: reading input tables into a Dataset, rejected rows, resources.
+"""Ray Data wiring shared by the jobs: input tables into a Dataset, rejected rows, Parquet writes, blocks.
 
 - `read_input` lists the input files on the driver and reads each one in a Ray task with
   `painter.io.tables.iter_rows`, so every row keeps its file, row number and reason.
@@ -7,27 +7,18 @@
 - `iter_blocks` hands the driver a Dataset's blocks without Ray Data's iterator and its statistics traffic.
 - `bound_store` caps the object store a Dataset's execution may fill (read-ahead stays the same whatever
   the corpus).
-- `actor_resources` asks for a GPU per actor only when the cluster has GPUs (a GPU request on a
-  cluster without one hangs), with the CPUs its image encoders need, and for a fraction of a CPU
-  otherwise so small machines keep a core free for the read tasks.
-- `remote_progress`: a `painter.logs.Progress` on the driver fed by Ray workers through a small actor
-  (`Board`): a worker calls `board.set.remote(done, note)`; the driver polls it.
 - `duplicate_keys` finds the repeated idx among the keys a job wrote (`painter.io.key_buckets`) in Ray
   tasks over the hash buckets, so only the duplicates reach the driver.
-- `painter_error_from` finds the `PainterError` a Ray task or actor raised, so a job can end with its
-  one-line reason instead of Ray's stack trace.
+Resources are in `resources`, driver-side progress fed by workers in `progress`, Ray's errors in `ray_errors`.
 """
 from __future__ import annotations
 
 import posixpath
-import re
-import threading
 from typing import Iterator
 
 import pyarrow as pa
 import ray
 
-from painter import errors, logs
 from painter.io import rows, tables
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import REASON, ROW, SOURCE
@@ -143,31 +134,10 @@ def iter_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
             yield block if part is None else block.slice(part.start_offset, part.end_offset - part.start_offset)
 
 
-def cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
-GPU_ACTOR_MAX_CPUS = 16  # a 256x256 PNG costs ~6-16 ms of one core; a GPU actor makes ~1,000 images/s
 
 
-def actor_resources(actors: int | None = None) -> dict:
-    """map_batches kwargs for a model actor pool: one GPU each where GPUs exist, else CPU slices.
-
-    A GPU actor also asks for the cores its PNG encoders use (`Generator`'s pool is one thread
-    per core up to 16 on CUDA): its share of the cluster's CPUs less one for the read tasks, at
-    most `GPU_ACTOR_MAX_CPUS`. On CPU, actors get half a core each and the pool is sized to the
-    cluster's CPUs, leaving room for the read and preprocess tasks (two 1-CPU actors on a 2-core
-    machine hang the job).
-    """
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
-    if gpus > 0:
-        size = min(actors or gpus, gpus)
-        encode_cpus = max(1, min(GPU_ACTOR_MAX_CPUS, cpus // gpus - 1))
-        return {"num_gpus": 1, "num_cpus": encode_cpus, "compute": ray.data.ActorPoolStrategy(size=size)}
-    size = actors or max(1, cpus // 2)
-    return {"num_cpus": 0.5, "compute": ray.data.ActorPoolStrategy(size=size)}
 
 
 KEYS_PER_TASK = 2_000_000
@@ -198,75 +168,9 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
-_RAISED = re.compile(r"^painter\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
-def painter_error_from(exc: BaseException) -> errors.PainterError | None:
-    """The PainterError raised inside a Ray task or actor that caused `exc`, or None.
-
-    Ray Data 2.60 does not carry the exception object to the driver (a UDF's error arrives as a
-    `RayTaskError(UserCodeException)`, an actor constructor's as an `ActorDiedError`), only its
-    traceback text; the last `painter.errors.X: message` line of that text is rebuilt as `X(message)`.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, errors.PainterError) and not isinstance(exc, ray.exceptions.RayError):
-            return exc
-        text = f"{exc}\n{getattr(exc, 'error_msg', '')}"
-        found = [(name, msg) for name, msg in _RAISED.findall(text)
-                 if isinstance(getattr(errors, name, None), type) and issubclass(getattr(errors, name), errors.PainterError)]
-        if found:
-            name, message = found[-1]
-            return getattr(errors, name)(message.strip())
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
 
 
-class Board:
-    """Ray actor state behind `remote_progress`: the latest (done, note) a worker set."""
-
-    def __init__(self):
-        self.done, self.note = 0, ""
-
-    def set(self, done: int, note: str = "") -> None:
-        self.done, self.note = done, note or self.note
-
-    def get(self) -> tuple[int, str]:
-        return self.done, self.note
 
 
-class remote_progress:  # noqa: N801 (used like a function: `with remote_progress(...) as board:`)
-    """A `Progress` on the driver fed by workers: `with remote_progress("train", 1000, "steps") as board:`
-    pass `board` (an actor handle) to the workers, which call `board.set.remote(step, note)`."""
-
-    def __init__(self, stage: str, total: int | None, unit: str, start: int = 0, poll: float = 0.5):
-        self.actor = ray.remote(num_cpus=0)(Board).remote()
-        self.progress = logs.Progress(stage, total, unit, start=start)
-        self.poll, self.stop = poll, threading.Event()
-        self.thread = threading.Thread(target=self._watch, name=f"painter-progress-{stage}", daemon=True)
-
-    def _watch(self) -> None:
-        while not self.stop.wait(self.poll):
-            try:
-                done, note = ray.get(self.actor.get.remote(), timeout=10)
-            except Exception:  # the poll is best effort: the job's own errors come from the job
-                continue
-            if done:
-                self.progress.set(done, note)
-
-    def __enter__(self):
-        self.progress.__enter__()
-        self.thread.start()
-        return self.actor
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        try:
-            self.progress.done, note = ray.get(self.actor.get.remote(), timeout=10)
-            self.progress.note = note or self.progress.note
-        except Exception:  # the actor's last word is best effort too
-            pass
-        self.progress.close()
-        ray.kill(self.actor)

@@ -20,13 +20,13 @@ import pyarrow as pa
 import torch
 import pyarrow.compute as pc
 
-from painter.checkpoint import LoadedModel, load_model
+from painter.checkpoint.model_dir import LoadedModel, load_model
 from painter.io import rows
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.shards import ShardInfo
 from painter.runtime import pick_device
-from painter.vq_encode import default_max_batch, encode_codes, prepare_vqgan
+from painter.inference.vq_encode import default_max_batch, encode_codes, prepare_vqgan
 
 PIXELS = "pixels"
 BASE64_COLUMN, BINARY_COLUMN = "imgbase64", "image"  # TSV/Parquet base64 text; Parquet raw file bytes
@@ -84,7 +84,7 @@ class ImageEncoder:
 
     A model directory is loaded (VQGAN only, through `storage`, a `painter.io.storage.Storage`) onto
     `device` (default: CUDA when present); a LoadedModel is used as it is, its VQGAN moved to `device`.
-    Images go through `painter.vq_encode.encode_codes` (on CUDA: pinned uint8 copies, channels_last,
+    Images go through `painter.inference.vq_encode.encode_codes` (on CUDA: pinned uint8 copies, channels_last,
     bf16 autocast; on CPU: fp32, the reference's tokens), `max_batch` at a time (default:
     `default_max_batch(device)`, 64 on CUDA, 8 on CPU, every call padded to that many). `threads` sets this process's
     torch threads on CPU (a Ray actor otherwise gets one per whole CPU it asked for).

@@ -7,7 +7,7 @@ averaged down, with a little jitter of position, size and turn); ``sample_scenes
 ``captions_for_eval``, ``hold_out`` and ``write_corpus`` (EasyNLP TSV shards ``idx \\t text \\t
 base64 PNG``, no header, byte-identical for a seed); and the judge, ``judge(image) -> Reading``,
 which reads the attributes back from pixels alone (what it cannot see is None); accuracies and their
-chance levels are ``painter.judge``'s. No Ray here; the
+chance levels are ``painter.evaluation.judge``'s. No Ray here; the
 ``painter make-corpus`` command is ``painter.stages.make_corpus``.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `painter` command line: one subcommand per job or tool, options generated from dataclasses.
 
-Each command (`painter.registry`) names a module with an options dataclass and a `run(options) -> dict` function; this
+Each command (`painter.cli.registry`) names a module with an options dataclass and a `run(options) -> dict` function; this
 file parses arguments, starts Ray for the jobs that need it (local unless RAY_ADDRESS is set), and
 prints the run's summary as one JSON object on the last line. It is the one place that turns a failure
 into the last line `{"status": "failed", "error": "<one-line reason>"}` and a non-zero exit: a
@@ -30,10 +30,13 @@ import traceback
 # imported (the stage modules import it), or a local start fails with InvalidAuthToken.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from painter import logs, registry
+from painter import logs
+from painter.cli import console
+from painter.cli import registry
+from painter.io.storage_options import redact, secrets_of
 from painter.errors import ErrorRateExceeded, PainterError, Stopped
-from painter.options import STORAGE_FIELD, add_arguments, from_args, is_credential, parse_storage_options
-from painter.registry import COMMANDS, available_commands
+from painter.options import add_arguments, from_args
+from painter.cli.registry import COMMANDS, available_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +58,12 @@ def init_ray() -> None:
         return
     # Workers' output reaches the driver (log_to_driver) only to be written to the job's log file.
     quiet = {"logging_level": logging.INFO, "log_to_driver": True}
-    logs.quiet_ray(initialized=False)
+    console.quiet_ray(initialized=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    logs.quiet_ray()
+    console.quiet_ray()
 
 
 def log_path(name: str) -> str:
@@ -87,7 +90,7 @@ def one_line_reason(error: BaseException) -> str:
     `SomeError: message` line of the error and its causes (Ray wraps a worker's or actor's error in its
     traceback text), else the error's first line."""
     if "ray" in sys.modules:
-        from painter.stages.common import painter_error_from
+        from painter.stages.ray_errors import painter_error_from
 
         cause = painter_error_from(error)
         if cause is not None:
@@ -138,29 +141,8 @@ def stop_on_signals() -> dict:
     return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
 
 
-def secrets_of(options) -> list[str]:
-    """Credential values this run knows (its --storage-options and the AWS environment), to keep out of
-    every line it prints."""
-    values = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
-    try:
-        given = parse_storage_options(getattr(options, STORAGE_FIELD, None))
-    except Exception:  # a malformed source is reported by the job itself
-        given = {}
-    stack = [given]
-    while stack:
-        item = stack.pop()
-        for key, value in item.items():
-            if isinstance(value, dict):
-                stack.append(value)
-            elif is_credential(key) and value:
-                values.append(str(value))
-    return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     path = log_path(args.command) if COMMANDS[args.command].uses_ray else None
     logs.setup(args.command, path)
-    terminal = logs.TerminalFilter() if path else None
+    terminal = console.TerminalFilter() if path else None
     ours = path is not None and not _ray_running()
     _received.clear()
     saved = stop_on_signals()

@@ -8,7 +8,7 @@ forward of 2B rows; the conditional mean log-likelihood for a model trained with
 dropout), `best_of` (the argmax per row, the first candidate on ties) and user-supplied
 image-text scorers (`ImageTextScorer`, `load_scorer`).
 
-Scorer files follow `painter.metrics.load_feature_extractor`'s loading and trust rules (a
+Scorer files follow `painter.evaluation.metrics.load_feature_extractor`'s loading and trust rules (a
 `torch.export` .pt2 or a TorchScript file; loading runs code from it: trusted files only), with
 this contract: called as `scorer(images, text_ids)`, images float32 (B, 3, S, S) RGB in [-1, 1] at
 the model's image size S, text_ids int64 (B, text_len) ids of the model's own tokenizer; returns a
@@ -25,7 +25,7 @@ import torch
 
 from painter.errors import InputError
 from painter.models.gpt import GPT
-from painter.sampling import row_key
+from painter.inference.sampling import row_key
 
 
 def candidate_keys(seed: int, idxs: Sequence[str], samples: Sequence[int], n: int, device=None) -> torch.Tensor:
@@ -83,7 +83,7 @@ class ImageTextScorer:
 
 def load_scorer(data: bytes, device="cpu", source: str = "file") -> ImageTextScorer:
     """An `ImageTextScorer` from the bytes of a torch.export .pt2 or TorchScript file (TRUSTED FILES ONLY)."""
-    from painter.metrics import archive_kind
+    from painter.evaluation.metrics import archive_kind
 
     kind = archive_kind(data, "scorer")
     try:

@@ -1,0 +1,1 @@
+"""The model directory: its config, tokenizer, weights, fingerprints, importers and exporters."""

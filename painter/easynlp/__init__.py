@@ -1,0 +1,1 @@
+"""EasyNLP compatibility: its text2image flags, modes and formats."""

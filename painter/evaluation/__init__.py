@@ -1,0 +1,1 @@
+"""Scoring: metrics (FID/IS), the synthetic task and its judge, VQGAN reconstruction. No Ray."""
