@@ -16,7 +16,6 @@ from typing import Any
 from painter.io.storage_options import ENV_PREFIX, FILE_PREFIX, STORAGE_FIELD, storage_options_source
 
 
-
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
            choices: tuple | None = None, positional: bool = False):
     """A dataclass field with its command-line help. List defaults are copied per instance."""
@@ -39,9 +38,11 @@ def _unwrap(annotation) -> tuple[type, bool, bool]:
     return annotation, False, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one flag per field of dataclass `cls`, with its help and default shown."""
+def add_arguments(parser: argparse.ArgumentParser, cls, config: dict | None = None) -> None:
+    """Add one flag per field of dataclass `cls`, with its help, its choices and its default shown (a value
+    from `config`, a `--config` file's, replaces the default and satisfies a required option)."""
     hints = typing.get_type_hints(cls)
+    config = config or {}
     for f in dataclasses.fields(cls):
         base, is_optional, is_list = _unwrap(hints[f.name])
         meta = f.metadata
@@ -49,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if f.name == STORAGE_FIELD:
             kwargs["help"] += f"; or {ENV_PREFIX}NAME or {FILE_PREFIX}PATH naming where the JSON is (credentials go only there)"
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in config:
+            default = _config_value(config[f.name], base, is_list)
         required = default is dataclasses.MISSING
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
+            kwargs["help"] += f" (one of: {', '.join(map(str, meta['choices']))})"
         if base is bool and not is_list:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -59,15 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             if is_list:
                 kwargs["nargs"] = "+" if required else "*"
             kwargs["metavar"] = f.name.upper()
-        if meta.get("positional"):
-            parser.add_argument(f.name, **kwargs)
-            continue
         if not required:
             kwargs["default"] = default
-            if default not in (None, False, []):
-                kwargs["help"] += f" (default: {default})"
+            if default is not None and default != []:
+                kwargs["help"] += f" (default: {_shown(default)})"
+        if meta.get("positional"):
+            parser.add_argument(f.name, **kwargs | ({"nargs": "?"} if not required else {}))
+            continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         parser.add_argument(flag, dest=f.name, required=required, **kwargs)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _config_value(value, base: type, is_list: bool):
+    """A `--config` value as the flag would have parsed it: a list for a list option, the field's type."""
+    if is_list:
+        return [base(v) for v in (value if isinstance(value, list) else [value])]
+    return value if value is None or base is bool else base(value)
 
 
 def from_args(cls, namespace: argparse.Namespace):
@@ -85,21 +102,3 @@ def to_dict(options) -> dict:
     if isinstance(values.get(STORAGE_FIELD), str):
         values[STORAGE_FIELD] = storage_options_source(values[STORAGE_FIELD])
     return values
-
-
-# --- --storage-options: inline JSON without credentials, or an indirect source ---------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -13,7 +13,6 @@ credentials never reach the output.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -35,19 +34,9 @@ from painter.cli import console
 from painter.cli import registry
 from painter.io.storage_options import redact, secrets_of
 from painter.errors import ErrorRateExceeded, PainterError, Stopped
-from painter.options import add_arguments, from_args
-from painter.cli.registry import COMMANDS, available_commands
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="painter", description="Chinese text-to-image generation as batch jobs on Ray.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in available_commands():
-        options_cls, _ = registry.load(name)
-        p = sub.add_parser(name, help=COMMANDS[name].help, description=COMMANDS[name].help)
-        add_arguments(p, options_cls)
-        p.add_argument("--debug", action="store_true", help="on failure, also print the traceback to stderr")
-    return parser
+from painter.cli.parser import build_parser, config_text, parse  # noqa: F401 (build_parser: the CLI's parser, for tests)
+from painter.options import from_args
+from painter.cli.registry import COMMANDS
 
 
 def init_ray() -> None:
@@ -146,9 +135,12 @@ def stop_on_signals() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     options_cls, _ = registry.load(args.command)
     options = from_args(options_cls, args)
+    if args.print_config:
+        sys.stdout.write(config_text(options))
+        return 0
     start = time.time()
     path = log_path(args.command) if COMMANDS[args.command].uses_ray else None
     logs.setup(args.command, path)
