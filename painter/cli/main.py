@@ -17,7 +17,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from painter import logs
 from painter.cli import console
 from painter.cli import registry
 from painter.io.storage_options import redact, secrets_of
+from painter.stages.ray_errors import one_line_reason
 from painter.errors import ErrorRateExceeded, PainterError, Stopped
 from painter.cli.parser import build_parser, config_text, parse  # noqa: F401 (build_parser: the CLI's parser, for tests)
 from painter.options import from_args
@@ -68,36 +68,6 @@ def final_log_path(path: str, options) -> str | None:
     if not output or "://" in output or not os.path.isdir(output):
         return None
     return os.path.join(os.path.abspath(output), "_logs", os.path.basename(path))
-
-
-_REASON = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def one_line_reason(error: BaseException) -> str:
-    """The reason of an unexpected error in one line: a PainterError raised inside Ray, else the deepest
-    `SomeError: message` line of the error and its causes (Ray wraps a worker's or actor's error in its
-    traceback text), else the error's first line."""
-    if "ray" in sys.modules:
-        from painter.stages.ray_errors import painter_error_from
-
-        cause = painter_error_from(error)
-        if cause is not None:
-            return str(cause)
-    reason, seen, exc = None, set(), error
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = _ANSI.sub("", f"{exc}\n{getattr(exc, 'error_msg', '') or ''}").strip()
-        found = _REASON.findall(text)
-        if found:
-            reason = f"{found[-1][0]}: {found[-1][1].strip()}"
-        elif text and not type(exc).__module__.startswith("ray"):
-            reason = f"{type(exc).__name__}: {text.splitlines()[0]}"
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    if reason:
-        return reason
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def run_command(name: str, options) -> dict:

@@ -248,14 +248,10 @@ def run_as_task(options: Options, resources: dict) -> dict:
     """`evaluate(options)` as one Ray task with `resources`; a PainterError raised there comes back as itself."""
     import ray
 
-    from painter.stages.ray_errors import painter_error_from
-    try:
+    from painter.stages.ray_errors import painter_errors
+
+    with painter_errors():
         return ray.get(ray.remote(**resources)(evaluate).remote(options))
-    except Exception as e:
-        cause = painter_error_from(e)
-        if cause is None:
-            raise
-        raise cause from None
 
 
 def preflight(options: Options) -> None:

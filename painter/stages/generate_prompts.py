@@ -32,7 +32,7 @@ from painter.io.rows import PROMPT_COLUMN, REASON, ROW, SOURCE, pair_keys, pairs
 from painter.io.storage import Storage
 from painter.io.tables import parquet_rows
 from painter.stages.datasets import duplicate_keys, iter_blocks, read_input, rejected_rows
-from painter.stages.ray_errors import painter_error_from
+from painter.stages.ray_errors import painter_errors
 
 STAGE = "generate"
 KEYS_SCHEMA = pa.schema([pa.field("idx", pa.string()), pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()),
@@ -154,13 +154,8 @@ def scan_prompts(inputs: list[str], input_schema: str, *, errors: str, keys: Key
 
 def _raising_input_errors(batches):
     """`batches`, a worker's InputError (e.g. a file that is not Parquet) raised as itself, not wrapped."""
-    try:
+    with painter_errors(InputError):
         yield from batches
-    except Exception as e:
-        cause = painter_error_from(e)
-        if not isinstance(cause, InputError):
-            raise
-        raise cause from None
 
 
 def _unify(schemas: set[bytes]) -> pa.Schema:

@@ -37,7 +37,7 @@ from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
 from painter.options import option
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import arrow_filesystem, bound_store, duplicate_keys, join, read_input
-from painter.stages.ray_errors import painter_error_from
+from painter.stages.ray_errors import painter_errors
 from painter.stages.tokenize_sink import TokenSink
 
 STAGE = "tokenize"
@@ -246,13 +246,8 @@ def run(options: Options) -> dict:
     info = _model_info(options.model, storage)
     prepare_destinations([options.output, errors], storage, options.overwrite)
     _log(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
-    try:
+    with painter_errors():
         report = _execute(options, storage, info, errors)
-    except Exception as e:
-        cause = painter_error_from(e)
-        if cause is None:
-            raise
-        raise cause from None
     rows_in = report.rows
     rows_out, files, rows_rejected = count_written(options.output, errors, storage, info)
     if rows_in != rows_out + rows_rejected:

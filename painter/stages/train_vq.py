@@ -50,7 +50,7 @@ from painter.io.rows import REASON, ROW, SOURCE, empty_rows
 from painter.io.storage import Storage
 from painter.options import option, to_dict
 from painter.stages.datasets import join, read_input, write_rejected
-from painter.stages.ray_errors import painter_error_from
+from painter.stages.ray_errors import painter_errors
 from painter.stages.progress import remote_progress
 from painter.stages.tokenize import DEFAULT_SCHEMA
 from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
@@ -229,10 +229,8 @@ def run(o: Options) -> dict:
     size = source.config.vqgan.resolution
     errors = join(o.output, "_rejected")
     _log(f"checking {', '.join(o.input)}: decoding every image at {size}x{size}")
-    try:
+    with painter_errors():
         keys = check_corpus(o, storage, size, errors)
-    except Exception as e:
-        raise (painter_error_from(e) or e) from None
     rows_in, rows_rejected = keys.num_rows, pc.sum(pc.is_valid(keys[REASON])).as_py() or 0
     good = rows_in - rows_rejected
     if rows_in == 0:
