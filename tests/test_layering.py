@@ -184,3 +184,9 @@ def test_read_and_write_tasks_load_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tokenizers')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", f"the task modules load {loaded.stdout.strip()[:200]}"
+
+
+def test_test_only_switches_live_in_the_faults_module():
+    readers = [str(p.relative_to(ROOT)) for p in files(PACKAGE)
+               if p != PACKAGE / "stages" / "faults.py" and "PAINTER_TEST_" in p.read_text(encoding="utf-8")]
+    assert not readers, f"{readers} name a test-only switch: they live in painter/stages/faults.py"

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 
 from painter.io.output_table import OutputTable, delta_storage_options
-from painter.stages import generate
+from painter.stages import faults
 from painter.stages.generate import Options, run
 
 DATE = "2024-05-01"
@@ -62,13 +62,13 @@ def test_a_killed_run_leaves_whole_batches_and_the_rerun_completes_each_pair_onc
         ray_session, tiny_model_dir, tmp_path, monkeypatch):
     output = str(tmp_path / "out")
     options = _options(tiny_model_dir, _inputs(tmp_path), output)
-    monkeypatch.setenv(generate.FAIL_AFTER_ENV, "5")  # of 8 batches
-    with pytest.raises(Exception, match=generate.FAIL_AFTER_ENV):
+    monkeypatch.setenv(faults.FAIL_AFTER_BATCHES, "5")  # of 8 batches
+    with pytest.raises(Exception, match=faults.FAIL_AFTER_BATCHES):
         run(options)
     before = _check_every_version(output)
     assert len(before) < len(PAIRS)  # part of the night (what reached the driver), whole batches, each pair once
     print(f"killed run committed {len(before)} of {len(PAIRS)}")
-    monkeypatch.delenv(generate.FAIL_AFTER_ENV)
+    monkeypatch.delenv(faults.FAIL_AFTER_BATCHES)
 
     rerun = run(options)
     assert rerun["skipped_already_done"] == len(before) and rerun["images_out"] == len(PAIRS) - len(before)

@@ -17,7 +17,7 @@ from painter.checkpoint.model_dir import load_model, new_model
 from painter.errors import InputError, PainterError
 from painter.io.shards import ShardInfo, shard_table
 from painter.stages.train import Options, list_shards, resolve_start, run
-from painter.stages.train_runner import FAULT_ENV
+from painter.stages.faults import FAIL_AT_STEP as FAULT_ENV
 
 SHARDS, ROWS = 12, 32  # 384 rows: one epoch on 2 workers x batch 8 is 24 optimizer steps
 CLASSES = 16

@@ -15,7 +15,6 @@ Model shapes come from the model directory; a shape key that contradicts it is r
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from painter.errors import InputError
@@ -194,13 +193,3 @@ def painter_schema(o, needs_image: bool) -> str:
 
 def split_tables(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def absolute(path: str | None) -> str | None:
-    """A local path made absolute (EasyNLP's commands use ./relative paths; Ray Train's storage and Ray's
-    workers need absolute ones); URLs as they are."""
-    if path is None or "://" in path:
-        return path
-    return os.path.abspath(path) + ("/" if path.endswith("/") else "")
-
-

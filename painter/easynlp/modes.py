@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-import sys
 import tempfile
 import dataclasses
 import time
@@ -22,16 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from painter import logs
 from painter.checkpoint.model_dir import load_model, resolve_model_dir
 from painter.easynlp.flags import Options  # noqa: F401 (the command's options, for the registry)
-from painter.easynlp.flags import absolute, check_flags, check_model_shape, painter_schema, split_tables
+from painter.easynlp.flags import check_flags, check_model_shape, painter_schema, split_tables
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io import tables
 from painter.io.easynlp_tsv import check_columns, write_easynlp_tsv
 from painter.io.output import OutputRoot
+from painter.io.storage import absolute
 from painter.stages import generate as generate_job
 from painter.stages import tokenize as tokenize_job
 from painter.stages import train as train_job
+
+log = logs.get("easynlp")
 
 RESIZE = "easynlp"  # tokenize as EasyNLP's dataset does
 PIXEL_ROUNDING = "truncate"  # 8 bits as EasyNLP's predictor does
@@ -39,13 +42,9 @@ PRECISION = "fp32"  # EasyNLP generates in fp32; painter's GPU default is bf16
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def _log(message: str) -> None:
-    print(f"[easynlp] {message}", file=sys.stderr, flush=True)
-
-
 def _tokenize(o, model: str, table: str, output: str) -> dict:
     """One table -> token shards under `output` (its rejected rows under `output/_rejected`)."""
-    _log(f"tokenize {table} -> {output}")
+    log.info(f"tokenize {table} -> {output}")
     return tokenize_job.run(tokenize_job.Options(
         input=[table], model=model, output=output, input_schema=painter_schema(o, needs_image=True),
         resize=RESIZE, overwrite=True))
@@ -82,7 +81,7 @@ def train(o, params: dict) -> dict:
         lr=o.learning_rate, weight_decay=o.weight_decay, warmup_steps=math.ceil(o.warmup_proportion * total),
         grad_clip=o.max_grad_norm, seed=o.random_seed, workers=workers, log_every=o.logging_steps,
         checkpoint_every=o.save_checkpoint_steps or max(1, total))
-    _log(f"train {start} -> {o.checkpoint_dir} ({total} steps)")
+    log.info(f"train {start} -> {o.checkpoint_dir} ({total} steps)")
     summary = train_job.run(options)
     return {"mode": "train", "checkpoint_dir": o.checkpoint_dir, "model": start, "tokenize": tokenized[0],
             "tokenize_valid": tokenized[1] if len(tokenized) > 1 else None, "train": summary,

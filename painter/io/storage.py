@@ -49,10 +49,13 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def absolute(path: str) -> str:
-    """A local path made absolute (it may travel to Ray workers, whose working directory can differ, and
-    Ray Train takes only absolute local storage paths); a URL, file:// included, as it is."""
-    return path if "://" in path else os.path.abspath(path)
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute, a trailing slash kept (it may travel to Ray workers, whose working
+    directory can differ, and Ray Train takes only absolute local storage paths); a URL, file://
+    included, and None as they are."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path) + ("/" if path.endswith("/") else "")
 
 
 def temp_beside(path: str) -> str:

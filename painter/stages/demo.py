@@ -22,6 +22,7 @@ from painter import logs
 from painter.evaluation import synthetic
 from painter.checkpoint.model_dir import bundled_model_dir, new_model
 from painter.errors import ErrorRateExceeded, InputError
+from painter.io.storage import absolute
 from painter.options import option
 from painter.checkpoint.tokenizer import TextTokenizer
 
@@ -98,7 +99,7 @@ def _corpus(o: Options, out: str) -> tuple[str, str]:
 def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     """The model directory whose VQGAN tokenizes the corpus: trained now, given, or bundled."""
     if o.train_vq_steps <= 0:  # an absolute path: the Ray workers run in other folders
-        return _absolute(o.base_model) if o.base_model else bundled_model_dir()
+        return absolute(o.base_model) if o.base_model else bundled_model_dir()
     from painter.stages import train_vq
 
     vocab = posixpath.join(out, "caption_vocab.txt")
@@ -118,7 +119,7 @@ def run(o: Options) -> dict:
 
     if o.fine_tune and o.dropout:
         raise InputError("--dropout goes with a fresh GPT; --fine-tune keeps the base model's dropout")
-    out = _absolute(o.output)
+    out = absolute(o.output)
     steps: dict = {}
     start = time.time()
     corpus, held_out = _corpus(o, out)
@@ -164,10 +165,6 @@ def report(summary: dict) -> None:
         if summary.get(name):
             log.info(f"{name.replace('_', ' ')}: {summary[name]}")
     log.info(f"done in {summary['demo_seconds']} s ({', '.join(f'{k} {v} s' for k, v in summary['seconds_by_step'].items())})")
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
 
 
 def _lines(path: str) -> list[str]:

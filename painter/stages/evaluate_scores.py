@@ -17,12 +17,9 @@ from painter.io.storage import Storage
 from painter.evaluation.reconstruction import ReconstructionMeter
 from painter.stages.evaluate_inputs import Candidate, Rejected, table_rows
 
+log = logs.get("evaluate")
+
 SHEET_COLUMNS = 8
-
-
-def say(message: str) -> None:
-    """A progress line of the evaluate job (its logger)."""
-    logs.get("evaluate").info(message)
 
 
 class FeaturePass:
@@ -73,7 +70,7 @@ def judge_candidates(candidates: list[Candidate], features: FeaturePass | None, 
         except ValueError:
             not_captions += 1
         if number % 100 == 0:
-            say(f"judged {number}/{len(candidates)} images")
+            log.info(f"judged {number}/{len(candidates)} images")
     return judged, not_captions
 
 

@@ -22,9 +22,7 @@ Flow (`run`); the prompts stream through Ray and never gather on the driver:
    the table's vacuum removes orphaned files older than its retention, and the run is recorded under
    `_runs/` (all paths: `painter.io.output.OutputRoot`).
 
-Test-only switch: the environment variable PAINTER_TEST_FAIL_AFTER_BATCHES=K, read by the driver when
-`run` starts and handed to the actors, makes each actor raise after it has written K batches (counted
-per actor), as a crash part-way through a night would (`_fail_point`, the one place it acts).
+A test can make the actors crash part-way through a night (`painter.stages.faults.FAIL_AFTER_BATCHES`).
 """
 from __future__ import annotations
 
@@ -51,13 +49,14 @@ from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
+from painter.stages import faults
 from painter.stages import generate_prompts as prompts
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import bound_store, iter_blocks
 from painter.stages.generate_prompts import Scan
 
-FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
 STAGE = "generate"
+log = logs.get(STAGE)
 GENERATED = ("sample", "seed", "model", "created_at", "is_truncated", "run_date", "image", "image_format",
              *IMAGE_FORMATS)
 MAX_ROUNDS = 3
@@ -158,12 +157,6 @@ def output_rows(batch: pa.Table, generated: dict, image_format: str, run_date: s
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _fail_point(fail_after: int | None, batches: int) -> None:
-    """The test-only crash (see the module docstring): raise once `batches` reaches `fail_after`."""
-    if fail_after is not None and batches >= fail_after:
-        raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: failing on purpose after {batches} batches")
-
-
 class GenerateActor:
     """Ray actor: generate a batch; the output table writes it as data files; returns their records."""
 
@@ -175,7 +168,7 @@ class GenerateActor:
         self.run_date, self.run_id, self.fail_after, self.batches = run_date, run_id, fail_after, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _fail_point(self.fail_after, self.batches)
+        faults.after_batch(self.fail_after, self.batches)
         names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
         generated = self.generator({name: batch.column(name).to_pylist() for name in names})
         rows = output_rows(batch, generated, self.generator.config.image_format, self.run_date, self.schema)
@@ -202,16 +195,6 @@ def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | N
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
         committer.flush()
         committer.seconds += time.time() - start
-
-
-def _progress(message: str) -> None:
-    """A progress line on stderr (stdout's last line is the summary)."""
-    logs.get("generate").info(message)
-
-
-def _fail_after() -> int | None:
-    value = os.environ.get(FAIL_AFTER_ENV)
-    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -276,12 +259,12 @@ def run(options: Options) -> dict:
     kept = pa.schema([f for f in found.schema if f.name not in dropped])
     schema = output_schema(kept, settings.partition_by)
     skipped = found.accepted * options.samples - found.todo
-    _progress(f"{found.rows_in} rows read, {found.rejected} rejected; {skipped} images already in the table, "
+    log.info(f"{found.rows_in} rows read, {found.rejected} rejected; {skipped} images already in the table, "
               f"{found.todo} to generate")
     root.table.ensure(schema, ["run_date", *settings.partition_by])
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
-                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after(), storage=settings.storage)
+                        run_date=settings.run_date, run_id=run_id, fail_after=faults.fail_after_batches(), storage=settings.storage)
     written = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
                         settings.commit_images)
     todo = found.todo
@@ -297,7 +280,7 @@ def run(options: Options) -> dict:
         generate_into(pairs, settings, options.actors, actor_kwargs, written)
         todo = written.left_out - left_out  # pairs of files a concurrent run's commit overlapped
         committed = root.table.committed_pairs(root.run_date) if todo else committed
-    _progress(f"{written.images} images in {written.commits} commits to {options.output}")
+    log.info(f"{written.images} images in {written.commits} commits to {options.output}")
     record = to_dict(options) | {"run_date": root.run_date,  # to_dict records --storage-options' source only
                                  "micro_batch": settings.micro_batch, "batch_size": settings.batch_size}
     summary = {

@@ -41,6 +41,7 @@ from painter.stages.ray_errors import painter_errors
 from painter.stages.tokenize_sink import TokenSink
 
 STAGE = "tokenize"
+log = logs.get(STAGE)
 DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 REQUIRED_COLUMNS = ("idx", "text", BASE64_COLUMN)
 # Blocks of the image rows as read: 256 rows (8 MiB of 32 KB images) and never more than 8 MiB. Decoding
@@ -94,10 +95,6 @@ class Options:
     rows_per_file: int = option(ROWS_PER_FILE, "target rows per token-shard file; Ray gathers them in its object "
                                                "store before writing (~1 KB a row), so keep it within the store")
     overwrite: bool = option(False, "delete what --output and --errors hold before writing")
-
-
-def _log(message: str) -> None:
-    logs.get(STAGE).info(message)
 
 
 def _check_options(options: Options) -> None:
@@ -213,9 +210,9 @@ def _execute(options: Options, storage: Storage, info: ShardInfo, errors: str) -
     writer = TokenWriter(options.output, errors, info, STAGE, storage)
     run_id = uuid.uuid4().hex[:8]
     sink = TokenSink(writer, run_id, options.rows_per_file)
-    _log(f"writing token shards to {options.output} and rejected rows to {errors}")
+    log.info(f"writing token shards to {options.output} and rejected rows to {errors}")
     encode_dataset(options, storage, info).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
-    _log(f"encoded {sink.report.rows} rows; checking duplicate idx")
+    log.info(f"encoded {sink.report.rows} rows; checking duplicate idx")
     duplicates = duplicate_keys(writer.keys, sink.report.rows)
     report = sink.report
     if duplicates.num_rows:
@@ -245,7 +242,7 @@ def run(options: Options) -> dict:
     errors = options.errors or join(options.output, "_rejected")
     info = _model_info(options.model, storage)
     prepare_destinations([options.output, errors], storage, options.overwrite)
-    _log(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
+    log.info(f"reading {', '.join(options.input)}; {info.image_size}x{info.image_size} images -> {info.img_len} tokens")
     with painter_errors():
         report = _execute(options, storage, info, errors)
     rows_in = report.rows

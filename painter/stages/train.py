@@ -18,9 +18,7 @@ directory plus `train_state.pt`: optimizer, schedule, step, epoch; the last two 
 continues it (e.g. to a larger `--max-steps`). The final model directory is copied to `--output`
 with `train.json` (options and summary).
 
-Test-only fault switch: `PAINTER_TEST_FAIL_AT_STEP=N` in the driver's environment makes the last
-rank raise once right after optimizer step N (a marker file in the run directory keeps the
-restarted worker from raising again).
+A test can make a worker fail after a step (`painter.stages.faults.FAIL_AT_STEP`).
 """
 from __future__ import annotations
 

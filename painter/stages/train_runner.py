@@ -10,8 +10,7 @@ Worker side: `TrainerRun`, one worker's session. It owns the loop (epochs of `st
 checkpoint every `checkpoint_every` and the last; rank 0 prints the metrics, appends them to
 `<run>/metrics.jsonl` and passes the checkpoint, every rank calls `ray.train.report`), the divergence
 stop (a NaN or infinite loss reported without a checkpoint, `DIVERGED_FILE` for the driver) and the
-test-only fault switch (`FAULT_ENV=N`: the last rank raises once right after step N, a marker file in
-the run keeping the restarted worker from raising again). A job's worker subclass supplies the
+test-only fault switch (`painter.stages.faults.FAIL_AT_STEP`). A job's worker subclass supplies the
 hooks: `setup` (model, optimizer, state), `batches`, `step`, `metrics`, `save`, and optionally
 `before_training`, `checkpoint_metrics`, `validates`/`validate` and `end_epoch`.
 """
@@ -31,9 +30,9 @@ from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
+from painter.stages import faults
 from painter.stages.resources import cluster_has_gpus
 
-FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
 DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
 STATE_FILE = "train_state.pt"
@@ -131,8 +130,7 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage:
 
     # Ray Train's patched print logs every line twice on the driver; the workers print plainly.
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if FAULT_ENV in os.environ:
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    env |= faults.worker_env()
     if o.threads_per_worker is not None:
         env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
     storage_path, filesystem = as_storage(storage).train_location(runs)
@@ -332,7 +330,7 @@ class TrainerRun:
             if validate:
                 metrics |= self.validate()
             self._report(metrics, checkpoint)
-        self._maybe_fail(step)
+        faults.after_step(step, self.rank, self.world, self.cfg["run_path"], self.storage)
 
     def take(self, batches, epoch: int):
         """The next item of `batches`; running out before the planned step count is an error."""
@@ -388,14 +386,3 @@ class TrainerRun:
         else:
             ray.train.report(metrics, checkpoint=None)
         self.window_rows, self.window_start = 0, time.perf_counter()
-
-    def _maybe_fail(self, step: int) -> None:
-        """The test-only fault switch: raise once, on the last rank, right after step N."""
-        fail_at = os.environ.get(FAULT_ENV)
-        if not fail_at or int(fail_at) != step or self.rank != self.world - 1:
-            return
-        marker = posixpath.join(self.cfg["run_path"], f"_fault_injected_at_step_{step}")
-        if self.storage.exists(marker):
-            return
-        self.storage.write_text(marker, "injected\n")
-        raise RuntimeError(f"{FAULT_ENV}={fail_at}: injected worker failure after step {step}")

@@ -27,7 +27,7 @@ model's weights, where 2e-3 would wreck a pretrained 256-px VQGAN in a few steps
 Runs, checkpoints, `metrics.jsonl`, `--resume` and the recovery of a failed worker group are those of
 the one runner both training jobs share (`painter.stages.train_runner`): the same run layout under
 `--run-dir` (default `<output>/_runs`), the same rules for names, and the same test-only fault switch
-(`PAINTER_TEST_FAIL_AT_STEP`).
+(`painter.stages.faults.FAIL_AT_STEP`).
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ from painter.stages.train_vq_worker import train_loop
 from painter.training.vqgan import VQTrainConfig
 
 STAGE = "train-vq"
+log = logs.get(STAGE)
 SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4
 
 
@@ -95,10 +96,6 @@ class Options(RunOptions):
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (SCRATCH_LR if self.from_scratch else FINE_TUNE_LR)
-
-
-def _log(message: str) -> None:
-    logs.get(STAGE).info(message)
 
 
 def _check_options(o: Options) -> None:
@@ -228,7 +225,7 @@ def run(o: Options) -> dict:
     runs, run_path = run_location(o, storage)
     size = source.config.vqgan.resolution
     errors = join(o.output, "_rejected")
-    _log(f"checking {', '.join(o.input)}: decoding every image at {size}x{size}")
+    log.info(f"checking {', '.join(o.input)}: decoding every image at {size}x{size}")
     with painter_errors():
         keys = check_corpus(o, storage, size, errors)
     rows_in, rows_rejected = keys.num_rows, pc.sum(pc.is_valid(keys[REASON])).as_py() or 0
@@ -245,7 +242,7 @@ def run(o: Options) -> dict:
     steps_per_epoch, total = plan_steps(train_rows, o)
     in_memory = train_rows * size * size * 3 <= o.in_memory_mb * 2**20  # uint8 RGB
     datasets, blocks = image_datasets(o, storage, size, held_out, in_memory)
-    _log(f"{rows_in} rows, {rows_rejected} rejected, {len(held_out)} held out, {train_rows} to train on; "
+    log.info(f"{rows_in} rows, {rows_rejected} rejected, {len(held_out)} held out, {train_rows} to train on; "
          f"{o.workers} workers, {steps_per_epoch} steps/epoch, {total} steps{' (resuming)' if o.resume else ''} "
          f"-> {run_path}")
     train = VQTrainConfig(lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
