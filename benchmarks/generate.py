@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent  # off sys.path: benchmarks/tokenize.py would shadow the stdlib's tokenize
+_HERE = Path(__file__).resolve().parent  # off sys.path: the scripts here are not modules to import
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))  # run from a checkout without installing
 

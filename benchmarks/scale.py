@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the standard library's `tokenize` for a script run from this folder:
-# take the folder off the import path and put the repository root on it (and on the workers' path)
+# the repository root on the import path (and on the workers' path), so an uninstalled checkout works
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_ROOT]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 # The repo root replaces this script's folder on the path: painter imports from a checkout, and
-# benchmarks/tokenize.py cannot shadow the standard library's `tokenize` (which torch imports).
+# the repository root first, not benchmarks/: an uninstalled checkout works from anywhere
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/ (tokenize.py shadows)
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/: an uninstalled checkout works
 
 import argparse  # noqa: E402
 import json  # noqa: E402

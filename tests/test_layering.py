@@ -190,3 +190,10 @@ def test_test_only_switches_live_in_the_faults_module():
     readers = [str(p.relative_to(ROOT)) for p in files(PACKAGE)
                if p != PACKAGE / "stages" / "faults.py" and "PAINTER_TEST_" in p.read_text(encoding="utf-8")]
     assert not readers, f"{readers} name a test-only switch: they live in painter/stages/faults.py"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_benchmark_scripts_shadow_no_module(path):
+    """A script's folder is first on sys.path: a benchmark named like a module (`tokenize.py`) replaced the
+    standard library's for every import of the run."""
+    assert path.stem not in sys.stdlib_module_names, f"{path.name} shadows the standard library's {path.stem}"

@@ -11,16 +11,15 @@ The job meets the cluster as `ray job submit` does on one that has run a Ray Dat
 job, from another driver process (so none of its workers are reused), creates Ray Data's per-cluster
 actors (stats, autoscaling, actor locations: ~2.5 s on 2 cores, once per cluster). `--cold` skips it.
 
-    python benchmarks/tokenize.py --rows 512 --preset tiny --image-size 256 --batch-size 64
+    python benchmarks/tokenize_corpus.py --rows 512 --preset tiny --image-size 256 --batch-size 64
 """
 from __future__ import annotations
 
 import os
 import sys
 
-# This file's name shadows the standard library's `tokenize` (which `inspect` imports) when it is run as
-# a script: take its directory off the import path first. The repository root goes on the path, and on
-# PYTHONPATH for the Ray workers this process starts, so an uninstalled checkout works from anywhere.
+# The repository root goes on the path, and on PYTHONPATH for the Ray workers this process starts, so an
+# uninstalled checkout works from anywhere.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_ROOT]
