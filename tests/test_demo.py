@@ -3,7 +3,7 @@
 The GPT is trained here with the project's own training step (no Ray, to keep the suite fast) on
 image codes from the bundled model's VQGAN, then judged on held-out captions by the pixel judge.
 The demo command itself (all the Ray jobs chained, minutes long) is what `make demo` runs; its
-figures are in the README. At toy size it runs here too, as a user runs it, counting its lines.
+figures are in docs/demo.md. At toy size it runs here too, as a user runs it, counting its lines.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_bundled_model_draws_what_its_captions_say(bundled):
 
 
 def test_bundled_model_draws_captions_it_never_saw(bundled):
-    """Whole captions held out of its corpus (the README's 200-caption figure is 0.955; 0.90 on these 40)."""
+    """Whole captions held out of its corpus (docs/demo.md's 200-caption figure is 0.955; 0.90 on these 40)."""
     with open(os.path.join(bundled_model_dir(), "held_out_captions.txt"), encoding="utf-8") as f:
         held_out = f.read().split()
     scores = caption_accuracy(bundled, synthetic.captions_for_eval(40, seed=2, held_out=held_out), seed=0, top_k=1)

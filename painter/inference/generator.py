@@ -52,7 +52,7 @@ from painter.runtime import check_precision, inference_copy, inference_dtype, pi
 from painter.inference.sampling import SamplingConfig, guided_logits
 
 # The guidance scale when none is given, for a model trained with caption dropout (others: 1, unguided).
-# Chosen by measurement on the bundled model (README, "Guidance and reranking").
+# Chosen by measurement on the bundled model (docs/demo.md, "Guidance, reranking and image prompts").
 DEFAULT_GUIDANCE = 1.5
 
 MICRO_BATCH_DEFAULTS = {"cpu": 8, "cuda": 64}

@@ -40,7 +40,7 @@ class Options:
     train_vq_steps: int = option(0, "train a fresh VQGAN for this many steps first (0: reuse the base model's)")
     preset: str = option("demo", "shape of the GPT trained from scratch")
     steps: int = option(1400, "GPT optimizer steps (measured on 2 cores at batch 32: 1250 steps scored colour+shape "
-                               "0.62, 1500 scored 0.69 but took 5 minutes; see the README)")
+                               "0.62, 1500 scored 0.69 but took 5 minutes; see docs/demo.md)")
     batch_size: int = option(32, "GPT training batch size per worker (32 learns more in the demo's minutes than "
                                  "64: twice the steps at the same cost)")
     lr: float = option(3e-3, "GPT peak learning rate (at batch 32: 2e-3 and 5e-3 both scored lower)")
