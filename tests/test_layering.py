@@ -197,3 +197,13 @@ def test_benchmark_scripts_shadow_no_module(path):
     """A script's folder is first on sys.path: a benchmark named like a module (`tokenize.py`) replaced the
     standard library's for every import of the run."""
     assert path.stem not in sys.stdlib_module_names, f"{path.name} shadows the standard library's {path.stem}"
+
+
+def test_every_module_imports():
+    """A name moved between modules is caught here, not by the first job that happens to load the module."""
+    code = ("import importlib, pkgutil, painter\n"
+            "for m in pkgutil.walk_packages(painter.__path__, 'painter.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 
+from painter import logs
 from painter.evaluation import judge, metrics
 from painter.checkpoint.model_dir import check_model_files, load_model, read_bytes
 from painter.errors import InputError, check_error_rate
@@ -56,7 +57,9 @@ from painter.options import option
 from painter.runtime import pick_device
 from painter.stages.evaluate_inputs import Candidate, Rejected, read_captions, read_generated
 from painter.stages.evaluate_scores import (FeaturePass, fid_summary, judge_candidates, reconstruction,
-                                            reference_features, sample_diversity, say, sheet_label, verdict_sheet)
+                                            reference_features, sample_diversity, sheet_label, verdict_sheet)
+
+log = logs.get("evaluate")
 
 __all__ = ["Options", "check", "evaluate", "preflight", "read_captions", "run", "run_as_task", "sheet_label"]
 
@@ -146,7 +149,7 @@ def _generate(options: Options, model, device, storage: Storage) -> tuple[list[C
     start = time.time()
     idxs, samples, images = judge.generate_images(
         generator, captions, options.samples, options.batch_size,
-        progress=lambda done, total: say(f"generated {done}/{total} images"))
+        progress=lambda done, total: log.info(f"generated {done}/{total} images"))
     seconds = time.time() - start
     texts = [c for c in captions for _ in range(options.samples)]
     candidates = [Candidate(i, s, t, im) for i, s, t, im in zip(idxs, samples, texts, images)]
@@ -174,12 +177,12 @@ def evaluate(options: Options) -> dict:
         summary["model_dir"] = options.model
     if options.generated:
         candidates, where = read_generated(options, storage, rejected)
-        say(f"read {len(candidates)} images from {' '.join(options.generated)}")
+        log.info(f"read {len(candidates)} images from {' '.join(options.generated)}")
         summary |= _judge(options, storage, device, candidates, where, rejected)
     elif generating:
         summary |= _judge(options, storage, device, *_generate(options, model, device, storage), rejected)
     if options.corpus:
-        say("reconstructing --corpus with the VQGAN")
+        log.info("reconstructing --corpus with the VQGAN")
         summary["reconstruction"] = reconstruction(options, storage, model.vqgan, rejected)
     summary |= {"rows_read": rejected.read, "rows_rejected": len(rejected.rows), "rejected_examples": rejected.examples(),
                 "evaluation_seconds": round(time.time() - started, 3)}
@@ -209,7 +212,7 @@ def _judge(options: Options, storage: Storage, device, candidates: list[Candidat
     if options.samples > 1 and where["source"] == "model":
         result["diversity"] = sample_diversity(candidates)
     if extractor:
-        say("computing reference features")
+        log.info("computing reference features")
         ref = reference_features(options, storage, extractor, rejected)
         result["fid"] = fid_summary(features.result(), ref, extractor, options)
     if options.output and judged and options.sheet_images:
@@ -274,6 +277,6 @@ def preflight(options: Options) -> None:
 def run(options: Options) -> dict:
     check(options)
     if _runs_on_gpu_worker(options):
-        say("this process has no GPU but the cluster has: evaluating in a Ray task with one GPU")
+        log.info("this process has no GPU but the cluster has: evaluating in a Ray task with one GPU")
         return run_as_task(options, {"num_gpus": 1}) | {"ran_on": "ray task (1 GPU)"}
     return evaluate(options) | {"ran_on": "this process"}
