@@ -25,6 +25,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
+
+DEFAULT_MAX_ERROR_RATE = 0.05
+
+
+def max_error_rate_option():
+    """`--max-error-rate`, the same default and meaning in every job that reads rows."""
+    return option(DEFAULT_MAX_ERROR_RATE,
+                  "fail the run, after writing everything else and the rejected rows, when a larger fraction of the "
+                  "rows read is rejected; the same in every job: more than 1 row in 20 unusable is more often a wrong "
+                  "input or schema than bad rows")
+
+
 def _unwrap(annotation) -> tuple[type, bool, bool]:
     """(base type, is_optional, is_list) of a field annotation."""
     origin = typing.get_origin(annotation)

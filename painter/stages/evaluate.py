@@ -53,7 +53,7 @@ from painter.io import output as out
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.storage import Storage
-from painter.options import option
+from painter.options import max_error_rate_option, option
 from painter.runtime import pick_device
 from painter.stages.evaluate_inputs import Candidate, Rejected, read_captions, read_generated
 from painter.stages.evaluate_scores import (FeaturePass, fid_summary, judge_candidates, reconstruction,
@@ -100,7 +100,7 @@ class Options:
     output: str | None = option(None, "folder for summary.json, contact_sheet.png and rejected.parquet")
     sheet_images: int = option(32, "judged images on the contact sheet")
     font: str | None = option(None, "caption font file (default: a CJK font found on the system)")
-    max_error_rate: float = option(0.05, "fail the run above this share of unusable rows read from files")
+    max_error_rate: float = max_error_rate_option()
     storage_options: str | None = option(None, "fsspec options as JSON (default: credentials from the environment)")
 
 

@@ -48,7 +48,7 @@ from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage, as_storage
-from painter.options import option, to_dict
+from painter.options import max_error_rate_option, option, to_dict
 from painter.stages import faults
 from painter.stages import generate_prompts as prompts
 from painter.stages.resources import actor_resources, cluster_has_gpus
@@ -80,7 +80,7 @@ class Options:
     output: str = option(help="output table root (local or s3://)")
     input_schema: str = option("idx:str:1,text:str:1", "TSV columns, EasyNLP style")
     errors: str | None = option(None, "where rejected rows go instead of <output>/_rejected")
-    max_error_rate: float = option(0.05, "fail the run (after writing everything) above this rejected fraction")
+    max_error_rate: float = max_error_rate_option()
     samples: int = option(1, "images per prompt")
     seed: int = option(0, "the image of (seed, idx, sample) is always the same")
     temperature: float = option(1.0, "sampling temperature; 0 is greedy")

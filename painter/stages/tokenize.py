@@ -34,7 +34,7 @@ from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
-from painter.options import option
+from painter.options import max_error_rate_option, option
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import arrow_filesystem, bound_store, duplicate_keys, join, read_input
 from painter.stages.ray_errors import painter_errors
@@ -79,8 +79,7 @@ class Options:
     output: str = option(help="directory (local or s3://) for the token shards")
     input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name idx, text and imgbase64")
     errors: str | None = option(None, "where rejected rows go (default: <output>/_rejected/)")
-    max_error_rate: float = option(0.01, "fail the run, after writing everything, when a larger fraction "
-                                         "of the rows is rejected")
+    max_error_rate: float = max_error_rate_option()
     batch_size: int = option(64, "images per VQGAN batch")
     actors: int | None = option(None, "encoder actors (default: one per GPU; on a CPU-only cluster one per CPU, "
                                       "each decoding its own rows)")

@@ -48,7 +48,7 @@ from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE, empty_rows
 from painter.io.storage import Storage
-from painter.options import option, to_dict
+from painter.options import max_error_rate_option, option, to_dict
 from painter.stages.datasets import join, read_input, write_rejected
 from painter.stages.ray_errors import painter_errors
 from painter.stages.progress import remote_progress
@@ -86,8 +86,7 @@ class Options(RunOptions):
     shuffle_buffer: int = option(256, "images in each worker's local shuffle buffer (reshuffled every epoch)")
     seed: int = option(0, "seed of the init, the shuffles and the restarts")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
-    max_error_rate: float = option(0.01, "fail before training, after writing the rejected rows, when a larger "
-                                         "fraction of the rows is rejected")
+    max_error_rate: float = max_error_rate_option()
 
     @property
     def grad_accum(self) -> int:  # `painter.stages.train_runner.plan_steps` sizes runs by it; no accumulation here
