@@ -19,7 +19,7 @@ from painter.io.images import prepare_pixels
 from painter.io.shards import ShardInfo, shard_table
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.stages.train_vq import Options, prepare_images, run
-from painter.stages.train_runner import FAULT_ENV
+from painter.stages.faults import FAIL_AT_STEP as FAULT_ENV
 
 ROWS, BAD = 320, 3
 STEPS = 120  # 256 training rows (64 held out) on 2 workers x batch 8: 16 steps an epoch, 7.5 epochs
