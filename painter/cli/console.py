@@ -67,7 +67,7 @@ def quiet_ray(initialized: bool = True) -> None:
 
 # A line Ray prints for a worker or the cluster ("(raylet) Task ... failed", "(MyActor pid=12) ..."): the
 # cluster's error messages reach the driver's stdout whatever `log_to_driver` says, after a job's last line too
-_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|autoscaler|[^()\s]*\s?pid=[^)]*)\)")
+_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|autoscaler|.*?\bpid=\w+)")
 
 
 def keep_worker_logs(session_dir: str | None) -> None:
@@ -92,7 +92,8 @@ def keep_worker_logs(session_dir: str | None) -> None:
 def _job_lines(path: str, job: str) -> list[str]:
     """The lines of one of Ray's worker log files written for `job`: a worker marks each job it works for
     with a `:job_id:<id>` line (a pooled worker's file is named for no job); other markers left out."""
-    current = os.path.basename(path).split("-")[2]
+    parts = os.path.basename(path).split("-")
+    current = parts[2] if len(parts) > 3 else None
     kept = []
     try:
         with open(path, encoding="utf-8", errors="replace") as lines:
