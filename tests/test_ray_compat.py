@@ -31,7 +31,9 @@ def test_block_refs_name_every_row_once_with_its_slice(ray_session):
         block = ray_session.get(ref)
         assert isinstance(block, pa.Table) and (part is None or 0 <= part[0] <= part[1] <= block.num_rows)
         rows += (block if part is None else block.slice(part[0], part[1] - part[0]))["id"].to_pylist()
-    assert sorted(rows) == list(range(70))
+    # which 70 rows a limit keeps is Ray's choice (blocks finish in any order; 2.50 cuts a block in a task,
+    # 2.52+ hands the whole block and the slice to keep): 70 rows of the 100, each once
+    assert len(rows) == len(set(rows)) == 70 and set(rows) <= set(range(100))
 
 
 def _import_train_runner(env: dict) -> subprocess.CompletedProcess:
