@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: setup demo bundled-model bundled-model-guided test test-fast clean
+.PHONY: setup demo bundled-model bundled-model-guided test test-fast test-compat clean
 
 setup: $(VENV)/.installed
 
@@ -56,5 +56,17 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The compatibility smoke: the OLDEST supported Ray (2.50.0) and torch (2.6.0) in a venv of their own,
+# installed offline from a wheelhouse (what it lacks is downloaded into it once), painter with --no-deps;
+# then tests/compat/ (tokenize -> train -> generate -> evaluate, `ray job submit`, S3 on moto).
+COMPAT_VENV ?= .venv-compat
+WHEELHOUSE ?= $(HOME)/.cache/pip/wheelhouse
+$(COMPAT_VENV)/.installed: pyproject.toml tests/compat/make_venv.py
+	python3 tests/compat/make_venv.py $(COMPAT_VENV) $(WHEELHOUSE)
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/compat
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(COMPAT_VENV) out

@@ -1,10 +1,11 @@
 """What a job shows on the terminal, and where everything else goes: the one logging mechanism.
 
 - `setup(job, log_path)` (called by the CLI only, so `painter <job>` and `jobs/<job>_job.py` share it):
-  painter's messages go to stderr as `[stage] message`; Ray's own output (its driver loggers, every
-  worker's and actor's stdout/stderr, Python warnings) goes to the file `log_path`, which the CLI moves
-  into the job's output folder at the end (`move_file`; a job may refuse a non-empty output) and the
-  summary names. Ray warnings still reach the terminal unless `NOISE` names them; real errors reach it
+  painter's messages go to stderr as `[stage] message`; Ray's own output (its driver loggers, the
+  cluster's messages, Python warnings and, at the end, every worker's and actor's stdout/stderr of a local
+  Ray) goes to the file `log_path`, which the CLI moves into the job's output folder at the end
+  (`move_file`; a job may refuse a non-empty output), or uploads there for a remote output
+  (`upload_file`), and the summary names. Ray warnings still reach the terminal unless `NOISE` names them; real errors reach it
   through the job's exception (the CLI prints its one-line reason).
 - `get(stage)`: the logger of a stage (`painter.<stage>`).
 - What reaches the terminal from Ray (its loggers, worker output, file descriptor 2) is filtered in
@@ -107,6 +108,19 @@ def move_file(path: str) -> str:
         finally:
             handler.release()
     return path
+
+
+def upload_file(write, url: str) -> str:
+    """Hand the log file's bytes as they are now to `write(url, chunks)` (a Storage's `write_atomic`: the
+    job's remote output); `url`. Lines written later stay in the local file only."""
+    handler = _state["file"]
+    if handler is None:
+        return url
+    with _state["lock"]:
+        handler.flush()
+        with open(handler.baseFilename, "rb") as f:
+            write(url, iter(lambda: f.read(1 << 20), b""))
+    return url
 
 
 def to_file(message: str, error: BaseException | None = None, *, level: int = logging.ERROR,

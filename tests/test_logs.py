@@ -114,3 +114,32 @@ def test_rays_warnings_reach_the_terminal_in_painters_format_unless_they_are_noi
     kept = (tmp_path / "x.log").read_text()
     assert "Failed to query" in kept and "Starting execution" in kept and "object store is full" in kept
     logs.setup("test", None)
+
+
+def test_a_workers_log_file_gives_only_the_lines_written_for_this_job(tmp_path):
+    """Ray's per-worker files (`worker-<id>-<job>-<pid>.out`): a pooled worker's file is named for no job
+    (ffffffff) and marks each job it then works for; only this job's lines count, markers left out."""
+    path = tmp_path / "worker-abc-ffffffff-42.out"
+    path.write_text(":job_id:01000000\n:actor_name:MapWorker\nmine 1\n\n:job_id:02000000\nanother job's\n"
+                    ":job_id:01000000\n:task_name:read\nmine 2\n", encoding="utf-8")
+    assert console._job_lines(str(path), "01000000") == ["mine 1", "mine 2"]
+    assert console._job_lines(str(path), "02000000") == ["another job's"]
+    named = tmp_path / "worker-abc-03000000-7.err"
+    named.write_text("from the start\n", encoding="utf-8")
+    assert console._job_lines(str(named), "03000000") == ["from the start"]
+    assert console._job_lines(str(tmp_path / "gone.out"), "03000000") == []
+
+
+def test_the_clusters_messages_on_stdout_go_to_the_log_file(tmp_path):
+    """Ray prints the cluster's errors ("(raylet) ...") and, with log_to_driver, workers' lines to the
+    driver's stdout; none may reach the terminal (the job's last line must stay last), all reach the file."""
+    logs.setup("test", str(tmp_path / "x.log"))
+    out = io.StringIO()
+    stream = console.LineFilter(out)
+    stream.write("\x1b[33m(raylet)\x1b[0m Task MapBatches failed: worker died\n")
+    stream.write("(MapWorker(MapBatches(DecodingEncoder)) pid=123) a print\n(pid=9) another\n")
+    stream.write('{"job": "x"} (a line of our own that starts otherwise)\n')
+    assert out.getvalue() == '{"job": "x"} (a line of our own that starts otherwise)\n'
+    kept = (tmp_path / "x.log").read_text()
+    assert "Task MapBatches failed" in kept and "a print" in kept and "another" in kept
+    logs.setup("test", None)

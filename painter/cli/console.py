@@ -1,8 +1,10 @@
-"""What reaches the terminal while a job runs: Ray's console loggers and worker output routed into the job's
-log file, and `NOISE` (lines that tell a user nothing) filtered from stdout, stderr and file descriptor 2."""
+"""What reaches the terminal while a job runs: Ray's console loggers, the cluster's messages and (at the end)
+the workers' output routed into the job's log file, and `NOISE` (lines that tell a user nothing) filtered
+from stdout, stderr and file descriptor 2. Public Ray only: workers' output is kept off the driver with
+`ray.init(log_to_driver=False)` and read back from Ray's own per-worker log files."""
 from __future__ import annotations
+import glob
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -49,7 +51,8 @@ def _has_traceback(record: logging.LogRecord, message: str) -> bool:
 
 def quiet_ray(initialized: bool = True) -> None:
     """Ray's console loggers filtered into the file (call it before `ray.init` too, whose own lines count);
-    once initialized, worker output to the file and no Ray Data bars."""
+    once initialized, no Ray Data bars. (Workers' output never reaches this process: `ray.init(log_to_driver=
+    False)`; `keep_worker_logs` copies it into the file at the end.)"""
     import ray.data
 
     for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
@@ -58,39 +61,50 @@ def quiet_ray(initialized: bool = True) -> None:
             if stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__) and not any(
                     isinstance(f, _RayConsole) for f in handler.filters):
                 handler.addFilter(_RayConsole())
-    if not initialized:
+    if initialized:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # painter's own progress instead
+
+
+# A line Ray prints for a worker or the cluster ("(raylet) Task ... failed", "(MyActor pid=12) ..."): the
+# cluster's error messages reach the driver's stdout whatever `log_to_driver` says, after a job's last line too
+_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|autoscaler|.*?\bpid=\w+)")
+
+
+def keep_worker_logs(session_dir: str | None) -> None:
+    """Append the output of this job's workers and actors (Ray's per-worker files in a local Ray's session
+    folder, `logs/worker-*.out|err`) to the job's log file; on a cluster, where to find them."""
+    import ray
+
+    if _state["file"] is None or not ray.is_initialized():
         return
-    ray.data.DataContext.get_current().enable_progress_bars = False  # painter's own progress instead
-    _route_worker_output()
-
-
-def _route_worker_output() -> None:
-    """Workers' and actors' stdout/stderr (Ray's log_to_driver stream) into the log file instead of the terminal.
-
-    Ray 2.60 hands every batch of worker lines to `global_worker_stdstream_dispatcher`; its printing handler
-    is replaced by one that writes to the file (the terminal keeps only what the driver itself raises), and so
-    is `print_to_stdstream`, which prints the cluster's error messages.
-    """
-    import ray._private.worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler("painter")
-    dispatcher.add_handler("painter", _worker_lines)
-    # Errors the cluster publishes ("(raylet) Task ... failed", actors killed when a job stops) are printed to
-    # stdout by this function, after a job's last line too: to the file with the rest
-    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
-
-
-def _worker_lines(data: dict) -> None:
-    handler = _state["file"]
-    if handler is None:
+    job = ray.get_runtime_context().get_job_id()
+    if not session_dir:
+        to_file(f"workers' output: Ray's logs of job {job} (`ray logs`, the dashboard)", level=logging.INFO,
+                name="workers")
         return
-    who = data.get("actor_name") or data.get("task_name") or "worker"
-    stream = "stderr" if data.get("is_err") else "stdout"
-    for line in data.get("lines", []):
-        handler.handle(logging.LogRecord(f"ray.worker.{stream}", logging.INFO, "", 0,
-                                         f"({who} pid={data.get('pid')}) {line}", None, None))
+    for path in sorted(glob.glob(os.path.join(session_dir, "logs", "worker-*.out")) +
+                       glob.glob(os.path.join(session_dir, "logs", "worker-*.err"))):
+        pid, stream = os.path.basename(path).rsplit("-", 1)[-1].split(".")
+        for line in _job_lines(path, job):
+            to_file(f"(pid={pid}) {line}", level=logging.INFO, name=f"ray.worker.{stream}")
+
+
+def _job_lines(path: str, job: str) -> list[str]:
+    """The lines of one of Ray's worker log files written for `job`: a worker marks each job it works for
+    with a `:job_id:<id>` line (a pooled worker's file is named for no job); other markers left out."""
+    parts = os.path.basename(path).split("-")
+    current = parts[2] if len(parts) > 3 else None
+    kept = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith(":job_id:"):
+                    current = line[len(":job_id:"):].strip()
+                elif current == job and line.strip() and not line.startswith((":actor_name:", ":task_name:")):
+                    kept.append(line.rstrip())
+    except OSError:  # a worker's file removed under us: the others still count
+        return []
+    return kept
 
 
 class LineFilter:
@@ -104,7 +118,7 @@ class LineFilter:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            if is_noise(line):
+            if is_noise(line) or _RAY_PREFIX.match(line):
                 to_file(line, level=logging.INFO, name="terminal")
             else:
                 self.stream.write(line + "\n")

@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import posixpath
 import signal
 import sys
 import tempfile
@@ -31,7 +32,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 from painter import logs
 from painter.cli import console
 from painter.cli import registry
-from painter.io.storage_options import redact, secrets_of
+from painter.io.storage import Storage, is_remote
+from painter.io.storage_options import STORAGE_FIELD, redact, secrets_of
 from painter.stages.ray_errors import one_line_reason
 from painter.errors import ErrorRateExceeded, PainterError, Stopped
 from painter.cli.parser import build_parser, config_text, parse  # noqa: F401 (build_parser: the CLI's parser, for tests)
@@ -45,14 +47,18 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    # Workers' output reaches the driver (log_to_driver) only to be written to the job's log file.
-    quiet = {"logging_level": logging.INFO, "log_to_driver": True}
+    # Workers' output stays off the driver; `console.keep_worker_logs` copies it into the job's log file.
+    quiet = {"logging_level": logging.INFO, "log_to_driver": False}
     console.quiet_ray(initialized=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        _local_ray["session_dir"] = context.address_info.get("session_dir")
     console.quiet_ray()
+
+
+_local_ray: dict = {"session_dir": None}  # the session folder of the local Ray this process started
 
 
 def log_path(name: str) -> str:
@@ -63,9 +69,14 @@ def log_path(name: str) -> str:
 
 
 def final_log_path(path: str, options) -> str | None:
-    """`<output>/_logs/<log file name>` when the job has a local --output folder that exists, else None."""
+    """Where the log file ends up: `<output>/_logs/<log file name>` for a remote --output (`s3://...`,
+    uploaded there) or a local --output folder that exists; else None (it stays where it is)."""
     output = getattr(options, "output", None)
-    if not output or "://" in output or not os.path.isdir(output):
+    if not output:
+        return None
+    if is_remote(output):
+        return posixpath.join(output.rstrip("/"), "_logs", os.path.basename(path))
+    if not os.path.isdir(output):
         return None
     return os.path.join(os.path.abspath(output), "_logs", os.path.basename(path))
 
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
+            _local_ray["session_dir"] = None
         if terminal is not None:
             terminal.close()
         for signum, handler in saved.items():
@@ -165,14 +177,22 @@ def _exit_code(error: BaseException) -> int:
 
 
 def _keep_log(path: str | None, options) -> str | None:
-    """The log file moved into the job's output folder where it has one; left where it is when it cannot
-    be moved (a full disk): the job's own reason is what matters."""
-    final = final_log_path(path, options) if path else None
+    """The log file (with the workers' output of a local Ray added) moved into the job's output folder, or
+    uploaded there for a remote output, where it has one; where it now is. Left where it is when it cannot
+    be kept there (a full disk, an unreachable bucket): the job's own reason is what matters."""
+    if path is None:
+        return None
+    if _ray_running():
+        console.keep_worker_logs(_local_ray["session_dir"])
+    final = final_log_path(path, options)
     if not final:
         return path
     try:
+        if is_remote(final):
+            return logs.upload_file(Storage.from_option(getattr(options, STORAGE_FIELD, None)).write_atomic, final)
         return logs.move_file(final)
-    except OSError:
+    except Exception as e:  # OSError, a bucket's refusal, malformed --storage-options: the log stays here
+        logs.to_file(f"could not keep the log at {final}", e)
         return path
 
 
@@ -191,19 +211,20 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
             logs.to_file(f"{name} failed", e)
         if debug:
             sys.stderr.write(redact("".join(traceback.format_exception(e)), secrets))
-        path = _keep_log(path, options)
-        details = f" (details in {path})" if path and not expected else ""
+        where = final_log_path(path, options) if path else None
+        details = f" (details in {where or path})" if path and not expected else ""
         logs.get(name).error(reason + details)
+        path = _keep_log(path, options)
         failure = {"job": name, "status": "failed", "error": reason} | ({"log": path} if path else {})
         print(json.dumps(failure, ensure_ascii=False))
         return _exit_code(e)
-    if path:
-        summary.setdefault("log", _keep_log(path, options))
     summary.setdefault("seconds", round(time.time() - start, 3))
     summary.setdefault("status", "failed" if failed else "succeeded")
     if failed:
         summary["error"] = failed
         logs.get(name).error(failed)
+    if path:
+        summary.setdefault("log", _keep_log(path, options))
     print(json.dumps({"job": name, **summary}, ensure_ascii=False, default=str))
     return 1 if failed else 0
 

@@ -23,6 +23,7 @@ from painter.io import rows, tables
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage, is_remote
+from painter.stages.ray_compat import block_refs, map_batches_pool
 
 
 def arrow_filesystem(path: str, storage_options: Storage | dict | None = None):
@@ -58,7 +59,7 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
         listing.context.target_max_block_size = block_bytes
     return listing.map_batches(
         _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=readers) if readers else None,
+        **map_batches_pool(readers),
         fn_kwargs={"schema": schema, "storage_options": storage_options, "chunk_rows": chunk_rows,
                    "alternatives": alternatives},
     )
@@ -127,11 +128,10 @@ def iter_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
     hands on part of one). Ray Data's own iterator (`iter_batches`) sends the execution's statistics, a
     record per block made so far, through the object store every few seconds and once at the end: for
     generate's 200k prompts that was 0.1 MB at the start and 1.27 MB at the end, a store peak growing
-    with the corpus. This reads the blocks' references instead (`iter_internal_ref_bundles`)."""
-    for bundle in ds.iter_internal_ref_bundles():
-        for entry, part in zip(bundle.blocks, bundle.slices):
-            block = ray.get(entry.ref)
-            yield block if part is None else block.slice(part.start_offset, part.end_offset - part.start_offset)
+    with the corpus. This reads the blocks' references instead (`ray_compat.block_refs`)."""
+    for ref, part in block_refs(ds):
+        block = ray.get(ref)
+        yield block if part is None else block.slice(part[0], part[1] - part[0])
 
 
 

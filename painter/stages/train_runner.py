@@ -31,6 +31,7 @@ from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
 from painter.stages import faults
+from painter.stages.ray_compat import enable_train_v2
 from painter.stages.resources import cluster_has_gpus
 
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
@@ -42,6 +43,7 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run'
 # run here). The runner polls this often unless the user set the variable.
 REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safetensors", "vqgan.safetensors")
+enable_train_v2()  # before any `ray.train` import: Ray 2.50 needs it asked for
 
 
 @dataclass(kw_only=True)
