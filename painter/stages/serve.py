@@ -102,7 +102,7 @@ def build(options: Options):
     engine = Engine.options(**_engine_options(options)).bind(
         options.model, options.micro_batch, storage.options, options.max_batch_requests,
         options.batch_wait_ms / 1000)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256).bind(
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind(
         engine, base_generate_options(options), options.max_images, token_digest(token), options.table,
         storage.options)
 
