@@ -39,6 +39,9 @@ COMMANDS = {
     "make-corpus": Command("painter.stages.make_corpus", "write a synthetic Chinese-captioned image corpus (EasyNLP TSV)"),
     "evaluate": Command("painter.stages.evaluate", "score a model: caption accuracy on the synthetic task, FID/IS, VQGAN reconstruction", True,
                         "its results are written at the end, so none are kept: rerun the same command"),
+    "serve": Command("painter.stages.serve", "serve /v1/images and the review page (Ray Serve) on the current Ray", True,
+                     "decisions are kept as they are made: start it again to go on"),
+    "export-approved": Command("painter.stages.export_approved", "write a night's approved pictures and a manifest CSV"),
 }
 
 

@@ -115,6 +115,12 @@ def _package_candidates() -> list[str]:
     return [str(noto_cjk_sans_otc.FONT_PATH)]
 
 
+def packaged_font_path() -> str | None:
+    """The Noto Sans CJK collection of the noto-cjk-sans-otc package (a dependency), or None."""
+    paths = _package_candidates()
+    return paths[0] if paths else None
+
+
 def find_caption_font(explicit: str | None = None) -> CaptionFont:
     """The font for captions: `explicit` if given (InputError if unreadable), else the first CJK font found."""
     if explicit:

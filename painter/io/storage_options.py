@@ -60,32 +60,33 @@ def _json_object(text: str, where: str) -> dict:
     return parsed
 
 
-def _from_env(name: str) -> dict:
-    where = f"--storage-options {ENV_PREFIX}{name}"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise InputError(f"{where}: {name!r} is not an environment variable name")
-    text = os.environ.get(name)
-    if not text:
-        raise InputError(f"{where}: the variable is not set (or empty) in this process's environment; "
-                         "it must be set on every Ray node that reads or writes storage")
-    return _json_object(text, where)
-
-
-def _from_file(path: str) -> dict:
-    """The JSON object in file `path` (local or any fsspec URL, read with the environment's credentials)."""
+def read_source(text: str, flag: str, *, what: str = "the JSON") -> str:
+    """The text behind an indirect source: `env:NAME` (an environment variable) or `@PATH` (a file, local or
+    any fsspec URL, read with the environment's credentials). Errors name the source, never the value."""
     import fsspec
 
-    where = f"--storage-options {FILE_PREFIX}{path}"
+    where = f"{flag} {text}"
+    if text.startswith(ENV_PREFIX):
+        name = text[len(ENV_PREFIX):]
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise InputError(f"{where}: {name!r} is not an environment variable name")
+        value = os.environ.get(name)
+        if not value:
+            raise InputError(f"{where}: the variable is not set (or empty) in this process's environment; "
+                             "it must be set on every Ray node that reads it")
+        return value
+    if not text.startswith(FILE_PREFIX):
+        raise InputError(f"{flag} must be {ENV_PREFIX}NAME or {FILE_PREFIX}PATH naming where {what} is")
+    path = text[len(FILE_PREFIX):]
     if not path:
         raise InputError(f"{where}: no file named after '@'")
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise InputError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{where}: cannot read it ({type(e).__name__})") from None
-    return _json_object(text, where)
 
 
 def parse_storage_options(text: str | None) -> dict:
@@ -99,10 +100,8 @@ def parse_storage_options(text: str | None) -> dict:
     if not text or not text.strip():
         return {}
     text = text.strip()
-    if text.startswith(ENV_PREFIX):
-        return _from_env(text[len(ENV_PREFIX):])
-    if text.startswith(FILE_PREFIX):
-        return _from_file(text[len(FILE_PREFIX):])
+    if text.startswith((ENV_PREFIX, FILE_PREFIX)):
+        return _json_object(read_source(text, "--storage-options"), f"--storage-options {text}")
     parsed = _json_object(text, "--storage-options")
     refused = credential_keys(parsed)
     if refused:
@@ -142,6 +141,12 @@ def secrets_of(options) -> list[str]:
                 stack.append(value)
             elif is_credential(key) and value:
                 values.append(str(value))
+    token = getattr(options, "token", None)  # `painter serve --token SOURCE`: the token itself
+    if isinstance(token, str) and token.startswith((ENV_PREFIX, FILE_PREFIX)):
+        try:
+            values.append(read_source(token, "--token").strip())
+        except Exception:  # reported by the command itself
+            pass
     return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 
 

@@ -118,7 +118,7 @@ class Options:
                                          "each process's own AWS credential chain: environment, ~/.aws, role)")
 
 
-def _generation_config(options: Options) -> GenerationConfig:
+def generation_config(options: Options) -> GenerationConfig:
     try:
         return GenerationConfig(seed=options.seed, temperature=options.temperature,
                                 top_k=options.top_k or None, top_p=options.top_p, image_format=options.image_format,
@@ -215,7 +215,7 @@ def resolve(options: Options) -> Settings:
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
-    return Settings(Storage.from_option(options.storage_options), _generation_config(options),
+    return Settings(Storage.from_option(options.storage_options), generation_config(options),
                     out.check_run_date(options.run_date or date.today().isoformat()),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
@@ -224,7 +224,7 @@ def resolve(options: Options) -> Settings:
 def preflight(options: Options) -> None:
     """What can be checked before Ray starts: options, model files, input files, output paths."""
     storage = Storage.from_option(options.storage_options)
-    _generation_config(options)
+    generation_config(options)
     out.check_run_date(options.run_date or date.today().isoformat())
     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED))
     check_model_files(options.model, storage=storage)
