@@ -102,7 +102,15 @@ def _sniff(option: str, path: str, storage: "Storage | dict | None") -> list[str
         with fs.open(stripped, "rb") as f:
             if not tables.is_tsv(path):
                 return _names(path, f)
-            head = records.open_text_table(f, path).read(SNIFF_BYTES)
+            try:
+                head = records.open_text_table(f, path).read(SNIFF_BYTES)
+            except OSError as e:
+                if records.compression(path) is None:
+                    raise
+                raise InputError(f"{path}: not a readable {records.compression(path)} file ({option}; "
+                                 f"{describe(e)})") from None
+    except InputError:
+        raise
     except IsADirectoryError:
         raise InputError(f"{path}: a directory, not a table file ({option})") from None
     except pa.ArrowException as e:  # "Parquet magic bytes not found", a footer cut short, a bad gzip ...

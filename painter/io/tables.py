@@ -111,18 +111,26 @@ def iter_tsv(path: str, schema: list[Column], storage_options: Storage | dict | 
     rows: list[tuple] = []
     with as_storage(storage_options).open(path, "rb") as f:
         pending_blank: list[int] = []
-        for number, raw in enumerate(records.open_text_table(f, path), start=1):
-            line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                pending_blank.append(number)  # blank lines at the very end are not rows
-                continue
-            for blank in pending_blank:
-                rows.append(empty + (path, blank, "empty line"))
-            pending_blank = []
-            rows.append(_split_line(line, names, path, number))
-            if len(rows) >= chunk_rows:
-                yield _chunk(columns, rows)
-                rows = []
+        number = 0
+        lines = records.open_text_table(f, path)
+        try:
+            for number, raw in enumerate(lines, start=1):
+                line = raw.rstrip(b"\r\n")
+                if not line.strip():
+                    pending_blank.append(number)  # blank lines at the very end are not rows
+                    continue
+                for blank in pending_blank:
+                    rows.append(empty + (path, blank, "empty line"))
+                pending_blank = []
+                rows.append(_split_line(line, names, path, number))
+                if len(rows) >= chunk_rows:
+                    yield _chunk(columns, rows)
+                    rows = []
+        except OSError as e:  # compressed data cut short or corrupt: the lines read are kept
+            if lines is f:
+                raise
+            rows.append(empty + (path, number + 1, f"{records.compression(path)} data unreadable after line "
+                                                   f"{number} ({type(e).__name__}: {e})"))
     if rows:
         yield _chunk(columns, rows)
 

@@ -43,7 +43,10 @@ def samples(f) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield key, parts
                 parts = {}
             key = match.group(1)
-            parts[match.group(2).lower()] = tar.extractfile(member).read()
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:  # tarfile's stream mode returns a member cut short as it is
+                raise EOFError(f"member {member.name} cut short: {len(data)} of {member.size} bytes")
+            parts[match.group(2).lower()] = data
     if key is not None:
         yield key, parts
 
