@@ -92,7 +92,9 @@ def _names(path: str, f) -> list[str] | None:
         names = list(json.loads(first))
     else:
         names = records.csv_header(lines)
-    return names + ([column_map.IMAGE] if records.is_image_folder(path) else [])
+    if records.is_image_folder(path):  # its rows get the image, and the file name as idx (records)
+        return names + [column_map.IMAGE] + ([] if "idx" in names else ["idx"])
+    return names
 
 
 def _sniff(option: str, path: str, storage: "Storage | dict | None") -> list[str] | None:
