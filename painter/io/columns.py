@@ -17,6 +17,7 @@ import re
 
 from painter.errors import InputError
 from painter.io.rows import REASON
+from painter.io.storage import as_storage
 
 IMAGE, BASE64 = "image", "imgbase64"
 HELP = ("map input columns onto painter's: idx=NAME,text=NAME,image=NAME (a table column, a CSV header "
@@ -100,8 +101,6 @@ def struct_bytes(cell: dict, source_file: str, storage=None) -> tuple[bytes | No
 
 def read_beside(source_file: str, path: str, storage=None) -> tuple[bytes | None, str | None]:
     """(bytes, None) or (None, reason) for the file `path` names, relative to `source_file`'s folder."""
-    from painter.io.storage import as_storage
-
     full = path if "://" in path or path.startswith("/") else posixpath.join(posixpath.dirname(source_file), path)
     try:
         return as_storage(storage).read_bytes(full), None

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from painter.io.columns import IMAGE, read_beside
 from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.storage import as_storage
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FILE_NAME = "file_name"
@@ -122,15 +123,11 @@ def _jsonl_records(f) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 def iter_csv(path: str, storage=None, chunk_rows: int = 256) -> Iterator[dict[str, list]]:
-    from painter.io.storage import as_storage
-
     with as_storage(storage).open(path, "rb") as f:
         yield from _chunks(_csv_records(open_text_table(f, path)), path, chunk_rows)
 
 
 def iter_jsonl(path: str, storage=None, chunk_rows: int = 256) -> Iterator[dict[str, list]]:
-    from painter.io.storage import as_storage
-
     with as_storage(storage).open(path, "rb") as f:
         yield from _chunks(_jsonl_records(open_text_table(f, path)), path, chunk_rows)
 

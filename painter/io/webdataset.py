@@ -22,6 +22,7 @@ from typing import Iterator
 
 from painter.io.columns import IMAGE
 from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.storage import as_storage
 
 KEY = "__key__"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -104,8 +105,6 @@ def row(key: str, parts: dict[str, bytes], mapping: dict[str, str]) -> tuple[dic
 def iter_webdataset(path: str, mapping: dict[str, str], storage=None, chunk_rows: int = 256
                     ) -> Iterator[dict[str, list]]:
     """Chunks of rows of one shard: `idx`, `text`, `image` (and other mapped names) + bookkeeping columns."""
-    from painter.io.storage import as_storage
-
     targets = list(dict.fromkeys([*DEFAULTS, IMAGE, *mapping]))
     columns = {name: [] for name in (*targets, SOURCE, ROW, REASON)}
     number = 0
@@ -125,18 +124,9 @@ def iter_webdataset(path: str, mapping: dict[str, str], storage=None, chunk_rows
                 if len(columns[ROW]) >= chunk_rows:
                     yield columns
                     columns = {name: [] for name in columns}
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError) as e:  # storage errors (OSError) fail the read task as elsewhere
             number += 1
             add({}, f"tar shard unreadable after sample {number - 1} ({type(e).__name__}: {e})")
     if columns[ROW]:
         yield columns
 
-
-def first_names(path: str, storage=None) -> list[str] | None:
-    """The `--columns` names of the shard's first sample (None: no sample); tarfile's errors propagate."""
-    from painter.io.storage import as_storage
-
-    with as_storage(storage).open(path, "rb") as f:
-        for key, parts in samples(f):
-            return names(key, parts)
-    return None
