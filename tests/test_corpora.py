@@ -23,6 +23,7 @@ from painter.cli import main as cli
 from painter.errors import InputError
 from painter.io import checks, columns, tables
 from painter.io.rows import REASON, ROW, SOURCE
+from painter.io.storage import as_storage
 
 SCHEMA = tables.parse_schema("idx,text,imgbase64")
 ALTERNATIVES = {"imgbase64": "image"}
@@ -143,6 +144,22 @@ def test_a_folder_of_shards_reads_the_tars_not_img2datasets_statistics(tmp_path)
     (tmp_path / "00000_stats.json").write_text("{}")
     assert tables.expand_paths([str(tmp_path)]) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
     assert tables.expand_paths([str(tmp_path / "*.tar")]) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+
+
+def test_webdataset_shards_in_a_bucket_as_folder_glob_and_file(s3_bucket, tmp_path):
+    bucket, options = s3_bucket
+    storage = as_storage(options)
+    for k in range(2):
+        write_tar(tmp_path / f"{k:05d}.tar", [(f"{k}-a", {"jpg": image(k), "txt": b"t"}), (f"{k}-b", {"txt": b"t"})])
+        storage.write_atomic(f"s3://{bucket}/wds/{k:05d}.tar", (tmp_path / f"{k:05d}.tar").read_bytes())
+    storage.write_atomic(f"s3://{bucket}/wds/00000.parquet", b"img2dataset's statistics, not read")
+    shards = [f"s3://{bucket}/wds/00000.tar", f"s3://{bucket}/wds/00001.tar"]
+    for given in (f"s3://{bucket}/wds/", f"s3://{bucket}/wds/*.tar"):
+        assert tables.expand_paths([given], options) == shards
+        assert checks.check_inputs("--input", [given], options, columns={"text": "txt"}) == shards
+    rows = read_all(shards[1], storage_options=options)
+    assert rows["idx"] == ["1-a", "1-b"] and rows["image"][0] == image(1) and rows[SOURCE] == [shards[1]] * 2
+    assert rows[REASON] == [None, "sample 1-b: no image member (jpg, jpeg, png, webp)"]
 
 
 # --- image folders, CSV, compressed TSV -----------------------------------------------------------
