@@ -262,9 +262,10 @@ def test_tokenize_help_documents_columns_and_the_formats(capsys):
     with pytest.raises(SystemExit):
         cli.main(["tokenize", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for example in ("--columns idx=key,text=caption,image=jpg", ".tsv.gz", ".tsv.zst", ".parquet",
-                    ".csv (header row)", ".tar (WebDataset shards", "metadata.jsonl or metadata.csv",
-                    "Hugging Face image struct"):
+    for example in ("--columns idx=key,text=caption,image=jpg", "EasyNLP TSV without header (corpus/part-0.tsv",
+                    ".tsv.gz", ".tsv.zst", "Parquet (hf/train-00000.parquet", "CSV with a header row (table.csv)",
+                    "WebDataset shards (shards/00000.tar", "'shards/*.tar'", "an image folder (photos/",
+                    "metadata.jsonl or metadata.csv with file_name", "Hugging Face image struct"):
         assert example in text, example
     for job in ("generate", "evaluate", "train-vq"):
         with pytest.raises(SystemExit):

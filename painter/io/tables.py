@@ -27,10 +27,11 @@ DEFAULT_CHUNK_ROWS = 256
 SAMPLE_ROWS = 64  # the rows `row_bytes` reads
 TSV_EXTENSIONS = (".tsv", ".txt", ".tsv.gz", ".tsv.zst", ".txt.gz", ".txt.zst")
 TABLE_EXTENSIONS = (*TSV_EXTENSIONS, ".csv", ".csv.gz", ".csv.zst", ".jsonl", ".parquet", ".tar")
-FORMATS_HELP = ("the file name selects the format: .tsv/.txt (EasyNLP TSV, no header; also .tsv.gz, .tsv.zst), "
-                ".parquet (Hugging Face image structs too), .csv (header row), .jsonl, .tar (WebDataset shards, "
-                "e.g. img2dataset's: a folder of them, or shards/{00000..00009}.tar as a glob shards/*.tar), "
-                "or an image folder: images beside metadata.jsonl or metadata.csv with file_name and a caption column")
+FORMATS_HELP = ("the file name selects the format: EasyNLP TSV without header (corpus/part-0.tsv, also .txt, "
+                ".tsv.gz, .tsv.zst); Parquet (hf/train-00000.parquet; image bytes, base64 or Hugging Face image "
+                "structs); CSV with a header row (table.csv); JSON lines (rows.jsonl); WebDataset shards "
+                "(shards/00000.tar, a folder of them as img2dataset writes, or 'shards/*.tar'); an image folder "
+                "(photos/ holding images and metadata.jsonl or metadata.csv with file_name and a caption column)")
 
 
 @dataclass(frozen=True)
