@@ -162,6 +162,17 @@ def test_webdataset_shards_in_a_bucket_as_folder_glob_and_file(s3_bucket, tmp_pa
     assert rows[REASON] == [None, "sample 1-b: no image member (jpg, jpeg, png, webp)"]
 
 
+def test_evaluate_reads_the_same_formats_with_the_same_columns(tmp_path):
+    from painter.io.storage import Storage
+    from painter.stages.evaluate_inputs import Rejected, table_rows
+
+    write_tar(tmp_path / "s.tar", [("k0", {"png": image(0, "PNG"), "json": b'{"title": "t0"}'}), ("k1", {"png": b"x"})])
+    rejected = Rejected()
+    got = list(table_rows([str(tmp_path / "s.tar")], "idx,text,imgbase64", Storage(), True, 0, rejected, "text=title"))
+    assert [(idx, text, data) for idx, text, _, _, data in got] == [("k0", "t0", image(0, "PNG"))]
+    assert [reason for *_, reason in rejected.rows] == ["sample k1: no 'title' member or JSON field"]
+
+
 # --- image folders, CSV, compressed TSV -----------------------------------------------------------
 
 @pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
