@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                      for threads in sorted({torch.get_num_threads(), 1})}
             job = ray_job(paths, model_dir, str(root / f"tokens-{repeat}"), args.batch_size, args.actors)
             pairs.append((plain, job))
+            print(json.dumps({"pair": repeat, **_pair_result(plain, job)}), file=sys.stderr, flush=True)  # kept if cut off
     runs = [_pair_result(plain, job) for plain, job in pairs]
     middle = sorted(runs, key=lambda r: r["ray_over_plain"])[len(runs) // 2]
     result = {
