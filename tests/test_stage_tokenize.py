@@ -237,7 +237,8 @@ def test_s3_run_gives_the_same_shards(local_run, corpus, tiny_model_dir, s3_buck
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, content, message", [
-    ("comma.csv", b"1,one,AAAA\n2,two,BBBB\n", f"no usable rows (all 2 rejected; first at row 1: {FIELDS} 1)"),
+    ("comma.csv", b"1,one,AAAA\n2,two,BBBB\n", "no 'idx' column among 1, one, AAAA (--input; a .csv needs a header row"),
+    ("shard.tar", b"not a tar at all" * 64, "not a readable WebDataset tar shard (--input;"),
     ("binary.tsv", bytes(range(256)) * 8, "binary data, not a TSV table (--input; not UTF-8 text and a NUL"),
     ("binary.parquet", b"PAR1" + bytes(range(256)) * 4, "not a readable Parquet file"),
 ])

@@ -85,10 +85,14 @@ def test_empty_tsv_has_no_rows(tmp_path):
     assert list(tables.iter_rows(str(path), SCHEMA)) == []
 
 
-def test_comma_separated_file_rejects_every_row(tmp_path):
-    path = tmp_path / "wrong.csv"
-    path.write_text("1,one,AAAA\n2,two,BBBB\n")
-    assert read_all(path)[REASON] == ["expected 3 tab-separated fields (idx,text,imgbase64), got 1"] * 2
+def test_csv_is_read_as_csv_with_a_header_row_never_split_on_tabs(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text('idx,text,imgbase64\n1,"one, two\tthree",AAAA\n2,two\n')
+    rows = read_all(path)
+    assert rows["text"] == ["one, two\tthree", None] and rows[ROW] == [2, 3]
+    assert rows[REASON] == [None, "expected 3 comma-separated fields (idx,text,imgbase64), got 2"]
+    path.write_text("1,one,AAAA\n2,two,BBBB\n")  # no header: its rows lack the columns (preflight refuses it)
+    assert read_all(path)[REASON] == ["missing column 'idx'"]
 
 
 # --- Parquet ------------------------------------------------------------------------------------

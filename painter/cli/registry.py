@@ -23,7 +23,8 @@ class Command:
 
 RESUME = "its last checkpoint is kept: rerun the same command with --resume to continue from it"
 COMMANDS = {
-    "tokenize": Command("painter.stages.tokenize", "encode TSV/Parquet image corpora into VQGAN token shards", True,
+    "tokenize": Command("painter.stages.tokenize", "encode image corpora (TSV, Parquet, CSV, WebDataset, image "
+                        "folders) into VQGAN token shards", True,
                         "the shards written so far are not a whole output: rerun the same command with --overwrite "
                         "to start again"),
     "train": Command("painter.stages.train", "fine-tune the GPT on token shards with Ray Train (DDP)", True, RESUME),

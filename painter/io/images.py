@@ -179,10 +179,13 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
 
 
 def image_bytes(cell, is_base64: bool) -> bytes:
-    """The file bytes of a table cell: base64 text (str or bytes) or raw bytes; ImageRejected if unusable."""
+    """The file bytes of a table cell: base64 text (str, or bytes where `is_base64`) or raw bytes; ImageRejected
+    if unusable."""
     if cell is None:
         raise ImageRejected("missing image")
-    if is_base64:
+    if not isinstance(cell, (str, bytes, bytearray, memoryview)):  # image structs are bytes by now (columns)
+        raise ImageRejected(f"an image cell of type {type(cell).__name__}, not bytes or base64 text")
+    if is_base64 or isinstance(cell, str):  # text in an image column is base64
         try:
             data = decode_base64(cell)
         except ValueError as e:

@@ -1,4 +1,8 @@
-"""Input tables: EasyNLP-style TSV and Parquet, local or `s3://`, read row by row with reasons.
+"""Input tables, local or `s3://`, read row by row with reasons; the file's name selects its format:
+EasyNLP-style TSV (`.tsv`, `.txt`, also `.tsv.gz` and `.tsv.zst`), Parquet, CSV with a header row and
+JSON lines (`painter.io.records`), Hugging Face image folders (their `metadata.jsonl`/`metadata.csv`),
+and WebDataset `.tar` shards (`painter.io.webdataset`). `--columns` (`painter.io.columns`) is applied
+here, once, so every chunk has painter's column names.
 
 Rows are read here, not by pyarrow's CSV reader, so that a malformed row becomes a rejected row with
 its file, row number and reason instead of failing the whole file. Every chunk read carries the
@@ -14,12 +18,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from painter.errors import InputError
+from painter.io import columns as column_map
+from painter.io import records, webdataset
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage
 
 DEFAULT_CHUNK_ROWS = 256
 SAMPLE_ROWS = 64  # the rows `row_bytes` reads
-TABLE_EXTENSIONS = (".tsv", ".txt", ".csv", ".parquet")
+TSV_EXTENSIONS = (".tsv", ".txt", ".tsv.gz", ".tsv.zst", ".txt.gz", ".txt.zst")
+TABLE_EXTENSIONS = (*TSV_EXTENSIONS, ".csv", ".csv.gz", ".csv.zst", ".jsonl", ".parquet", ".tar")
+FORMATS_HELP = ("the file name selects the format: EasyNLP TSV without header (corpus/part-0.tsv, also .txt, "
+                ".tsv.gz, .tsv.zst); Parquet (hf/train-00000.parquet; image bytes, base64 or Hugging Face image "
+                "structs); CSV with a header row (table.csv); JSON lines (rows.jsonl); WebDataset shards "
+                "(shards/00000.tar, a folder of them as img2dataset writes, or 'shards/*.tar'); an image folder "
+                "(photos/ holding images and metadata.jsonl or metadata.csv with file_name and a caption column)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ def expand_paths(paths: list[str], storage_options: Storage | dict | None = None
             matches = fs.glob(stripped)
         elif fs.isdir(stripped):
             matches = as_storage(storage_options).find(path, extensions, skip_hidden=True)
+            if any(m.endswith(".tar") for m in matches):  # WebDataset shards: img2dataset's .parquet beside
+                matches = [m for m in matches if m.endswith(".tar")]  # them are per-shard statistics
         elif fs.exists(stripped):
             matches = [stripped]
         else:
@@ -77,6 +91,12 @@ def expand_paths(paths: list[str], storage_options: Storage | dict | None = None
 
 def is_parquet(path: str) -> bool:
     return path.endswith(".parquet") or path.endswith(".pq")
+
+
+def is_tsv(path: str) -> bool:
+    """A headerless tab-separated table: what is neither Parquet, CSV, JSON lines nor a tar."""
+    base = path.removesuffix(".gz").removesuffix(".zst")
+    return not (is_parquet(path) or base.endswith((".csv", ".jsonl")) or path.endswith(".tar"))
 
 
 def _chunk(columns: list[str], rows: list[tuple]) -> dict[str, list]:
@@ -92,18 +112,26 @@ def iter_tsv(path: str, schema: list[Column], storage_options: Storage | dict | 
     rows: list[tuple] = []
     with as_storage(storage_options).open(path, "rb") as f:
         pending_blank: list[int] = []
-        for number, raw in enumerate(f, start=1):
-            line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                pending_blank.append(number)  # blank lines at the very end are not rows
-                continue
-            for blank in pending_blank:
-                rows.append(empty + (path, blank, "empty line"))
-            pending_blank = []
-            rows.append(_split_line(line, names, path, number))
-            if len(rows) >= chunk_rows:
-                yield _chunk(columns, rows)
-                rows = []
+        number = 0
+        lines = records.open_text_table(f, path)
+        try:
+            for number, raw in enumerate(lines, start=1):
+                line = raw.rstrip(b"\r\n")
+                if not line.strip():
+                    pending_blank.append(number)  # blank lines at the very end are not rows
+                    continue
+                for blank in pending_blank:
+                    rows.append(empty + (path, blank, "empty line"))
+                pending_blank = []
+                rows.append(_split_line(line, names, path, number))
+                if len(rows) >= chunk_rows:
+                    yield _chunk(columns, rows)
+                    rows = []
+        except OSError as e:  # compressed data cut short or corrupt: the lines read are kept
+            if lines is f:
+                raise
+            rows.append(empty + (path, number + 1, f"{records.compression(path)} data unreadable after line "
+                                                   f"{number} ({type(e).__name__}: {e})"))
     if rows:
         yield _chunk(columns, rows)
 
@@ -152,21 +180,53 @@ def iter_parquet(path: str, schema: list[Column], storage_options: Storage | dic
 
 
 def iter_rows(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
-              chunk_rows: int = DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None
-              ) -> Iterator[dict[str, list]]:
-    """Chunks of rows of one input file, TSV or Parquet by its extension."""
+              chunk_rows: int = DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None,
+              columns: dict[str, str] | None = None) -> Iterator[dict[str, list]]:
+    """Chunks of rows of one input file in the format its name selects, with `columns` (painter's name ->
+    the input's, `painter.io.columns.parse`) applied. `schema` names a TSV's columns (before `columns`)
+    and, for Parquet, the columns whose absence rejects every row."""
+    columns = columns or {}
+    if path.endswith(".tar"):
+        yield from webdataset.iter_webdataset(path, columns, storage_options, chunk_rows)
+        return
     if is_parquet(path):
-        yield from iter_parquet(path, schema, storage_options, chunk_rows, alternatives)
+        sources = {c.name: columns.get(c.name, c.name) for c in schema}
+        renamed = [Column(sources[c.name], c.type, c.count) for c in schema]
+        alternatives = {sources.get(k, k): columns.get(v, v) for k, v in (alternatives or {}).items()}
+        chunks = iter_parquet(path, renamed, storage_options, chunk_rows, alternatives)
+    elif not is_tsv(path):
+        jsonl = path.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
+        chunks = (records.iter_jsonl if jsonl else records.iter_csv)(path, storage_options, chunk_rows)
     else:
-        yield from iter_tsv(path, schema, storage_options, chunk_rows)
+        chunks = iter_tsv(path, schema, storage_options, chunk_rows)
+    headed = not is_parquet(path) and not is_tsv(path)
+    for chunk in chunks:
+        if records.is_image_folder(path):
+            records.image_folder_rows(chunk, path, columns, storage_options)
+        chunk = column_map.rename(chunk, columns, path, storage_options)
+        yield _fill_missing(chunk, schema, alternatives) if headed else chunk
+
+
+def _fill_missing(chunk: dict[str, list], schema: list[Column], alternatives: dict[str, str] | None) -> dict:
+    """A CSV or JSON-lines chunk with the schema's columns it lacks (after `--columns`) as nulls, their rows
+    rejected with the reason, as Parquet's are."""
+    alternatives = alternatives or {}
+    n = len(chunk[ROW])
+    for column in schema:
+        alternative = alternatives.get(column.name)
+        if column.name in chunk or alternative in chunk:
+            continue
+        chunk[column.name] = [None] * n
+        chunk[REASON] = [reason or f"missing column {column.name!r}" for reason in chunk[REASON]]
+    return chunk
 
 
 def row_bytes(path: str, schema: list[Column], storage_options: Storage | dict | None = None,
-              alternatives: dict[str, str] | None = None) -> float | None:
+              alternatives: dict[str, str] | None = None, columns: dict[str, str] | None = None) -> float | None:
     """The Arrow bytes a row of this file takes as read (with the bookkeeping columns), from its first
     `SAMPLE_ROWS` rows; None for a file without rows or one that is not readable (its read task gives
     the reason)."""
-    chunks = iter_rows(path, schema, storage_options, SAMPLE_ROWS, alternatives)
+    chunks = iter_rows(path, schema, storage_options, SAMPLE_ROWS, alternatives, columns)
     try:
         chunk = next(chunks, None)
     except InputError:

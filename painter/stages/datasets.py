@@ -31,17 +31,18 @@ def arrow_filesystem(path: str, storage_options: Storage | dict | None = None):
     return as_storage(storage_options).arrow(path)
 
 
-def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives):
+def _read_files(batch: dict, schema, storage_options, chunk_rows, alternatives, columns):
     for path in batch["path"]:
-        for chunk in tables.iter_rows(str(path), schema, storage_options, chunk_rows, alternatives):
+        for chunk in tables.iter_rows(str(path), schema, storage_options, chunk_rows, alternatives, columns):
             yield chunk
 
 
 def read_input(paths: list[str], schema_spec: str, storage_options: Storage | dict | None = None, *,
                chunk_rows: int = tables.DEFAULT_CHUNK_ROWS, alternatives: dict[str, str] | None = None,
                num_cpus: float = 0.5, block_bytes: int | None = None, block_rows: int | None = None,
-               readers: int | None = None) -> ray.data.Dataset:
-    """A Dataset of every row of every input file: schema columns + `_source`, `_row`, `_reason`.
+               readers: int | None = None, columns: dict[str, str] | None = None) -> ray.data.Dataset:
+    """A Dataset of every row of every input file (any format `painter.io.tables` reads): schema columns,
+    named as `columns` (`--columns`) maps them, + `_source`, `_row`, `_reason`.
 
     `block_bytes` caps the blocks of this Dataset and those made from it (Ray's default is 128 MiB):
     smaller blocks let the next stages start on a file before it has been read to the end. With
@@ -53,7 +54,7 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
     files = tables.expand_paths(paths, storage_options)
     listing = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     if block_rows is not None:
-        by_rows = rows_bytes(files, schema, block_rows, storage_options, alternatives)
+        by_rows = rows_bytes(files, schema, block_rows, storage_options, alternatives, columns)
         block_bytes = by_rows if block_bytes is None else min(block_bytes, by_rows)
     if block_bytes is not None:
         listing.context.target_max_block_size = block_bytes
@@ -61,7 +62,7 @@ def read_input(paths: list[str], schema_spec: str, storage_options: Storage | di
         _read_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
         **map_batches_pool(readers),
         fn_kwargs={"schema": schema, "storage_options": storage_options, "chunk_rows": chunk_rows,
-                   "alternatives": alternatives},
+                   "alternatives": alternatives, "columns": columns},
     )
 
 
@@ -69,12 +70,12 @@ MIN_BLOCK_BYTES = 64 * 2 ** 10
 SAMPLED_FILES = 4
 
 
-def rows_bytes(files: list[str], schema: list[tables.Column], rows: int,
-               storage_options: Storage | dict | None = None, alternatives: dict[str, str] | None = None) -> int:
+def rows_bytes(files: list[str], schema: list[tables.Column], rows: int, storage_options: Storage | dict | None = None,
+               alternatives: dict[str, str] | None = None, columns: dict[str, str] | None = None) -> int:
     """The bytes `rows` rows of these files take as read (at least `MIN_BLOCK_BYTES`), from the first of
     the first `SAMPLED_FILES` files that has rows (`tables.row_bytes`); `MIN_BLOCK_BYTES` when none has."""
     for path in files[:SAMPLED_FILES]:
-        if size := tables.row_bytes(path, schema, storage_options, alternatives):
+        if size := tables.row_bytes(path, schema, storage_options, alternatives, columns):
             return max(MIN_BLOCK_BYTES, int(rows * size))
     return MIN_BLOCK_BYTES
 

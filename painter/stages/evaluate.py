@@ -51,6 +51,7 @@ from painter.errors import InputError, check_error_rate
 from painter.inference.generator import GenerationConfig, Generator
 from painter.io import output as out
 from painter.io import tables
+from painter.io import columns as column_map
 from painter.io.checks import check_inputs, check_output
 from painter.io.storage import Storage
 from painter.options import max_error_rate_option, option
@@ -92,6 +93,7 @@ class Options:
     corpus: list[str] = option([], "TSV/Parquet images for the VQGAN reconstruction error and codebook usage")
     reference: list[str] = option([], "TSV/Parquet real images for FID (needs a feature extractor)")
     input_schema: str = option("idx:str:1,text:str:1,imgbase64:str:1", "TSV columns of --corpus and --reference")
+    columns: str | None = option(None, column_map.HELP)
     limit: int = option(10000, "use at most this many images of each of --generated, --corpus and --reference (0: all)")
     feature_extractor: str | None = option(None, "torch.export .pt2 or TorchScript feature network for FID/IS "
                                            "(TRUSTED FILES ONLY: loading it runs code from it)")
@@ -270,7 +272,7 @@ def preflight(options: Options) -> None:
             raise InputError(f"--generated {path}: no such file or directory")
     for option_name, paths in (("--corpus", options.corpus), ("--reference", options.reference)):
         if paths:
-            check_inputs(option_name, paths, storage)
+            check_inputs(option_name, paths, storage, columns=column_map.parse(options.columns))
     check_output("--output", options.output, storage)
 
 

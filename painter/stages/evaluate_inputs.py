@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from painter.evaluation import synthetic
 from painter.errors import InputError
+from painter.io import columns as column_map
 from painter.io import output as out
 from painter.io import rows, tables
 from painter.io.easynlp_tsv import parse_images_cell
@@ -54,17 +55,17 @@ class Rejected:
 
 
 def table_rows(paths: list[str], schema_spec: str, storage: Storage, need_text: bool, limit: int,
-                rejected: Rejected) -> Iterator[tuple]:
+                rejected: Rejected, columns: str | None = None) -> Iterator[tuple]:
     """(idx, text, source, row, image file bytes) of usable rows of TSV/Parquet files, at most `limit`
     (0: all); unusable rows go to `rejected`."""
     schema = tables.parse_schema(schema_spec)
     files = tables.expand_paths(paths, storage)
     kept = 0
     for path in files:
-        parquet = tables.is_parquet(path)
-        wanted = [c for c in schema if c.name == "text" and need_text] if parquet else schema
-        for chunk in tables.iter_rows(path, wanted, storage):
-            found = rows.image_cells(chunk, BASE64_COLUMNS, BINARY_COLUMNS, text_file=not parquet)
+        tsv = tables.is_tsv(path)
+        wanted = schema if tsv else [c for c in schema if c.name == "text" and need_text]
+        for chunk in tables.iter_rows(path, wanted, storage, columns=column_map.parse(columns)):
+            found = rows.image_cells(chunk, BASE64_COLUMNS, BINARY_COLUMNS, text_file=tsv)
             cells, is_base64 = found or (None, None)
             n = len(chunk[rows.ROW])
             idx = chunk.get("idx", [None] * n)
@@ -129,7 +130,7 @@ def read_generated(options, storage: Storage, rejected: Rejected) -> tuple[list[
     candidates: list[Candidate] = []
     if found is None:
         for idx, text, _, row, data in table_rows(options.generated, options.generated_schema, storage, True,
-                                                   options.limit, rejected):
+                                                   options.limit, rejected, options.columns):
             candidates.append(Candidate(str(idx if idx is not None else row), 0, str(text), data))
         return candidates, {"source": "files", "paths": options.generated}
     root, date = found

@@ -85,7 +85,7 @@ def sample_diversity(candidates: list[Candidate]) -> dict:
 def reference_features(options, storage: Storage, extractor: metrics.FeatureExtractor, rejected: Rejected):
     fp = FeaturePass(extractor, options.batch_size)
     for idx, _, source, row, data in table_rows(options.reference, options.input_schema, storage, False,
-                                                 options.limit, rejected):
+                                                 options.limit, rejected, options.columns):
         try:
             fp.add(load_image(data))
         except ImageRejected as e:
@@ -98,7 +98,7 @@ def reconstruction(options, storage: Storage, vqgan, rejected: Rejected) -> dict
     meter = ReconstructionMeter(vqgan.config.n_embed)
     batch: list[np.ndarray] = []
     for idx, _, source, row, data in table_rows(options.corpus, options.input_schema, storage, False,
-                                                 options.limit, rejected):
+                                                 options.limit, rejected, options.columns):
         try:
             batch.append(to_model_input(fit_square(load_image(data), size)))
         except ImageRejected as e:

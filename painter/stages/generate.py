@@ -41,6 +41,7 @@ from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, check_error_rate
 from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
+from painter.io import columns as column_map, tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import easynlp_lines, write_lines
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
@@ -79,6 +80,7 @@ class Options:
     model: str = option(help="model directory (local, s3:// or a zoo name)")
     output: str = option(help="output table root (local or s3://)")
     input_schema: str = option("idx:str:1,text:str:1", "TSV columns, EasyNLP style")
+    columns: str | None = option(None, column_map.HELP)
     errors: str | None = option(None, "where rejected rows go instead of <output>/_rejected")
     max_error_rate: float = max_error_rate_option()
     samples: int = option(1, "images per prompt")
@@ -228,7 +230,8 @@ def preflight(options: Options) -> None:
     out.check_run_date(options.run_date or date.today().isoformat())
     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED))
     check_model_files(options.model, storage=storage)
-    check_inputs("--input", options.input, storage)
+    check_inputs("--input", options.input, storage, columns=column_map.parse(options.columns),
+                 schema=tables.parse_schema(options.input_schema))
     check_output("--output", options.output, storage)
     check_output("--errors", options.errors, storage)
     if options.tsv_output:  # a file: its folder must be writable
@@ -240,7 +243,8 @@ def scan(options: Options, settings: Settings, root: out.OutputRoot, run_id: str
     """Pass 1 over the prompts (`painter.stages.generate_prompts`) and the input columns the job writes
     itself (dropped); InputError for a --partition-by column no input file has."""
     keys = KeyBuckets(root.keys_folder(run_id), prompts.KEYS_SCHEMA, settings.storage)
-    found = prompts.scan_prompts(options.input, options.input_schema, errors=root.clear_rejected(), keys=keys,
+    found = prompts.scan_prompts(options.input, options.input_schema, columns=column_map.parse(options.columns),
+                                 errors=root.clear_rejected(), keys=keys,
                                  samples=options.samples, committed=committed, storage=settings.storage)
     missing = [c for c in settings.partition_by if c not in found.schema.names]
     if missing and found.accepted:
@@ -274,7 +278,8 @@ def run(options: Options) -> dict:
         if round_number == MAX_ROUNDS:
             raise RuntimeError(f"{options.output} run_date {root.run_date}: {todo} images still missing "
                                f"after {MAX_ROUNDS} rounds lost to concurrent runs")
-        pairs = prompts.prompt_pairs(options.input, options.input_schema, samples=options.samples, scan=found,
+        pairs = prompts.prompt_pairs(options.input, options.input_schema, columns=column_map.parse(options.columns),
+                                     samples=options.samples, scan=found,
                                      schema=kept, committed=committed, storage=settings.storage)
         left_out = written.left_out
         generate_into(pairs, settings, options.actors, actor_kwargs, written)

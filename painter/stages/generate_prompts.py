@@ -125,10 +125,10 @@ def scan_batch(batch: pa.Table, *, errors: str, keys: KeyBuckets, samples: int, 
 
 
 def scan_prompts(inputs: list[str], input_schema: str, *, errors: str, keys: KeyBuckets, samples: int,
-                 committed: np.ndarray, storage: Storage) -> Scan:
+                 committed: np.ndarray, storage: Storage, columns: dict[str, str] | None = None) -> Scan:
     """Pass 1 (see the module docstring); writes the rejected rows, repeated idx last, and checks from the
     written files' footers that every rejected row is there."""
-    ds = read_input(inputs, input_schema, storage, num_cpus=READ_CPUS).map_batches(
+    ds = read_input(inputs, input_schema, storage, num_cpus=READ_CPUS, columns=columns).map_batches(
         scan_batch, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs={"errors": errors, "keys": keys, "samples": samples, "committed": ray.put(committed),
                    "storage": storage})
@@ -191,10 +191,11 @@ def pairs_batch(batch: pa.Table, *, samples: int, duplicates: pa.Table, schema: 
 
 
 def prompt_pairs(inputs: list[str], input_schema: str, *, samples: int, scan: Scan, schema: pa.Schema,
-                 committed: np.ndarray, storage: Storage) -> ray.data.Dataset:
+                 committed: np.ndarray, storage: Storage, columns: dict[str, str] | None = None) -> ray.data.Dataset:
     """Pass 2 (see the module docstring): the Dataset of (prompt, sample) rows to generate, in `schema`
     (the prompts' columns the job keeps) and a `sample` column."""
-    return read_input(inputs, input_schema, storage, num_cpus=READ_CPUS, block_bytes=PAIRS_BLOCK_BYTES).map_batches(
+    return read_input(inputs, input_schema, storage, num_cpus=READ_CPUS, block_bytes=PAIRS_BLOCK_BYTES,
+                      columns=columns).map_batches(
         pairs_batch, batch_size=None, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs={"samples": samples, "duplicates": scan.duplicates, "schema": schema,
                    "committed": ray.put(committed)})

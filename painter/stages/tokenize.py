@@ -1,4 +1,7 @@
-"""The tokenize job: TSV/Parquet image corpora -> VQGAN token shards, every bad row rejected with a reason.
+"""The tokenize job: image corpora -> VQGAN token shards, every bad row rejected with a reason.
+
+Inputs: EasyNLP TSV (also gzip/zstd), Parquet (Hugging Face image structs too), CSV, JSON lines, image
+folders and WebDataset shards (`painter.io.tables`), their columns mapped by `--columns`.
 
 Pipeline (Ray Data), streaming end to end; nothing holds the corpus, in memory or on the driver:
   read_input          one task per file; a malformed line becomes a row with a reason
@@ -27,6 +30,7 @@ from painter import logs
 from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.inference.encoder import BASE64_COLUMN, BINARY_COLUMN, DecodingEncoder, ImageEncoder, prepare_batch
 from painter.errors import CheckpointError, InputError, PainterError, check_error_rate
+from painter.io import columns as column_map
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -74,10 +78,12 @@ CPU_ACTORS_PER_READER = 8
 
 @dataclass(kw_only=True)
 class Options:
-    input: list[str] = option(help="TSV/Parquet files, globs, directories or s3:// prefixes to read")
+    input: list[str] = option(help="files, globs, directories or s3:// prefixes to read; " + tables.FORMATS_HELP)
     model: str = option(help="model directory (or zoo name) whose VQGAN and vocabulary make the tokens")
     output: str = option(help="directory (local or s3://) for the token shards")
-    input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name idx, text and imgbase64")
+    input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name idx, text and imgbase64 "
+                                               "(or, with --columns, the input names mapped onto them)")
+    columns: str | None = option(None, column_map.HELP)
     errors: str | None = option(None, "where rejected rows go (default: <output>/_rejected/)")
     max_error_rate: float = max_error_rate_option()
     batch_size: int = option(64, "images per VQGAN batch")
@@ -97,7 +103,8 @@ class Options:
 
 
 def _check_options(options: Options) -> None:
-    names = [c.name for c in tables.parse_schema(options.input_schema)]
+    names = column_map.renamed([c.name for c in tables.parse_schema(options.input_schema)],
+                               column_map.parse(options.columns))
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise InputError(f"--input-schema {options.input_schema!r} names no {missing[0]!r} column")
@@ -190,6 +197,7 @@ def _store_budget(read: ray.data.Dataset, device: str, actors: int) -> int:
 
 def _read(options: Options, storage: Storage, num_cpus: float, readers: int | None = None) -> ray.data.Dataset:
     return read_input(options.input, options.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
+                      columns=column_map.parse(options.columns),
                       block_bytes=READ_BLOCK_BYTES, block_rows=READ_BLOCK_ROWS, num_cpus=num_cpus, readers=readers)
 
 
@@ -228,7 +236,8 @@ def preflight(options: Options) -> None:
     _check_options(options)
     storage = Storage.from_option(options.storage_options)
     check_model_files(options.model, parts=("vqgan",), storage=storage)
-    check_inputs("--input", options.input, storage)
+    check_inputs("--input", options.input, storage, columns=column_map.parse(options.columns),
+                 schema=tables.parse_schema(options.input_schema))
     for option_name, path in (("--output", options.output), ("--errors", options.errors)):
         check_output(option_name, path, storage)
 

@@ -44,6 +44,7 @@ from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.inference.encoder import BASE64_COLUMN, BINARY_COLUMN, PIXELS, image_cells
 from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
+from painter.io import columns as column_map
 from painter.io.checks import check_inputs, check_output
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE, empty_rows
@@ -70,6 +71,7 @@ class Options(RunOptions):
                              "unless --from-scratch")
     output: str = option(help="model directory to write: the input's config, vocab and GPT with the trained VQGAN")
     input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name imgbase64 (text is not needed)")
+    columns: str | None = option(None, column_map.HELP)
     from_scratch: bool = option(False, "start from a seeded random VQGAN of the model's config, not its weights")
     name: str = option("train-vq", "run name under --run-dir; an existing one needs --resume")
     epochs: int = option(1, "passes over the training images (unless --max-steps is given)")
@@ -98,7 +100,7 @@ class Options(RunOptions):
 
 
 def _check_options(o: Options) -> None:
-    names = [c.name for c in tables.parse_schema(o.input_schema)]
+    names = column_map.renamed([c.name for c in tables.parse_schema(o.input_schema)], column_map.parse(o.columns))
     if BASE64_COLUMN not in names:
         raise InputError(f"--input-schema {o.input_schema!r} names no {BASE64_COLUMN!r} column")
     if min(o.batch_size, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
@@ -150,7 +152,7 @@ def image_dataset(o: Options, storage: Storage, size: int, keep: str, eval_keys:
                   paths: list[str] | None = None) -> ray.data.Dataset:
     """The lazy read -> decode graph of `prepare_images` (reading at 0.25 CPU, decoding at 0.5: unfused)."""
     rows = read_input(paths or o.input, o.input_schema, storage, alternatives={BASE64_COLUMN: BINARY_COLUMN},
-                      num_cpus=0.25)
+                      num_cpus=0.25, columns=column_map.parse(o.columns))
     return rows.map_batches(prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                             fn_kwargs={"size": size, "max_pixels": o.max_pixels, "keep": keep,
                                        "eval_keys": eval_keys})
@@ -203,7 +205,7 @@ def preflight(o: Options) -> None:
     _check_options(o)
     storage = Storage.from_option(o.storage_options)
     check_model_files(o.model, parts=() if o.from_scratch else ("vqgan",), storage=storage)
-    check_inputs("--input", o.input, storage)
+    check_inputs("--input", o.input, storage, columns=column_map.parse(o.columns))
     check_output("--output", o.output, storage)
     check_output("--run-dir", o.run_dir, storage)
     run_location(o, storage)
