@@ -102,15 +102,19 @@ def test_bad_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["new-model"])  # --output is required
     assert exit_info.value.code == 2
-    assert "--output" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "--output" in said.err
+    line = last_json(said.out)  # the failure line, as every job's
+    assert line == {"job": "new-model", "status": "failed", "failure": "usage", "error": line["error"]}
+    assert "--output" in line["error"]
 
 
 def test_main_in_process_returns_the_exit_code(tmp_path, capsys):
     assert cli.main(["new-model", "--preset", "tiny", "--output", str(tmp_path / "m")]) == 0
     assert last_json(capsys.readouterr().out)["status"] == "succeeded"
-    assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 1
+    assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 2
     summary = last_json(capsys.readouterr().out)
-    assert summary["status"] == "failed" and "missing.ckpt" in summary["error"]
+    assert summary["status"] == "failed" and "missing.ckpt" in summary["error"] and summary["failure"] == "usage"
 
 
 def test_python_s_ignored_exception_reports_stay_off_the_terminal():
