@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -49,12 +49,14 @@ from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import PROMPT_COLUMN
+from painter.io.run_dates import is_range, nights
 from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import bound_store, iter_blocks
 from painter.stages.generate_prompts import Scan
+from painter.stages.nights import for_night, run_nights
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
 STAGE = "generate"
@@ -100,7 +102,11 @@ class Options:
                                      "that makes images independent of batching (default: 8 on CPU, 64 on GPU)")
     actors: int | None = option(None, "actor pool size (default: one per GPU, else half the CPUs)")
     partition_by: list[str] = option([], "input columns to partition the output by, after run_date")
-    run_date: str | None = option(None, "the run_date partition, YYYY-MM-DD (default: today, local time)")
+    run_date: str | None = option(None, "the night: today, yesterday, YYYY-MM-DD, or a range A..B run night by night "
+                                  "(a backfill); fills {run_date} and {run_date:FORMAT} (strftime) in --input, "
+                                  "--output, --errors and --tsv-output (default: today)")
+    timezone: str = option("UTC", "the time zone (IANA name) whose date is 'today'")
+    keep_going: bool = option(False, "in a backfill, run the remaining nights after one fails")
     image_format: str = option("png", "image encoding of the `image` column (named in `image_format`)",
                                choices=IMAGE_FORMATS)
     commit_images: int = option(1024, "images per Delta commit: the night becomes visible in commits of whole "
@@ -233,18 +239,25 @@ def resolve(options: Options) -> Settings:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
     return Settings(Storage.from_option(options.storage_options), _generation_config(options),
-                    out.check_run_date(options.run_date or date.today().isoformat()),
+                    out.check_run_date(options.run_date),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
 
 
 def preflight(options: Options) -> None:
-    """What can be checked before Ray starts: options, model files, input files, output paths."""
+    """What can be checked before Ray starts: options, model files, and a single night's input files and
+    output paths (a backfill's are checked as each night starts: one night's missing input is that night's)."""
     storage = Storage.from_option(options.storage_options)
     _generation_config(options)
-    out.check_run_date(options.run_date or date.today().isoformat())
+    dates = nights(options.run_date, options.timezone)
     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED))
     check_model_files(options.model, storage=storage)
+    if not is_range(options.run_date):
+        check_paths(for_night(options, dates[0]), storage)
+
+
+def check_paths(options: Options, storage: Storage) -> None:
+    """One night's input files readable, its output paths writable."""
     check_inputs("--input", options.input, storage)
     check_output("--output", options.output, storage)
     check_output("--errors", options.errors, storage)
@@ -267,6 +280,20 @@ def scan(options: Options, settings: Settings, root: out.OutputRoot, run_id: str
 
 
 def run(options: Options) -> dict:
+    """One night (`run_night`), or a backfill of each night of a --run-date range in turn."""
+    dates = nights(options.run_date, options.timezone)
+    if not is_range(options.run_date):
+        return run_night(for_night(options, dates[0]))
+
+    def checked_night(night: Options) -> dict:
+        check_paths(night, Storage.from_option(night.storage_options))
+        return run_night(night)
+
+    return run_nights(options, dates, checked_night, options.keep_going, STAGE)
+
+
+def run_night(options: Options) -> dict:
+    """The night of `options.run_date` (a date), its paths filled."""
     settings = resolve(options)
     root = out.OutputRoot(options.output, settings.run_date, settings.storage, options.errors)
     model = load_model(options.model, parts=(), storage=settings.storage)  # config and fingerprints: no weights
