@@ -56,6 +56,7 @@ from painter.stages import generate_prompts as prompts
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import bound_store, iter_blocks
 from painter.stages.generate_prompts import Scan
+from painter.stages.metrics import Recorder, rejected_reasons
 from painter.stages.nights import for_night, run_nights
 
 FAIL_AFTER_ENV = "PAINTER_TEST_FAIL_AFTER_BATCHES"
@@ -175,15 +176,18 @@ class GenerateActor:
 
     def __init__(self, *, model: str, config: GenerationConfig, micro_batch: int, table: OutputTable,
                  schema: pa.Schema, partition_by: list[str], run_date: str, run_id: str, fail_after: int | None,
-                 storage: Storage):
+                 storage: Storage, metrics: Recorder):
         self.generator = Generator(model, config, micro_batch=micro_batch, storage=storage)
         self.table, self.schema, self.partition_by = table, schema, ["run_date", *partition_by]
         self.run_date, self.run_id, self.fail_after, self.batches = run_date, run_id, fail_after, 0
+        self.metrics = metrics
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _fail_point(self.fail_after, self.batches)
         names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
+        start = time.perf_counter()
         generated = self.generator({name: batch.column(name).to_pylist() for name in names})
+        self.metrics.observe("painter_image_seconds", (time.perf_counter() - start) / max(batch.num_rows, 1))
         rows = output_rows(batch, generated, self.generator.config.image_format, self.run_date, self.schema)
         files = self.table.write_files(rows, self.partition_by, new_batch_id(self.run_id))
         self.batches += 1
@@ -204,10 +208,24 @@ def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | N
     start = time.time()
     try:
         for records in iter_blocks(files):
-            committer.add(records)
+            _counted(committer, actor_kwargs["metrics"], records)
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
-        committer.flush()
+        _counted(committer, actor_kwargs["metrics"])
         committer.seconds += time.time() - start
+
+
+def _counted(committer: Committer, metrics: Recorder, records: pa.Table | None = None) -> None:
+    """`committer.add(records)` (`flush()` without records), its commits (images, commits, their seconds, the
+    table's version) recorded as metrics."""
+    images, commits, start = committer.images, committer.commits, time.perf_counter()
+    committer.add(records) if records is not None else committer.flush()
+    if committer.commits > commits:
+        seconds = (time.perf_counter() - start) / (committer.commits - commits)
+        for _ in range(committer.commits - commits):
+            metrics.observe("painter_commit_seconds", seconds)
+        metrics.add("painter_commits", committer.commits - commits)
+        metrics.add("painter_images_written", committer.images - images)
+        metrics.set("painter_table_version", committer.version)
 
 
 def _progress(message: str) -> None:
@@ -300,6 +318,9 @@ def run_night(options: Options) -> dict:
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     committed = root.table.committed_pairs(root.run_date) if root.table.exists() else np.empty(0, np.uint64)
     found, dropped = scan(options, settings, root, run_id, committed)
+    metrics = Recorder(STAGE, settings.run_date, model.fingerprint)
+    metrics.add("painter_rows_in", found.rows_in)
+    metrics.rejected(rejected_reasons(root.rejected_folder(), settings.storage) if found.rejected else {})
     kept = pa.schema([f for f in found.schema if f.name not in dropped])
     schema = output_schema(kept, settings.partition_by)
     skipped = found.accepted * options.samples - found.todo
@@ -308,7 +329,8 @@ def run_night(options: Options) -> dict:
     root.table.ensure(schema, ["run_date", *settings.partition_by])
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
-                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after(), storage=settings.storage)
+                        run_date=settings.run_date, run_id=run_id, fail_after=_fail_after(), storage=settings.storage,
+                        metrics=metrics)
     written = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
                         settings.commit_images)
     todo = found.todo

@@ -31,6 +31,7 @@ from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
+from painter.stages.metrics import Recorder
 from painter.stages.resources import cluster_has_gpus
 
 FAULT_ENV = "PAINTER_TEST_FAIL_AT_STEP"
@@ -244,9 +245,12 @@ class TrainerRun:
         self.config = ModelConfig.from_dict(cfg["model"])
         self.tc = cfg["train"]
         self.storage: Storage = as_storage(cfg.get("storage"))
-        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
+        source = load_model(cfg["source"], parts=(), storage=self.storage)
+        self.tokenizer = source.tokenizer
         self.state: dict = self.setup(ray.train.get_checkpoint())
         self.window_rows, self.window_start = 0, time.perf_counter()
+        self.window_first_step = self.state["step"]
+        self.recorder = Recorder(self.label, time.strftime("%Y-%m-%d", time.gmtime()), source.fingerprint)
 
     # --- the hooks -------------------------------------------------------------------------------------
     def setup(self, checkpoint) -> dict:
@@ -375,6 +379,7 @@ class TrainerRun:
         self.state["metrics"] = metrics
         self._tick(f"loss {metrics['loss']:.3f}")
         if self.rank == 0:
+            self._record(metrics)
             line = json.dumps(metrics)
             print(f"{self.label}: {line}", flush=True)
             path = posixpath.join(self.cfg["run_path"], "metrics.jsonl")
@@ -388,6 +393,17 @@ class TrainerRun:
         else:
             ray.train.report(metrics, checkpoint=None)
         self.window_rows, self.window_start = 0, time.perf_counter()
+        self.window_first_step = self.state["step"]
+
+    def _record(self, metrics: dict) -> None:
+        """The logged step as Prometheus metrics (rank 0; tagged with the run's start date, UTC)."""
+        steps = max(metrics["step"] - self.window_first_step, 1)
+        self.recorder.set("painter_train_step", metrics["step"])
+        self.recorder.set("painter_train_loss", metrics["loss"])
+        self.recorder.set("painter_train_tokens_per_second",
+                          metrics.get("tokens_per_second", metrics.get("images_per_second")))
+        self.recorder.set("painter_train_mfu", metrics.get("mfu"))
+        self.recorder.observe("painter_train_step_seconds", (time.perf_counter() - self.window_start) / steps)
 
     def _maybe_fail(self, step: int) -> None:
         """The test-only fault switch: raise once, on the last rank, right after step N."""
