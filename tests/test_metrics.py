@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from painter.evaluation import synthetic
+from painter.stages.metrics import METRICS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +144,19 @@ def test_generate_and_tokenize_counts_reach_prometheus(head, tiny_model_dir, tmp
     assert wait_for(head[1], "ray_painter_train_step", 3, job="train") == 3  # rank 0's last logged step
     assert wait_for(head[1], "ray_painter_train_step_seconds_count", 3, job="train") == 3  # a step per log
     assert total(head[1], "ray_painter_train_loss", job="train") > 0
+
+    assert_dashboard_metrics_exist(head[1])  # the jobs' tasks and actors have run: all of Ray's panels have data
+
+
+def assert_dashboard_metrics_exist(url: str) -> None:
+    """cluster/grafana/painter-dashboard.json: each painter metric it reads is declared in METRICS, and each
+    of Ray's own is exported by the node (the GPU panel's only where there are GPUs)."""
+    text = (ROOT / "cluster" / "grafana" / "painter-dashboard.json").read_text(encoding="utf-8")
+    exprs = [t["expr"] for p in json.loads(text)["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r"\b(ray_\w+)\s*[{)]", e)}
+    ours = {n for n in names if n.startswith("ray_painter_")}
+    declared = {f"ray_{n}{suffix}" for n, (kind, _, _) in METRICS.items()
+                for suffix in {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"]}[kind]}
+    assert ours and ours <= declared, ours - declared
+    exported = {s.name for f in text_string_to_metric_families(_scrape(url)) for s in f.samples}
+    assert names - ours - {"ray_node_gpus_utilization"} <= exported, (names - ours) - exported

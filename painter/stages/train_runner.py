@@ -72,6 +72,8 @@ class RunOptions:
                                      "through Ray Data")
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
                                                "models, run directory, output), on the driver and every worker")
+    mlflow_uri: str | None = option(None, "record the run in MLflow: a tracking server URI or a local folder "
+                                          "(params, metrics per logged step, loss curve, config.json, status)")
 
 
 def plan_steps(rows: int, o) -> tuple[int, int]:
@@ -105,14 +107,19 @@ def scaling_config(o: RunOptions):
     return ScalingConfig(num_workers=o.workers, use_gpu=bool(gpus), resources_per_worker=per_worker)
 
 
+def run_path_of(o) -> str:
+    """Where run `o.name` lives: under `o.run_dir`, default `<o.output>/_runs` (a local path made absolute)."""
+    return posixpath.join(absolute(o.run_dir or posixpath.join(o.output, "_runs")), o.name)
+
+
 def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
 
     A local path is made absolute. An existing run is refused unless `o.resume`, and `o.resume` needs one
     (a reused name would otherwise silently resume, or do nothing).
     """
-    runs = absolute(o.run_dir or posixpath.join(o.output, "_runs"))
-    run_path = posixpath.join(runs, o.name)
+    run_path = run_path_of(o)
+    runs = posixpath.dirname(run_path)
     exists = as_storage(storage).exists(run_path)
     if exists and not o.resume:
         raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
