@@ -46,7 +46,13 @@ SKIPS = {
 ISSUE_CELLS = (("generate", "s3-refused"), ("generate", "output-parent-file"), ("train", "shard-truncated"))
 PREFLIGHT = ("input-missing", "input-directory", "input-binary", "shard-truncated", "shard-foreign",
              "model-missing-weight", "model-truncated-weight", "output-parent-file", "s3-refused", "s3-no-bucket")
-STORAGE_FAULTS = ("s3-refused", "s3-no-bucket")  # exit 4 ("storage"); the other preflight faults exit 2 ("usage")
+OUTPUT_IN_BUCKET = ("tokenize", "generate")  # preflight_case: their missing bucket is the output's, the others' the input's
+
+
+def preflight_code(job: str, fault: str) -> int:
+    """4 ("storage") for storage refusing connections, or an output bucket that does not exist; 2 ("usage") for
+    the rest: an input path that does not exist (its bucket missing too, as input-missing) or cannot be used."""
+    return 4 if fault == "s3-refused" or (fault == "s3-no-bucket" and job in OUTPUT_IN_BUCKET) else 2
 
 
 def _free_port() -> int:
@@ -78,7 +84,7 @@ def preflight_case(job: str, fault: str, w, refused: dict) -> tuple[list[str], d
     storage = refused["file"] if fault == "s3-refused" else w.storage_file
     env = {"AWS_ENDPOINT_URL": refused["endpoint"]} if fault == "s3-refused" else {}
     names = [f"s3://{bucket}/", refused["endpoint"].rsplit(":", 1)[1]] if fault == "s3-refused" else [bucket]
-    if job in ("tokenize", "generate"):
+    if job in OUTPUT_IN_BUCKET:
         args = base_args(job, w, output=f"s3://{bucket}/out-{job}", storage=storage)
     elif job == "train":
         args = base_args(job, w, data=f"s3://{bucket}/shards")
@@ -159,7 +165,7 @@ def reruns(world, env, preflight_results, generate_night, light_lane) -> dict:
     """Each job's run on good inputs, into the output its failed cells left untouched: the rerun once the
     fault is removed. tokenize and evaluate read a corpus cut mid-row: that row is rejected. (train's and
     train-vq's are not run: a Ray Train run costs ~40 s here; tests/test_stage_train*.py run them.)"""
-    evaluate, _, tokenize, _ = light_lane.result()
+    evaluate, _, tokenize, *_ = light_lane.result()
     return {"generate": generate_night["summary"], "tokenize": tokenize, "evaluate": evaluate}
 
 
@@ -194,8 +200,9 @@ def test_fault(job, fault, request):
 
 def _preflight_cell(job: str, fault: str, request) -> str:
     result, names, debug = request.getfixturevalue("preflight_results")[(job, fault)]
-    error = assert_failed_cleanly(result, *names, debug=debug, code=4 if fault in STORAGE_FAULTS else 2)
-    said = f"failed cleanly (exit {4 if fault in STORAGE_FAULTS else 2}){' (--debug: traceback)' if debug else ''}: {gist(error)}; rerun: "
+    code = preflight_code(job, fault)
+    error = assert_failed_cleanly(result, *names, debug=debug, code=code)
+    said = f"failed cleanly (exit {code}){' (--debug: traceback)' if debug else ''}: {gist(error)}; rerun: "
     if job in ("train", "train-vq"):
         return said + request.getfixturevalue("train_lane").result()[job]["rerun"]
     return said + assert_accounted(job, request.getfixturevalue("reruns")[job])
@@ -275,7 +282,7 @@ def _diskfull(args, env, output: str, folder: Path) -> str:
         full = run_painter(args, env)
     error = assert_failed_cleanly(full, output, code=4)
     assert len(_pairs(output)) >= before
-    return f"failed cleanly: {gist(error)}; rerun completed"
+    return f"failed cleanly (exit 4): {gist(error)}; rerun completed"
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +301,6 @@ def disk_cells(world, env, small_disk, generate_night) -> dict:
             full = run_painter(args, env)
         error = assert_failed_cleanly(full, output, "No space left on device", code=4)
         summary = good_run([*args, *again], env)
-        outcome[job] = (f"failed cleanly: {gist(error)}; rerun{' with --overwrite' if again else ''}: "
+        outcome[job] = (f"failed cleanly (exit 4): {gist(error)}; rerun{' with --overwrite' if again else ''}: "
                         f"{assert_accounted(job, summary)}")
     return outcome

@@ -67,6 +67,14 @@ class Recorder:
     def observe(self, name: str, value: float) -> None:
         _metric(name).observe(float(value), tags=self.tags)
 
+    def train_step(self, metrics: dict, step_seconds: float) -> None:
+        """A logged training step (train: tokens/s; train-vq: images/s; MFU where the GPU is known)."""
+        self.set("painter_train_step", metrics["step"])
+        self.set("painter_train_loss", metrics["loss"])
+        self.set("painter_train_tokens_per_second", metrics.get("tokens_per_second", metrics.get("images_per_second")))
+        self.set("painter_train_mfu", metrics.get("mfu"))
+        self.observe("painter_train_step_seconds", step_seconds)
+
     def rejected(self, counts: dict[str, int]) -> None:
         """Rejected rows by reason, each reason without its per-row detail (`short_reason`)."""
         short: dict[str, int] = {}

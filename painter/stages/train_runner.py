@@ -386,7 +386,8 @@ class TrainerRun:
         self.state["metrics"] = metrics
         self._tick(f"loss {metrics['loss']:.3f}")
         if self.rank == 0:
-            self._record(metrics)
+            steps = max(metrics["step"] - self.window_first_step, 1)  # the logged step as Prometheus metrics
+            self.recorder.train_step(metrics, (time.perf_counter() - self.window_start) / steps)
             line = json.dumps(metrics)
             print(f"{self.label}: {line}", flush=True)
             path = posixpath.join(self.cfg["run_path"], "metrics.jsonl")
@@ -401,16 +402,6 @@ class TrainerRun:
             ray.train.report(metrics, checkpoint=None)
         self.window_rows, self.window_start = 0, time.perf_counter()
         self.window_first_step = self.state["step"]
-
-    def _record(self, metrics: dict) -> None:
-        """The logged step as Prometheus metrics (rank 0; tagged with the run's start date, UTC)."""
-        steps = max(metrics["step"] - self.window_first_step, 1)
-        self.recorder.set("painter_train_step", metrics["step"])
-        self.recorder.set("painter_train_loss", metrics["loss"])
-        self.recorder.set("painter_train_tokens_per_second",
-                          metrics.get("tokens_per_second", metrics.get("images_per_second")))
-        self.recorder.set("painter_train_mfu", metrics.get("mfu"))
-        self.recorder.observe("painter_train_step_seconds", (time.perf_counter() - self.window_start) / steps)
 
     def _maybe_fail(self, step: int) -> None:
         """The test-only fault switch: raise once, on the last rank, right after step N."""
