@@ -5,8 +5,8 @@
   directories without weights or with weights cut short, a file where a folder must be.
 - `run_painter` / `start_painter`: the real console script in a subprocess, with the planted
   credentials in its environment and `RAY_ADDRESS` naming the test session's Ray.
-- `assert_failed_cleanly`: the contract of a failure: non-zero exit, last stdout line
-  `{"status": "failed", "error": ...}` in one line naming what it must, no traceback on stderr (unless
+- `assert_failed_cleanly`: the contract of a failure: the exit code of its failure class, last stdout line
+  `{"status": "failed", "failure": <that class>, "error": ...}` in one line naming what it must, no traceback on stderr (unless
   `--debug`, which must print one), no credential anywhere.
 - `record` / `table`: job x fault -> outcome, printed at the end of the run by `pytest_terminal_summary`
   (tests/conftest.py imports it) and written beside the run's temporary files.
@@ -38,7 +38,9 @@ PLANTED = {"key": f"PLANTEDKEY{uuid.uuid4().hex[:12].upper()}", "secret": f"plan
 JOBS = ("tokenize", "train", "train-vq", "generate", "evaluate")
 FAULTS = ("input-missing", "input-directory", "input-binary", "input-truncated-row", "shard-truncated",
           "shard-foreign", "model-missing-weight", "model-truncated-weight", "output-parent-file", "disk-full",
-          "s3-refused", "s3-flaky", "s3-no-bucket", "sigkill", "sigterm", "nan-loss")
+          "s3-refused", "s3-flaky", "s3-no-bucket", "sigkill", "sigterm", "nan-loss", "error-rate")
+# the exit codes every job ends with, by the failure class its last line names (README: "Exit codes")
+FAILURE_OF_CODE = {1: "internal", 2: "usage", 3: "data", 4: "storage", 130: "stopped", 143: "stopped"}
 MATRIX: dict[tuple[str, str], str] = {}
 TIMINGS: list[str] = []  # wall time of every painter process the matrix ran
 TABLE_FILE: list[Path] = []
@@ -268,12 +270,12 @@ def assert_no_credentials(result: Result) -> None:
         assert value not in result.stdout and value not in result.stderr, f"a credential was printed: {result.args}"
 
 
-def assert_failed_cleanly(result: Result, *names: str, debug: bool = False, code: int | None = None) -> str:
-    """The failure contract (see the module docstring); the error line."""
+def assert_failed_cleanly(result: Result, *names: str, code: int, debug: bool = False) -> str:
+    """The failure contract (see the module docstring): exit `code`, its class in the last line; the error line."""
     assert_no_credentials(result)
-    assert result.code != 0 if code is None else result.code == code, (result.code, result.stderr[-3000:])
+    assert result.code == code, (result.code, result.stdout[-1000:], result.stderr[-3000:])
     last = result.last
-    assert last["status"] == "failed", last
+    assert last["status"] == "failed" and last["failure"] == FAILURE_OF_CODE[code], last
     error = last["error"]
     assert isinstance(error, str) and error and "\n" not in error, last
     for name in names:

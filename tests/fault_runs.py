@@ -1,7 +1,7 @@
 """The fault matrix's runs of `painter` on the session's Ray (tests/test_faults.py holds the fixtures and the
 table): the arguments of a small good run of each job (`base_args`), what its summary must account for
 (`assert_accounted`), and the runs beyond generate's night: the NaN loss and the training nights
-(`nan_run`, `training_night`), tokenize stopped part-way (`stopped_runs`) and every job through a flaky S3
+(`nan_run`, `training_night`), tokenize stopped part-way (`stopped_runs`), too many rejected rows (`error_rate_runs`) and every job through a flaky S3
 proxy (`flaky_runs`). Each run goes through `fault_matrix.run_painter` / `signal_when`, one at a time.
 """
 from __future__ import annotations
@@ -98,13 +98,13 @@ def nan_run(job: str, world, env) -> str:
     before, which is finite."""
     args = base_args(job, world, output=str(world.tmp / f"out-{job}-nan"))
     diverged = run_painter([*args, "--min-lr-ratio", "1e25", "--max-steps", "3", "--checkpoint-every", "1"], env)
-    error = assert_failed_cleanly(diverged, "the training loss is nan after step", "Last good checkpoint")
+    error = assert_failed_cleanly(diverged, "the training loss is nan after step", "Last good checkpoint", code=1)
     step = int(re.search(r"after step (\d+)", error).group(1))
     kept = re.search(r"Last good checkpoint: (\S+?);", error).group(1)
     assert step in (2, 3) and torch.load(os.path.join(kept, "train_state.pt"), weights_only=True)["step"] == step - 1
     model = load_model(kept, parts=("gpt" if job == "train" else "vqgan",))
     assert all(torch.isfinite(p).all() for p in (model.gpt or model.vqgan).parameters())
-    return f"failed cleanly: {gist(error)}; the step-{step - 1} checkpoint is kept and finite"
+    return f"failed cleanly (exit 1): {gist(error)}; the step-{step - 1} checkpoint is kept and finite"
 
 
 def stopped_runs(world, env, logs: Path) -> dict:
@@ -126,6 +126,24 @@ def stopped_runs(world, env, logs: Path) -> dict:
         how = "rerun with --overwrite" if again else "rerun"
         outcome[job] = {"sigterm": f"failed cleanly (exit 143); {how}: {accounted}",
                         "sigkill": f"killed part-way; {how}: {accounted}"}
+    return outcome
+
+
+def error_rate_runs(world, env) -> dict:
+    """Each job that rejects rows, run with --max-error-rate 0 on its input with one cut row: exit 3, "failure":
+    "data", and its summary still printed, accounting for every row (train-vq checks before it trains)."""
+    outcome = {}
+    for job in ("generate", "tokenize", "evaluate", "train-vq"):
+        args = [*base_args(job, world, output=str(world.tmp / f"out-{job}-error-rate")), "--max-error-rate", "0"]
+        result = run_painter(args, env)
+        error = assert_failed_cleanly(result, "rows rejected", "above --max-error-rate 0", code=3)
+        s = result.last
+        if job == "train-vq":
+            assert (s["rows_in"], s["rows_rejected"]) == (CORPUS_ROWS, 1), s
+            said = "rows in and rejected counted"
+        else:
+            said = assert_accounted(job, s)
+        outcome[job] = f"failed cleanly (exit 3, data): {gist(error)}; the summary printed: {said}"
     return outcome
 
 
@@ -159,8 +177,8 @@ def training_night(job: str, world, env, logs: Path, disk: tuple) -> dict:
     if not no_disk:
         with disk_filled(folder, 24 * 1024):  # room for the metrics, not for a checkpoint
             full = run_painter([*args, "--max-failures", "0"], env)  # no restarts into the same full disk
-        error = assert_failed_cleanly(full, output, "No space left on device")
-        outcome["disk-full"] = f"failed cleanly: {gist(error)}; rerun with --resume completed (its night)"
+        error = assert_failed_cleanly(full, output, "No space left on device", code=4)
+        outcome["disk-full"] = f"failed cleanly (exit 4): {gist(error)}; rerun with --resume completed (its night)"
     first = [*args, *resume] if Path(output, "_runs", job).exists() else args  # an existing run needs --resume
     stopped = _stopped_after(first, env, output, SIGNALS["sigterm"], logs)
     assert_failed_cleanly(stopped, "SIGTERM", "rerun the same command with --resume", code=143)

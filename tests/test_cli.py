@@ -102,15 +102,19 @@ def test_bad_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["new-model"])  # --output is required
     assert exit_info.value.code == 2
-    assert "--output" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "--output" in said.err
+    line = last_json(said.out)  # the failure line, as every job's
+    assert line == {"job": "new-model", "status": "failed", "failure": "usage", "error": line["error"]}
+    assert "--output" in line["error"]
 
 
 def test_main_in_process_returns_the_exit_code(tmp_path, capsys):
     assert cli.main(["new-model", "--preset", "tiny", "--output", str(tmp_path / "m")]) == 0
     assert last_json(capsys.readouterr().out)["status"] == "succeeded"
-    assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 1
+    assert cli.main(["import-vqgan", str(tmp_path / "missing.ckpt"), str(tmp_path / "d")]) == 2
     summary = last_json(capsys.readouterr().out)
-    assert summary["status"] == "failed" and "missing.ckpt" in summary["error"]
+    assert summary["status"] == "failed" and "missing.ckpt" in summary["error"] and summary["failure"] == "usage"
 
 
 def test_python_s_ignored_exception_reports_stay_off_the_terminal():
@@ -124,3 +128,24 @@ def test_python_s_ignored_exception_reports_stay_off_the_terminal():
     plain = subprocess.run([sys.executable, "-c", code.replace("sys.unraisablehook = cli._unraisable_to_log\n", "")],
                            capture_output=True, text=True, check=True, timeout=120)
     assert "raised in __del__" in plain.stderr  # what Python prints without the hook
+
+
+def test_each_failure_class_has_its_exit_code(tiny_model_dir, tmp_path, capsys):
+    """Real faults found before Ray starts, through `main`: a missing input is usage (2), a storage endpoint
+    that refuses connections is storage (4, after the retries); each last line names its class. (The
+    fault matrix, tests/test_faults.py, asserts the code of every job x fault cell: data 3 from too many
+    rejected rows, stopped 143 from SIGTERM, internal 1 from a NaN loss.)"""
+    import socket
+
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("a\t红色连衣裙\n", encoding="utf-8")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        refused = f'{{"endpoint_url": "http://127.0.0.1:{probe.getsockname()[1]}", "anon": true}}'
+    cases = [(["--input", str(tmp_path / "missing.tsv"), "--output", str(tmp_path / "out")], 2, "usage"),
+             (["--input", str(prompts), "--output", "s3://painter-refused/out", "--storage-options", refused],
+              4, "storage")]
+    for args, code, failure in cases:
+        assert cli.main(["generate", "--model", tiny_model_dir, *args]) == code
+        line = last_json(capsys.readouterr().out)
+        assert (line["status"], line["failure"]) == ("failed", failure), line

@@ -112,6 +112,36 @@ def test_nightly_cronjob_creates_the_generate_rayjob():
     assert "rayjobs" in docs["Role"]["rules"][0]["resources"]
 
 
+@pytest.mark.parametrize("failure", ["", "usage", "data", "storage", "internal", "stopped", "no line"])
+def test_nightly_cronjob_exits_with_painters_exit_code(failure, tmp_path):
+    """The CronJob's submit script, run with a stand-in `kubectl` (no Kubernetes here) whose RayJob ends with
+    painter's last line of each failure class: it exits with the code painter gives that class, and its
+    podFailurePolicy retries only storage and stopped; its timeZone is the RayJob's --timezone."""
+    from painter.errors import EXIT_CODES
+
+    docs = {d["kind"]: d for d in _yaml_docs(CLUSTER / "kuberay" / "cronjob-generate.yaml")}
+    spec = docs["CronJob"]["spec"]
+    script = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    line = {"": '{"job": "generate", "status": "succeeded", "images_out": 4}', "no line": "ray: driver died"}.get(
+        failure, f'{{"job": "generate", "status": "failed", "failure": "{failure}", "error": "x"}}')
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "rayjob-generate.yaml").write_text("metadata:\n  name: painter-generate\n")
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(f"#!/bin/sh\ncase \"$1\" in create) cat > /dev/null;; get) echo Complete;; "
+                       f"logs) printf '%s\\n' 'other output' '{line}';; esac\n")
+    kubectl.chmod(0o755)
+    done = subprocess.run(["/bin/sh", "-c", script.replace("/manifests/", f"{tmp_path}/manifests/")],
+                          env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"), capture_output=True,
+                          text=True, timeout=60)
+    expected = {"": 0, "no line": 1, "stopped": 143, **EXIT_CODES}[failure]
+    assert done.returncode == expected, (done.stdout, done.stderr)
+    rule = spec["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]
+    assert (rule["action"], rule["onExitCodes"]["operator"], rule["onExitCodes"]["values"]) == (
+        "FailJob", "NotIn", [EXIT_CODES["storage"], 143])
+    entry = shlex.split(_yaml_docs(CLUSTER / "kuberay" / "rayjob-generate.yaml")[0]["spec"]["entrypoint"])
+    assert entry[entry.index("--timezone") + 1] == spec["timeZone"] and "{run_date" in " ".join(entry)
+
+
 # ---- a real head on 127.0.0.1 ---------------------------------------------------------------------
 
 def _free_port() -> int:

@@ -32,8 +32,8 @@ from deltalake import DeltaTable
 from fault_matrix import (FAULTS, JOBS, PLANTED, PROMPTS, SIGNALS, assert_failed_cleanly,
                           assert_no_credentials, build_world, painter_env, record, run_batch, run_painter, signal_when,
                           write_table)
-from fault_runs import (DATE, assert_accounted, base_args, disk_filled, flaky_runs, gist, good_run, nan_run,
-                        stopped_runs, training_night)
+from fault_runs import (DATE, assert_accounted, base_args, disk_filled, error_rate_runs, flaky_runs, gist, good_run,
+                        nan_run, stopped_runs, training_night)
 
 pytestmark = pytest.mark.slow
 SHARDS = "only train reads token shards"
@@ -41,10 +41,18 @@ SKIPS = {
     **{(job, f): SHARDS for job in JOBS if job != "train" for f in ("shard-truncated", "shard-foreign")},
     ("train", "input-truncated-row"): "token shards are Parquet: a shard cut short is `shard-truncated`",
     **{(job, "nan-loss"): "no training loss" for job in ("tokenize", "generate", "evaluate")},
+    ("train", "error-rate"): "token shards have no rows to reject",
 }
 ISSUE_CELLS = (("generate", "s3-refused"), ("generate", "output-parent-file"), ("train", "shard-truncated"))
 PREFLIGHT = ("input-missing", "input-directory", "input-binary", "shard-truncated", "shard-foreign",
              "model-missing-weight", "model-truncated-weight", "output-parent-file", "s3-refused", "s3-no-bucket")
+OUTPUT_IN_BUCKET = ("tokenize", "generate")  # preflight_case: their missing bucket is the output's, the others' the input's
+
+
+def preflight_code(job: str, fault: str) -> int:
+    """4 ("storage") for storage refusing connections, or an output bucket that does not exist; 2 ("usage") for
+    the rest: an input path that does not exist (its bucket missing too, as input-missing) or cannot be used."""
+    return 4 if fault == "s3-refused" or (fault == "s3-no-bucket" and job in OUTPUT_IN_BUCKET) else 2
 
 
 def _free_port() -> int:
@@ -76,7 +84,7 @@ def preflight_case(job: str, fault: str, w, refused: dict) -> tuple[list[str], d
     storage = refused["file"] if fault == "s3-refused" else w.storage_file
     env = {"AWS_ENDPOINT_URL": refused["endpoint"]} if fault == "s3-refused" else {}
     names = [f"s3://{bucket}/", refused["endpoint"].rsplit(":", 1)[1]] if fault == "s3-refused" else [bucket]
-    if job in ("tokenize", "generate"):
+    if job in OUTPUT_IN_BUCKET:
         args = base_args(job, w, output=f"s3://{bucket}/out-{job}", storage=storage)
     elif job == "train":
         args = base_args(job, w, data=f"s3://{bucket}/shards")
@@ -145,7 +153,8 @@ def light_lane(world, env, s3_server, preflight_results, tmp_path_factory):
 
     def work() -> tuple:
         return (good_run(base_args("evaluate", world), env), flaky_runs(world, env, s3_server),
-                good_run(base_args("tokenize", world), env), stopped_runs(world, env, logs))
+                good_run(base_args("tokenize", world), env), stopped_runs(world, env, logs),
+                error_rate_runs(world, env))
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         yield pool.submit(work)
@@ -156,7 +165,7 @@ def reruns(world, env, preflight_results, generate_night, light_lane) -> dict:
     """Each job's run on good inputs, into the output its failed cells left untouched: the rerun once the
     fault is removed. tokenize and evaluate read a corpus cut mid-row: that row is rejected. (train's and
     train-vq's are not run: a Ray Train run costs ~40 s here; tests/test_stage_train*.py run them.)"""
-    evaluate, _, tokenize, _ = light_lane.result()
+    evaluate, _, tokenize, *_ = light_lane.result()
     return {"generate": generate_night["summary"], "tokenize": tokenize, "evaluate": evaluate}
 
 
@@ -180,6 +189,8 @@ def test_fault(job, fault, request):
         outcome = request.getfixturevalue("light_lane").result()[1][job]
     elif job in ("tokenize", "evaluate") and fault in ("sigterm", "sigkill"):
         outcome = request.getfixturevalue("light_lane").result()[3][job][fault]
+    elif fault == "error-rate":
+        outcome = request.getfixturevalue("light_lane").result()[4][job]
     else:  # train, train-vq: nan-loss, sigterm, sigkill
         outcome = request.getfixturevalue("train_lane").result()[job][fault]
     record(job, fault, outcome)
@@ -189,8 +200,9 @@ def test_fault(job, fault, request):
 
 def _preflight_cell(job: str, fault: str, request) -> str:
     result, names, debug = request.getfixturevalue("preflight_results")[(job, fault)]
-    error = assert_failed_cleanly(result, *names, debug=debug)
-    said = f"failed cleanly{' (--debug: traceback)' if debug else ''}: {gist(error)}; rerun: "
+    code = preflight_code(job, fault)
+    error = assert_failed_cleanly(result, *names, debug=debug, code=code)
+    said = f"failed cleanly (exit {code}){' (--debug: traceback)' if debug else ''}: {gist(error)}; rerun: "
     if job in ("train", "train-vq"):
         return said + request.getfixturevalue("train_lane").result()[job]["rerun"]
     return said + assert_accounted(job, request.getfixturevalue("reruns")[job])
@@ -268,9 +280,9 @@ def _diskfull(args, env, output: str, folder: Path) -> str:
     before = len(_pairs(output))
     with disk_filled(folder, 24 * 1024):  # room for a few commits' log entries, not for a batch of images
         full = run_painter(args, env)
-    error = assert_failed_cleanly(full, output)
+    error = assert_failed_cleanly(full, output, code=4)
     assert len(_pairs(output)) >= before
-    return f"failed cleanly: {gist(error)}; rerun completed"
+    return f"failed cleanly (exit 4): {gist(error)}; rerun completed"
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +299,8 @@ def disk_cells(world, env, small_disk, generate_night) -> dict:
         args = base_args(job, world, output=output)
         with disk_filled(folder, 0):
             full = run_painter(args, env)
-        error = assert_failed_cleanly(full, output, "No space left on device")
+        error = assert_failed_cleanly(full, output, "No space left on device", code=4)
         summary = good_run([*args, *again], env)
-        outcome[job] = (f"failed cleanly: {gist(error)}; rerun{' with --overwrite' if again else ''}: "
+        outcome[job] = (f"failed cleanly (exit 4): {gist(error)}; rerun{' with --overwrite' if again else ''}: "
                         f"{assert_accounted(job, summary)}")
     return outcome

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 skimage_data = pytest.importorskip("skimage.data")
 

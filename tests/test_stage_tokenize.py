@@ -181,7 +181,8 @@ def local_run(ray_session, corpus, tiny_model_dir, tmp_path_factory):
 def test_local_run_counts_reasons_and_tokens(local_run, corpus, tiny_model_dir):
     code, summary, output = local_run
     expected_rejected = len(corpus.reasons)
-    assert code == 1 and summary["status"] == "failed"  # the broken rows (6%) exceed --max-error-rate 0.05
+    assert code == 3 and summary["status"] == "failed"  # the broken rows (6%) exceed --max-error-rate 0.05
+    assert summary["failure"] == "data"
     assert "--max-error-rate 0.05" in summary["error"]
     assert summary["rows_out"] == len(corpus.good) and summary["rows_rejected"] == expected_rejected
     assert summary["rows_in"] == summary["rows_out"] + summary["rows_rejected"]
@@ -246,7 +247,7 @@ def test_unreadable_corpus_fails_with_one_clear_line(ray_session, tiny_model_dir
     (tmp_path / name).write_bytes(content)
     code, summary = run_cli("--input", str(tmp_path / name), "--model", tiny_model_dir,
                             "--output", str(tmp_path / "out"))
-    assert code == 1 and summary["status"] == "failed"
+    assert code == 2 and summary["status"] == "failed" and summary["failure"] == "usage"
     assert summary["error"].startswith(str(tmp_path / name)) and message in summary["error"], summary["error"]
     assert "\n" not in summary["error"] and "Traceback" not in summary["error"]
 

@@ -180,7 +180,7 @@ def test_make_corpus_command(tmp_path, capsys):
     assert held == hold_out(2, seed=5) and len(summary["held_out_pairs"]) == 2
     texts = [line.split("\t")[1] for p in summary["files"] for line in open(p, encoding="utf-8")]
     assert len(texts) == 12 and not set(texts) & set(held)
-    assert cli.main(["make-corpus", "--output", str(tmp_path / "bad"), "--rows", "0"]) == 1
+    assert cli.main(["make-corpus", "--output", str(tmp_path / "bad"), "--rows", "0"]) == 2  # usage
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "failed"
 
 

@@ -31,11 +31,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from painter import logs
 from painter.cli import console
+from painter.cli import outcomes
 from painter.cli import registry
 from painter.io.storage import Storage, is_remote
 from painter.io.storage_options import STORAGE_FIELD, redact, secrets_of
 from painter.stages.ray_errors import one_line_reason
-from painter.errors import ErrorRateExceeded, PainterError, Stopped
+from painter.errors import ErrorRateExceeded, NightsFailed, PainterError, Stopped
 from painter.cli.parser import build_parser, config_text, parse  # noqa: F401 (build_parser: the CLI's parser, for tests)
 from painter.options import from_args
 from painter.cli.registry import COMMANDS
@@ -173,7 +174,7 @@ def _reason(name: str, error: BaseException) -> str:
 def _exit_code(error: BaseException) -> int:
     if isinstance(error, KeyboardInterrupt):
         return STOP_SIGNALS[signal.Signals[_received[-1]]] if _received else 130
-    return 1
+    return outcomes.exit_code(error)  # by failure class: painter.cli.outcomes
 
 
 def _keep_log(path: str | None, options) -> str | None:
@@ -201,8 +202,8 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
     failed = None
     try:
         summary = run_command(name, options)
-    except ErrorRateExceeded as e:  # everything was written: the summary still prints, as a failure
-        summary, failed = e.summary, str(e)
+    except (ErrorRateExceeded, NightsFailed) as e:  # everything else was written: the summary prints, as a failure
+        summary, failed = e.summary, e
     except (Exception, KeyboardInterrupt) as e:  # KeyboardInterrupt: Stopped by a signal, or Ctrl-C
         secrets = secrets_of(options)
         reason = redact(" ".join(_reason(name, e).split()), secrets)  # one line, whatever the message held
@@ -215,18 +216,19 @@ def _run_and_report(name: str, options, path: str | None, start: float, debug: b
         details = f" (details in {where or path})" if path and not expected else ""
         logs.get(name).error(reason + details)
         path = _keep_log(path, options)
-        failure = {"job": name, "status": "failed", "error": reason} | ({"log": path} if path else {})
+        failure = {"job": name, "status": "failed", "failure": outcomes.failure(e), "error": reason}
+        failure |= {"log": path} if path else {}
         print(json.dumps(failure, ensure_ascii=False))
         return _exit_code(e)
     summary.setdefault("seconds", round(time.time() - start, 3))
     summary.setdefault("status", "failed" if failed else "succeeded")
     if failed:
-        summary["error"] = failed
-        logs.get(name).error(failed)
+        summary |= {"failure": outcomes.failure(failed), "error": str(failed)}
+        logs.get(name).error(str(failed))
     if path:
         summary.setdefault("log", _keep_log(path, options))
     print(json.dumps({"job": name, **summary}, ensure_ascii=False, default=str))
-    return 1 if failed else 0
+    return outcomes.exit_code(failed) if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 
 from painter import __version__
 from painter.cli import registry
+from painter.cli.outcomes import UsageParser
 from painter.cli.registry import COMMANDS, available_commands
 from painter.errors import InputError
 from painter.options import add_arguments, to_dict
@@ -21,7 +22,7 @@ DESCRIPTION = "Chinese text-to-image generation as batch jobs on Ray."
 
 
 def _top(loaded: dict[str, type]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    parser = argparse.ArgumentParser(prog="painter", description=DESCRIPTION)
+    parser = UsageParser(prog="painter", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"painter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in available_commands():

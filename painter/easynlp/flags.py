@@ -91,6 +91,8 @@ class EasyNLPFlags:
                           "use_amp")
     user_defined_parameters: str | None = _flag(None, "key=value pairs separated by spaces: " + ", ".join(KEYS),
                                                 "user_defined_parameters")
+    mlflow_uri: str | None = option(None, "painter's own (train): record the training run in MLflow, a tracking "
+                                          "server URI or a local folder")
 
 
 Options = dataclasses.make_dataclass(

@@ -80,7 +80,7 @@ def train(o, params: dict) -> dict:
         epochs=o.epoch_num, batch_size=o.micro_batch_size, grad_accum=o.gradient_accumulation_steps,
         lr=o.learning_rate, weight_decay=o.weight_decay, warmup_steps=math.ceil(o.warmup_proportion * total),
         grad_clip=o.max_grad_norm, seed=o.random_seed, workers=workers, log_every=o.logging_steps,
-        checkpoint_every=o.save_checkpoint_steps or max(1, total))
+        checkpoint_every=o.save_checkpoint_steps or max(1, total), mlflow_uri=o.mlflow_uri)
     log.info(f"train {start} -> {o.checkpoint_dir} ({total} steps)")
     summary = train_job.run(options)
     return {"mode": "train", "checkpoint_dir": o.checkpoint_dir, "model": start, "tokenize": tokenized[0],

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,7 @@ from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
 from painter.io.rows import PROMPT_COLUMN
+from painter.io.run_dates import is_range, nights
 from painter.io.storage import Storage, as_storage
 from painter.options import max_error_rate_option, option, to_dict
 from painter.stages import faults
@@ -55,6 +56,8 @@ from painter.stages import generate_prompts as prompts
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import bound_store, iter_blocks
 from painter.stages.generate_prompts import Scan
+from painter.stages.metrics import Recorder, rejected_reasons
+from painter.stages.nights import for_night, run_nights
 
 STAGE = "generate"
 log = logs.get(STAGE)
@@ -101,7 +104,11 @@ class Options:
                                      "that makes images independent of batching (default: 8 on CPU, 64 on GPU)")
     actors: int | None = option(None, "actor pool size (default: one per GPU, else half the CPUs)")
     partition_by: list[str] = option([], "input columns to partition the output by, after run_date")
-    run_date: str | None = option(None, "the run_date partition, YYYY-MM-DD (default: today, local time)")
+    run_date: str | None = option(None, "the night: today, yesterday, YYYY-MM-DD, or a range A..B run night by night "
+                                  "(a backfill); fills {run_date} and {run_date:FORMAT} (strftime) in --input, "
+                                  "--output, --errors and --tsv-output (default: today)")
+    timezone: str = option("UTC", "the time zone (IANA name) whose date is 'today'")
+    keep_going: bool = option(False, "in a backfill, run the remaining nights after one fails")
     image_format: str = option("png", "image encoding of the `image` column (named in `image_format`)",
                                choices=IMAGE_FORMATS)
     commit_images: int = option(1024, "images per Delta commit: the night becomes visible in commits of whole "
@@ -164,15 +171,18 @@ class GenerateActor:
 
     def __init__(self, *, model: str, config: GenerationConfig, micro_batch: int, table: OutputTable,
                  schema: pa.Schema, partition_by: list[str], run_date: str, run_id: str, fail_after: int | None,
-                 storage: Storage):
+                 storage: Storage, metrics: Recorder):
         self.generator = Generator(model, config, micro_batch=micro_batch, storage=storage)
         self.table, self.schema, self.partition_by = table, schema, ["run_date", *partition_by]
         self.run_date, self.run_id, self.fail_after, self.batches = run_date, run_id, fail_after, 0
+        self.metrics = metrics
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         faults.after_batch(self.fail_after, self.batches)
         names = ("idx", "text", "sample", *([PROMPT_COLUMN] if PROMPT_COLUMN in batch.column_names else []))
+        start = time.perf_counter()
         generated = self.generator({name: batch.column(name).to_pylist() for name in names})
+        self.metrics.observe("painter_image_seconds", (time.perf_counter() - start) / max(batch.num_rows, 1))
         rows = output_rows(batch, generated, self.generator.config.image_format, self.run_date, self.schema)
         files = self.table.write_files(rows, self.partition_by, new_batch_id(self.run_id))
         self.batches += 1
@@ -193,10 +203,24 @@ def generate_into(pairs: ray.data.Dataset, settings: "Settings", actors: int | N
     start = time.time()
     try:
         for records in iter_blocks(files):
-            committer.add(records)
+            _counted(committer, actor_kwargs["metrics"], records)
     finally:  # a failed run still commits the whole batches it received: the rerun skips them
-        committer.flush()
+        _counted(committer, actor_kwargs["metrics"])
         committer.seconds += time.time() - start
+
+
+def _counted(committer: Committer, metrics: Recorder, records: pa.Table | None = None) -> None:
+    """`committer.add(records)` (`flush()` without records), its commits (images, commits, their seconds, the
+    table's version) recorded as metrics."""
+    images, commits, start = committer.images, committer.commits, time.perf_counter()
+    committer.add(records) if records is not None else committer.flush()
+    if committer.commits > commits:
+        seconds = (time.perf_counter() - start) / (committer.commits - commits)
+        for _ in range(committer.commits - commits):
+            metrics.observe("painter_commit_seconds", seconds)
+        metrics.add("painter_commits", committer.commits - commits)
+        metrics.add("painter_images_written", committer.images - images)
+        metrics.set("painter_table_version", committer.version)
 
 
 @dataclass(frozen=True)
@@ -218,18 +242,25 @@ def resolve(options: Options) -> Settings:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     micro_batch = options.micro_batch or default_micro_batch("cuda" if cluster_has_gpus() else "cpu")
     return Settings(Storage.from_option(options.storage_options), generation_config(options),
-                    out.check_run_date(options.run_date or date.today().isoformat()),
+                    out.check_run_date(options.run_date),
                     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED)),
                     micro_batch, options.batch_size or 4 * micro_batch, options.commit_images)
 
 
 def preflight(options: Options) -> None:
-    """What can be checked before Ray starts: options, model files, input files, output paths."""
+    """What can be checked before Ray starts: options, model files, and a single night's input files and
+    output paths (a backfill's are checked as each night starts: one night's missing input is that night's)."""
     storage = Storage.from_option(options.storage_options)
     generation_config(options)
-    out.check_run_date(options.run_date or date.today().isoformat())
+    dates = nights(options.run_date, options.timezone)
     out.check_partition_columns(options.partition_by, ("idx", "text", *GENERATED))
     check_model_files(options.model, storage=storage)
+    if not is_range(options.run_date):
+        check_paths(for_night(options, dates[0]), storage)
+
+
+def check_paths(options: Options, storage: Storage) -> None:
+    """One night's input files readable (and holding the columns it names), its output paths writable."""
     check_inputs("--input", options.input, storage, columns=column_map.parse(options.columns),
                  schema=tables.parse_schema(options.input_schema))
     check_output("--output", options.output, storage)
@@ -254,12 +285,29 @@ def scan(options: Options, settings: Settings, root: out.OutputRoot, run_id: str
 
 
 def run(options: Options) -> dict:
+    """One night (`run_night`), or a backfill of each night of a --run-date range in turn."""
+    dates = nights(options.run_date, options.timezone)
+    if not is_range(options.run_date):
+        return run_night(for_night(options, dates[0]))
+
+    def checked_night(night: Options) -> dict:
+        check_paths(night, Storage.from_option(night.storage_options))
+        return run_night(night)
+
+    return run_nights(options, dates, checked_night, options.keep_going, STAGE)
+
+
+def run_night(options: Options) -> dict:
+    """The night of `options.run_date` (a date), its paths filled."""
     settings = resolve(options)
     root = out.OutputRoot(options.output, settings.run_date, settings.storage, options.errors)
     model = load_model(options.model, parts=(), storage=settings.storage)  # config and fingerprints: no weights
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     committed = root.table.committed_pairs(root.run_date) if root.table.exists() else np.empty(0, np.uint64)
     found, dropped = scan(options, settings, root, run_id, committed)
+    metrics = Recorder(STAGE, settings.run_date, model.fingerprint)
+    metrics.add("painter_rows_in", found.rows_in)
+    metrics.rejected(rejected_reasons(root.rejected_folder(), settings.storage) if found.rejected else {})
     kept = pa.schema([f for f in found.schema if f.name not in dropped])
     schema = output_schema(kept, settings.partition_by)
     skipped = found.accepted * options.samples - found.todo
@@ -268,7 +316,8 @@ def run(options: Options) -> dict:
     root.table.ensure(schema, ["run_date", *settings.partition_by])
     actor_kwargs = dict(model=options.model, config=settings.config, micro_batch=settings.micro_batch,
                         table=root.table, schema=schema, partition_by=settings.partition_by,
-                        run_date=settings.run_date, run_id=run_id, fail_after=faults.fail_after_batches(), storage=settings.storage)
+                        run_date=settings.run_date, run_id=run_id, fail_after=faults.fail_after_batches(),
+                        storage=settings.storage, metrics=metrics)
     written = Committer(root.table, root.run_date, schema, ["run_date", *settings.partition_by], run_id,
                         settings.commit_images)
     todo = found.todo

@@ -43,6 +43,7 @@ from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import arrow_filesystem, bound_store, duplicate_keys, join, read_input
 from painter.stages.ray_errors import painter_errors
 from painter.stages.tokenize_sink import TokenSink
+from painter.stages.metrics import Recorder
 
 STAGE = "tokenize"
 log = logs.get(STAGE)
@@ -272,5 +273,15 @@ def run(options: Options) -> dict:
         "rejected_by_reason": dict(sorted(report.by_reason.items(), key=lambda kv: -kv[1])),
         "vqgan": info.vqgan_fingerprint,
     }
+    _record(summary, report.by_reason, info.vqgan_fingerprint)
     check_error_rate(rows_rejected, rows_in, options.max_error_rate, f"see {errors}", summary)
     return summary
+
+
+def _record(summary: dict, by_reason: dict, model: str) -> None:
+    """The run's counts as Prometheus metrics (tagged with the day it ran, UTC)."""
+    metrics = Recorder(STAGE, time.strftime("%Y-%m-%d", time.gmtime()), model)
+    for name in ("rows_in", "rows_out"):
+        metrics.add(f"painter_{name}", summary[name])
+    metrics.set("painter_images_per_second", summary["images_per_second"])
+    metrics.rejected(by_reason)

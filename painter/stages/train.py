@@ -42,7 +42,8 @@ from painter.models.gpt import GPTConfig
 from painter.options import option, to_dict
 from painter.stages.progress import remote_progress
 from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps,
-                                         run_location, scaling_config)
+                                         run_location, run_path_of, scaling_config)
+from painter.stages.tracking import mlflow_run
 from painter.stages.train_worker import train_loop
 from painter.training.gpt import TrainConfig
 
@@ -180,6 +181,12 @@ def preflight(o: Options) -> None:
 
 
 def run(o: Options) -> dict:
+    """The training run, recorded in MLflow with --mlflow-uri (`painter.stages.tracking`)."""
+    with mlflow_run(o, "train", run_path_of(o), Storage.from_option(o.storage_options)):
+        return _train(o)
+
+
+def _train(o: Options) -> dict:
     storage = Storage.from_option(o.storage_options)
     start = resolve_start(o, storage)
     scaling = scaling_config(o)

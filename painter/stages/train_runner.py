@@ -32,6 +32,7 @@ from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
 from painter.options import option
 from painter.stages import faults
 from painter.stages.ray_compat import enable_train_v2
+from painter.stages.metrics import Recorder
 from painter.stages.resources import cluster_has_gpus
 
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
@@ -72,6 +73,8 @@ class RunOptions:
                                      "through Ray Data")
     storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
                                                "models, run directory, output), on the driver and every worker")
+    mlflow_uri: str | None = option(None, "record the run in MLflow: a tracking server URI or a local folder "
+                                          "(params, metrics per logged step, loss curve, config.json, status)")
 
 
 def plan_steps(rows: int, o) -> tuple[int, int]:
@@ -105,14 +108,19 @@ def scaling_config(o: RunOptions):
     return ScalingConfig(num_workers=o.workers, use_gpu=bool(gpus), resources_per_worker=per_worker)
 
 
+def run_path_of(o) -> str:
+    """Where run `o.name` lives: under `o.run_dir`, default `<o.output>/_runs` (a local path made absolute)."""
+    return posixpath.join(absolute(o.run_dir or posixpath.join(o.output, "_runs")), o.name)
+
+
 def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     """(runs path, run path) of run `o.name` under `o.run_dir` (default `<o.output>/_runs`).
 
     A local path is made absolute. An existing run is refused unless `o.resume`, and `o.resume` needs one
     (a reused name would otherwise silently resume, or do nothing).
     """
-    runs = absolute(o.run_dir or posixpath.join(o.output, "_runs"))
-    run_path = posixpath.join(runs, o.name)
+    run_path = run_path_of(o)
+    runs = posixpath.dirname(run_path)
     exists = as_storage(storage).exists(run_path)
     if exists and not o.resume:
         raise InputError(f"{run_path}: run {o.name!r} already exists; pass --resume to continue it "
@@ -244,9 +252,12 @@ class TrainerRun:
         self.config = ModelConfig.from_dict(cfg["model"])
         self.tc = cfg["train"]
         self.storage: Storage = as_storage(cfg.get("storage"))
-        self.tokenizer = load_model(cfg["source"], parts=(), storage=self.storage).tokenizer
+        source = load_model(cfg["source"], parts=(), storage=self.storage)
+        self.tokenizer = source.tokenizer
         self.state: dict = self.setup(ray.train.get_checkpoint())
         self.window_rows, self.window_start = 0, time.perf_counter()
+        self.window_first_step = self.state["step"]
+        self.recorder = Recorder(self.label, time.strftime("%Y-%m-%d", time.gmtime()), source.fingerprint)
 
     # --- the hooks -------------------------------------------------------------------------------------
     def setup(self, checkpoint) -> dict:
@@ -375,6 +386,8 @@ class TrainerRun:
         self.state["metrics"] = metrics
         self._tick(f"loss {metrics['loss']:.3f}")
         if self.rank == 0:
+            steps = max(metrics["step"] - self.window_first_step, 1)  # the logged step as Prometheus metrics
+            self.recorder.train_step(metrics, (time.perf_counter() - self.window_start) / steps)
             line = json.dumps(metrics)
             print(f"{self.label}: {line}", flush=True)
             path = posixpath.join(self.cfg["run_path"], "metrics.jsonl")
@@ -388,3 +401,4 @@ class TrainerRun:
         else:
             ray.train.report(metrics, checkpoint=None)
         self.window_rows, self.window_start = 0, time.perf_counter()
+        self.window_first_step = self.state["step"]

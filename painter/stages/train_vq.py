@@ -55,7 +55,8 @@ from painter.stages.ray_errors import painter_errors
 from painter.stages.progress import remote_progress
 from painter.stages.tokenize import DEFAULT_SCHEMA
 from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
-                                         scaling_config)
+                                         run_path_of, scaling_config)
+from painter.stages.tracking import mlflow_run
 from painter.stages.train_vq_worker import train_loop
 from painter.training.vqgan import VQTrainConfig
 
@@ -212,7 +213,13 @@ def preflight(o: Options) -> None:
 
 
 def run(o: Options) -> dict:
-    """Train the VQGAN; the summary has the losses, held-out reconstruction and code use, and row counts."""
+    """Train the VQGAN; the summary has the losses, held-out reconstruction and code use, and row counts; recorded
+    in MLflow with --mlflow-uri (`painter.stages.tracking`)."""
+    with mlflow_run(o, "train-vq", run_path_of(o), Storage.from_option(o.storage_options)):
+        return _train(o)
+
+
+def _train(o: Options) -> dict:
     start_time = time.time()
     _check_options(o)
     storage = Storage.from_option(o.storage_options)
