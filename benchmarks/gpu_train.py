@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.report import Report  # noqa: E402
 from painter.models.gpt import GPT, GPTConfig  # noqa: E402
 from painter.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
 from painter.runtime import autocast  # noqa: E402
@@ -321,6 +322,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def compiled_encoder(device: torch.device, args, deadline: float) -> dict:
+    """The encoder network compiled, when compile is on and the budget leaves room for it."""
+    if not use_compile(device, args.compile):
+        return {"skipped": f"compile off on {device.type} (--compile to force)"}
+    if time.perf_counter() + COMPILE_RESERVE_S["encoder"] * (0.1 if args.tiny else 1) > deadline:
+        return {"skipped": "time budget"}
+    return bench_compiled_encoder(device, args.tiny, args.steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -329,25 +339,21 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     budget = args.budget_s or (170.0 if device.type == "cuda" else 60.0)
     peak = args.peak_tflops or peak_bf16_tflops(device)
-    result = {"benchmark": "gpu_train", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "torch": torch.__version__, "tiny": args.tiny, "peak_bf16_tflops": peak,
-              "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else None),
-              "encoder": bench_encoder(device, args.tiny, peak, repeats=args.steps)}
-    result["train"] = {shape: bench_train(shape, device, args.tiny, peak, args, started + budget)
-                       for shape in GPT_SHAPES}
-    if not use_compile(device, args.compile):
-        result["encoder"]["compiled"] = {"skipped": f"compile off on {device.type} (--compile to force)"}
-    elif time.perf_counter() + COMPILE_RESERVE_S["encoder"] * (0.1 if args.tiny else 1) > started + budget:
-        result["encoder"]["compiled"] = {"skipped": "time budget"}
-    else:
-        result["encoder"]["compiled"] = bench_compiled_encoder(device, args.tiny, args.steps)
-    result["seconds"] = round(time.perf_counter() - started, 1)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_train.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    report = Report(os.path.join(args.out, "gpu_train.json"), {
+        "benchmark": "gpu_train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "tiny": args.tiny, "peak_bf16_tflops": peak,
+        "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else None)})
+    report.section("encoder", lambda: bench_encoder(device, args.tiny, peak, repeats=args.steps))
+    for shape in GPT_SHAPES:
+        report.section(f"train/{shape}", lambda: bench_train(shape, device, args.tiny, peak, args, started + budget))
+    if "encoder" in report.data:
+        report.section("encoder/compiled", lambda: compiled_encoder(device, args, started + budget))
+    report.data["seconds"] = round(time.perf_counter() - started, 1)
+    result = report.finish()
     print(json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)  # failed sections are in the JSON; the run still fails
