@@ -33,7 +33,6 @@ sys.path.insert(0, str(_HERE.parent))  # run from a checkout without installing
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from painter.checkpoint.config import PRESETS  # noqa: E402
 from benchmarks.report import Report  # noqa: E402
-from painter.checkpoint.model_dir import load_model, new_model  # noqa: E402
+from painter.checkpoint.model_dir import random_model  # noqa: E402
 from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
 from painter.io.images import encode_image  # noqa: E402
 from painter.inference.pixels import uint8_from_tensor  # noqa: E402
@@ -307,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "compile_sampler": args.compile_sampler, "batch_size": args.batch_size,
                                 "repeats": args.repeats, "torch_threads": torch.get_num_threads()},
                     deadline=started + args.budget_s if args.budget_s else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(new_model(args.preset, str(Path(tmp) / args.preset)), device=device)
+    loaded = random_model(args.preset, device=device)  # in memory: no storage needed on a bare GPU box
     generator = build(loaded, args, device, args.batch_size)
     report.data |= {"precision": str(generator.dtype).removeprefix("torch."), "gpt_params": loaded.gpt.num_params(),
                     "encode_threads": generator._pool._max_workers if generator._pool else 0}

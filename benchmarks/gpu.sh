@@ -5,7 +5,8 @@
 #     bash benchmarks/gpu.sh                 # CUDA: GPU tests, then `base` and `large` (about 5 minutes)
 #     bash benchmarks/gpu.sh --device cpu    # the same steps at tiny sizes on a CPU (the script's own test)
 #
-# Needs torch (CUDA build), numpy, pillow, safetensors, tokenizers, fsspec; no Ray, no network. pytest is
+# Needs torch (CUDA build), numpy, pillow, safetensors and tokenizers only (no fsspec, pyarrow or Ray, no
+# network): it checks them first and names, in one line, whatever is missing. pytest is
 # used when installed, else tests/test_gpu.py runs as a plain script. Steps:
 #   1. the GPU tests (pytest -m gpu tests/test_gpu.py): graph replay equals eager token for token, one
 #      replay per step without host synchronisation, images equal across micro-batch counts, bf16 within
@@ -34,6 +35,26 @@ PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
 START=$(date +%s)
+# Fewer, larger segments: no fragmentation across the benchmarks' differently shaped runs (and OOM retries)
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+# 0. what the steps import, checked before any of them runs
+MISSING=$("$PY" - <<'EOF' 2>&1
+import importlib
+missing = []
+for name in ("torch", "numpy", "PIL", "safetensors", "tokenizers", "painter.inference.generator",
+             "painter.training.gpt", "painter.inference.vq_encode", "painter.checkpoint.model_dir"):
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        missing.append(getattr(e, "name", None) or name)
+print(" ".join(sorted(set(missing))))
+EOF
+)
+if [ -n "$MISSING" ]; then
+  echo "gpu.sh: cannot import: $MISSING (needs torch, numpy, pillow, safetensors, tokenizers)" >&2
+  exit 2
+fi
 
 if [ "$DEVICE" = cuda ]; then
   BUDGET=465  # seconds for the whole script (under 8 minutes): each step's limit is cut to what is left

@@ -45,9 +45,8 @@ from painter import logs
 from painter.inference import rerank
 from painter.checkpoint.model_dir import LoadedModel, load_model, read_bytes
 from painter.inference.engine import DecodeEngine, Steering
-from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image, preprocess
+from painter.io.images import PROMPT_COLUMN, IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image, preprocess
 from painter.inference.pixels import uint8_on_device
-from painter.io.rows import PROMPT_COLUMN
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
 from painter.inference.sampling import SamplingConfig, guided_logits
 

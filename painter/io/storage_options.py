@@ -73,7 +73,9 @@ def _from_env(name: str) -> dict:
 
 def _from_file(path: str) -> dict:
     """The JSON object in file `path` (local or any fsspec URL, read with the environment's credentials)."""
-    import fsspec
+    from painter.io.retries import fsspec_module
+
+    fsspec = fsspec_module()
 
     where = f"--storage-options {FILE_PREFIX}{path}"
     if not path:

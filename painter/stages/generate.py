@@ -42,13 +42,13 @@ from painter import logs
 from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, check_error_rate
 from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
+from painter.io.images import PROMPT_COLUMN
 from painter.io import output as out
 from painter.io.checks import check_inputs, check_output
 from painter.io.easynlp_tsv import easynlp_lines, write_lines
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
-from painter.io.rows import PROMPT_COLUMN
 from painter.io.storage import Storage, as_storage
 from painter.options import option, to_dict
 from painter.stages import generate_prompts as prompts
