@@ -3,7 +3,7 @@ training step's tokens/s and model FLOPs utilisation (MFU), each against the dev
 
 (a) encoder: the full f16/16384 VQGAN (random weights) encodes random 256x256 uint8 pictures through
     `painter.inference.vq_encode.encode_codes`, the tokenize job's own loop (pinned uint8 copies, channels_last,
-    bf16 autocast on CUDA; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
+    a bf16 weight copy on CUDA with an fp32 code search; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
     counted by torch's FlopCounterMode (convolutions, attention, the nearest-code search), so the
     roofline is peak / FLOPs. The breakdown: input copy, encoder network and code search timed apart;
     on CUDA the same loop in NCHW instead of channels_last (torch's CUDA GroupNorm is NCHW-only), with
@@ -43,9 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks.report import Report  # noqa: E402
 from painter.models.gpt import GPT, GPTConfig  # noqa: E402
 from painter.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
-from painter.runtime import autocast  # noqa: E402
 from painter.training.gpt import GPTLoss, TrainConfig, compile_model, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
-from painter.inference.vq_encode import default_max_batch, encode_codes, model_input, prepare_vqgan  # noqa: E402
+from painter.inference.vq_encode import default_max_batch, encode_codes, network_input, prepare_vqgan  # noqa: E402
 
 # The GPT presets' shapes (painter.checkpoint.PRESETS; a test holds them equal: that module needs fsspec).
 GPT_SHAPES = {"base": {"n_layer": 12, "n_head": 12, "n_embd": 768},
@@ -146,13 +145,12 @@ def encoder_variants(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, rep
 @torch.inference_mode()
 def encoder_breakdown(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, repeats: int) -> dict:
     """Milliseconds per batch of the encode loop's parts, each timed on its own."""
-    with autocast(device):
-        x = model_input(pixels, device)  # (B, 3, H, W)
-        latents = vqgan.encode_latents(x)  # (B, D, h, w)
-        parts = {"input_copy_and_scale": lambda: model_input(pixels, device),
-                 "encoder_network": lambda: vqgan.encode_latents(x),
-                 "nearest_code_search": lambda: vqgan.quantize.codes_from_latents(latents)}
-        return {name: round(timed(fn, device, repeats) * 1000, 2) for name, fn in parts.items()}
+    x = network_input(vqgan, pixels, device)  # (B, 3, H, W) in the weights' dtype
+    latents = vqgan.encode_latents(x)  # (B, D, h, w)
+    parts = {"input_copy_and_scale": lambda: network_input(vqgan, pixels, device),
+             "encoder_network": lambda: vqgan.encode_latents(x),
+             "nearest_code_search": lambda: vqgan.quantize.codes_from_latents(latents)}
+    return {name: round(timed(fn, device, repeats) * 1000, 2) for name, fn in parts.items()}
 
 
 def bench_compiled_encoder(device: torch.device, tiny: bool, repeats: int) -> dict:

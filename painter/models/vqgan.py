@@ -259,13 +259,15 @@ class VectorQuantizer(nn.Module):
     def codes_from_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) latents -> (B, h*w) nearest code ids, row-major over (h, w)."""
         B, D, h, w = z.shape
-        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-        e = self.embedding.weight.detach().float()  # (K, D)
-        # squared L2 distance ||z||^2 - 2 z.e + ||e||^2, in fp32
-        d = (zf.pow(2).sum(dim=1, keepdim=True)
-             - 2.0 * zf @ e.t()
-             + e.pow(2).sum(dim=1)[None, :])  # (B*h*w, K)
-        return d.argmin(dim=1).view(B, h * w)
+        # squared L2 distance ||z||^2 - 2 z.e + ||e||^2, in fp32 whatever the caller's autocast: a bf16
+        # GEMM here moves near-ties (a quarter of the codes of a bf16 encode changed)
+        with torch.autocast(z.device.type, enabled=False):
+            zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+            e = self.embedding.weight.detach().float()  # (K, D)
+            d = (zf.pow(2).sum(dim=1, keepdim=True)
+                 - 2.0 * zf @ e.t()
+                 + e.pow(2).sum(dim=1)[None, :])  # (B*h*w, K)
+            return d.argmin(dim=1).view(B, h * w)
 
     def latents_from_codes(self, codes: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w) code ids -> (B, D, h, w) codebook vectors."""
