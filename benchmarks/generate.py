@@ -201,11 +201,13 @@ def breakdown(generator: Generator, repeats: int) -> dict:
 
 def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None) -> dict:
     name = torch.cuda.get_device_name(generator.device)
+    source = "--peak-tflops" if peak_tflops else "table"
     if peak_tflops is None:
         peak_tflops = peak_bf16_tflops(generator.device)
+        source = "table" if peak_tflops else "unknown device: pass --peak-tflops"
     flops = flops_per_image(generator)
     total = flops["gpt"] + flops["vqgan"]
-    out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops}
+    out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops, "peak_source": source}
     sides = {"end_to_end": (rates["end_to_end"], total), "gpt_only": (rates["gpt"], flops["gpt"]),
              "vqgan_only": (rates["vqgan"], flops["vqgan"])}
     for label, (rate, per_image) in sides.items():

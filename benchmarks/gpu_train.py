@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = Report(os.path.join(args.out, "gpu_train.json"), {
         "benchmark": "gpu_train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": args.tiny, "peak_bf16_tflops": peak,
-        "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else None)})
+        "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else
+                                                                 "unknown device: pass --peak-tflops" if device.type == "cuda" else None)})
     report.section("encoder", lambda: bench_encoder(device, args.tiny, peak, repeats=args.steps))
     for shape in GPT_SHAPES:
         report.section(f"train/{shape}", lambda: bench_train(shape, device, args.tiny, peak, args, started + budget))
