@@ -242,6 +242,8 @@ def largest_batch_run(config: GPTConfig, device: torch.device, max_batch: int, s
     """(batch, eager run, batch sizes that ran out of memory): halving from `max_batch` on CUDA OOM."""
     too_big, batch = [], max_batch
     while batch >= 1:
+        if device.type == "cuda":  # the peak reported is this attempt's, not a failed larger one's
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             return batch, run_steps(config, batch, device, False, steps, warmup), too_big
         except torch.OutOfMemoryError:
@@ -266,8 +268,6 @@ def bench_train(shape: str, device: torch.device, tiny: bool, peak: float | None
     with torch.device("meta"):
         meta = GPT(config)
         flops_per_token, params = train_flops_per_token(meta), meta.num_params()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     batch, eager, too_big = largest_batch_run(config, device, args.max_batch, args.steps, args.warmup)
     out = {"shape": GPT_SHAPES[shape] if not tiny else TINY_GPT_SHAPES[shape], "params": params,
            "batch_size": batch, "out_of_memory_at": too_big, "tokens_per_step": batch * config.block_size,
