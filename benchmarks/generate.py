@@ -33,17 +33,17 @@ sys.path.insert(0, str(_HERE.parent))  # run from a checkout without installing
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from painter.checkpoint.config import PRESETS  # noqa: E402
-from painter.checkpoint.model_dir import load_model, new_model
+from benchmarks.report import Report  # noqa: E402
+from painter.checkpoint.model_dir import random_model  # noqa: E402
 from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
 from painter.io.images import encode_image  # noqa: E402
-from painter.inference.pixels import uint8_from_tensor
+from painter.inference.pixels import uint8_from_tensor  # noqa: E402
 from painter.training.gpt import peak_bf16_tflops  # noqa: E402
 from painter.runtime import autocast, pick_device  # noqa: E402
 from painter.inference.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
@@ -68,12 +68,13 @@ class OldEngineGenerator(Generator):
     """The Generator with the decoding it had before the engine (growing KVCache, noise for every code,
     autocast on the fp32 weights on CUDA); VQGAN decode and encoding as ours."""
 
-    def codes(self, texts, idxs, samples):
+    def codes(self, texts, idxs, samples, prompts=None):
+        """Generator.codes' signature and (codes, is_truncated, scores); no guidance, reranking or prompts."""
         ids, is_truncated = self.model.tokenizer.encode_batch([str(t) for t in texts])
         keys = row_keys(self.config.seed, [str(i) for i in idxs], [int(s) for s in samples], device=self.device)
         with autocast(self.device):
             codes = generate(self.model.gpt, torch.from_numpy(ids).to(self.device), keys, self.config.sampling)
-        return codes, is_truncated
+        return codes, is_truncated, None
 
 
 def run_generator(generator: Generator, rows) -> list[bytes]:
@@ -200,11 +201,13 @@ def breakdown(generator: Generator, repeats: int) -> dict:
 
 def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None) -> dict:
     name = torch.cuda.get_device_name(generator.device)
+    source = "--peak-tflops" if peak_tflops else "table"
     if peak_tflops is None:
         peak_tflops = peak_bf16_tflops(generator.device)
+        source = "table" if peak_tflops else "unknown device: pass --peak-tflops"
     flops = flops_per_image(generator)
     total = flops["gpt"] + flops["vqgan"]
-    out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops}
+    out = {"device_name": name, "flops_per_image": flops, "peak_bf16_tflops": peak_tflops, "peak_source": source}
     sides = {"end_to_end": (rates["end_to_end"], total), "gpt_only": (rates["gpt"], flops["gpt"]),
              "vqgan_only": (rates["vqgan"], flops["vqgan"])}
     for label, (rate, per_image) in sides.items():
@@ -215,34 +218,66 @@ def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None
     return out
 
 
-def measure(loaded, args, device, micro_batch: int) -> tuple[Generator, dict]:
+def build(loaded, args, device, micro_batch: int) -> Generator:
+    return Generator(loaded, GenerationConfig(seed=0, precision=args.precision), device, micro_batch=micro_batch,
+                     encode_threads=args.encode_threads, compile_sampler=args.compile_sampler)
+
+
+def measure(generator: Generator, args) -> dict:
     """Ours at one micro-batch: end to end over `rows` (default two micro-batches), plus the breakdown."""
-    generator = Generator(loaded, GenerationConfig(seed=0, precision=args.precision), device, micro_batch=micro_batch,
-                          encode_threads=args.encode_threads, compile_sampler=args.compile_sampler)
+    micro_batch, device = generator.micro_batch, generator.device
     rows = _rows(args.rows or 2 * micro_batch)
     run_generator(generator, rows[:micro_batch])  # warm-up: capture, kernels, allocator
     times = timed_both(lambda: run_generator(generator, rows), device, args.repeats)
     result = {"micro_batch": micro_batch, "rows": len(rows), **times,
               "images_per_second": round(len(rows) / times["seconds"], 3)}
-    return generator, result | breakdown(generator, args.repeats)
+    return result | breakdown(generator, args.repeats)
 
 
-def compare(loaded, generator: Generator, args, device) -> dict:
-    """Old engine and reference against ours, same weights, rows and micro-batch; tokens checked equal."""
-    rows, n = _rows(args.rows or 2 * generator.micro_batch), generator.micro_batch
-    old = OldEngineGenerator(loaded, generator.config, device, micro_batch=n, encode_threads=args.encode_threads)
+def time_old_engine(old: Generator, args) -> dict:
+    """The old engine over the same rows as ours, same weights and micro-batch."""
+    rows, n = _rows(args.rows or 2 * old.micro_batch), old.micro_batch
     run_generator(old, rows[:n])
-    result = {"old_engine": timed_both(lambda: run_generator(old, rows), device, args.repeats)}
+    return _rate(timed_both(lambda: run_generator(old, rows), old.device, args.repeats), len(rows))
+
+
+def time_reference(generator: Generator, args) -> dict:
+    rows, n = _rows(args.rows or 2 * generator.micro_batch), generator.micro_batch
+    run_reference(generator, rows[:n], n)
+    return _rate(timed_both(lambda: run_reference(generator, rows, n), generator.device, args.repeats), len(rows))
+
+
+def _rate(times: dict, rows: int) -> dict:
+    return times | {"images_per_second": round(rows / times["seconds"], 3)}
+
+
+def same_tokens(generator: Generator, old: Generator) -> bool:
+    """The engine's codes equal the old path's for one micro-batch (meaningful on fp32)."""
+    texts, idxs, samples = _columns(_rows(generator.micro_batch))
+    return bool(torch.equal(generator.codes(texts, idxs, samples)[0], old.codes(texts, idxs, samples)[0]))
+
+
+def speedups(result: dict) -> dict:
+    """Ours against the old engine and the reference: images/s ratio, and the CPU-seconds ratio."""
+    ours, out = result.get("ours"), {}
+    for name, key in (("old_engine", "speedup_vs_old_engine"), ("reference", "speedup")):
+        if ours and name in result:
+            out[key] = round(ours["images_per_second"] / result[name]["images_per_second"], 2)
+            out[key + "_in_cpu_seconds"] = round(result[name]["cpu_seconds"] / ours["cpu_seconds"], 2)
+    return out
+
+
+def compare(report: Report, loaded, generator: Generator, args) -> None:
+    """Old engine and reference against ours, each its own section; tokens checked equal on fp32."""
+    old = OldEngineGenerator(loaded, generator.config, generator.device, micro_batch=generator.micro_batch,
+                             encode_threads=args.encode_threads)
+    report.section("old_engine", lambda: time_old_engine(old, args))
     if not args.skip_reference:
-        run_reference(generator, rows[:n], n)
-        result["reference"] = timed_both(lambda: run_reference(generator, rows, n), device, args.repeats)
-    for side in result.values():
-        side["images_per_second"] = round(len(rows) / side["seconds"], 3)
-    if generator.dtype == torch.float32:  # same tokens: the engine's codes against the old path's
-        texts, idxs, samples = _columns(rows[:n])
-        result["same_tokens_as_old_engine"] = bool(torch.equal(generator.codes(texts, idxs, samples)[0],
-                                                               old.codes(texts, idxs, samples)[0]))
-    return result
+        report.section("reference", lambda: time_reference(generator, args))
+    if generator.dtype == torch.float32:
+        report.section("same_tokens_as_old_engine", lambda: same_tokens(generator, old))
+    report.data |= speedups(report.data)
+    report.write()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -263,41 +298,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-sampler", action="store_true", help="torch.compile the engine's sampler")
     parser.add_argument("--sweep", default="", help="micro-batch sizes to measure ours at, comma-separated")
     parser.add_argument("--json", default=None, help="also write the JSON object to this file")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run: a section that would start later is skipped")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(new_model(args.preset, str(Path(tmp) / args.preset)), device=device)
-    generator, ours = measure(loaded, args, device, args.batch_size)
-    result = {"preset": args.preset, "device": str(device), "torch": torch.__version__,
-              "compile_sampler": args.compile_sampler,
-              "precision": str(generator.dtype).removeprefix("torch."), "batch_size": args.batch_size,
-              "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-              "encode_threads": generator._pool._max_workers if generator._pool else 0,
-              "gpt_params": loaded.gpt.num_params(), "host_calls_per_step": host_calls_per_step(generator),
-              "ours": ours}
+    report = Report(args.json, {"preset": args.preset, "device": str(device), "torch": torch.__version__,
+                                "compile_sampler": args.compile_sampler, "batch_size": args.batch_size,
+                                "repeats": args.repeats, "torch_threads": torch.get_num_threads()},
+                    deadline=started + args.budget_s if args.budget_s else None)
+    loaded = random_model(args.preset, device=device)  # in memory: no storage needed on a bare GPU box
+    generator = build(loaded, args, device, args.batch_size)
+    report.data |= {"precision": str(generator.dtype).removeprefix("torch."), "gpt_params": loaded.gpt.num_params(),
+                    "encode_threads": generator._pool._max_workers if generator._pool else 0}
+    ours = report.section("ours", lambda: measure(generator, args))
+    report.section("host_calls_per_step", lambda: host_calls_per_step(generator))
     if not args.skip_old:
-        result |= compare(loaded, generator, args, device)
-        for name, key in (("old_engine", "speedup_vs_old_engine"), ("reference", "speedup")):
-            if name in result:
-                result[key] = round(ours["images_per_second"] / result[name]["images_per_second"], 2)
-                result[key + "_in_cpu_seconds"] = round(result[name]["cpu_seconds"] / ours["cpu_seconds"], 2)
+        compare(report, loaded, generator, args)
     if args.sweep:
-        result["sweep"] = [measure(loaded, args, device, int(mb))[1] for mb in args.sweep.split(",")]
-        best = max(result["sweep"] + [ours], key=lambda r: r["images_per_second"])
-        result["best_micro_batch"] = best["micro_batch"]
-    if device.type == "cuda":
+        report.section("sweep", lambda: [measure(build(loaded, args, device, int(mb)), args)
+                                         for mb in args.sweep.split(",")])
+        report.data["best_micro_batch"] = max(report.data.get("sweep", []) + [ours or {}],
+                                              key=lambda r: r.get("images_per_second", 0)).get("micro_batch")
+    if device.type == "cuda" and ours:
         rates = {"end_to_end": ours["images_per_second"], "gpt": ours["gpt_only_images_per_second"],
                  "vqgan": ours["vqgan_only_images_per_second"]}
-        result["gpu"] = gpu_utilisation(generator, rates, args.peak_tflops)
-        result["gpu"]["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    text = json.dumps(result, ensure_ascii=False)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        report.section("gpu", lambda: gpu_utilisation(generator, rates, args.peak_tflops)
+                       | {"max_memory_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)})
+    result = report.finish()
+    print(json.dumps(result, ensure_ascii=False))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)  # failed sections are in the JSON; the run still fails

@@ -3,7 +3,7 @@ training step's tokens/s and model FLOPs utilisation (MFU), each against the dev
 
 (a) encoder: the full f16/16384 VQGAN (random weights) encodes random 256x256 uint8 pictures through
     `painter.inference.vq_encode.encode_codes`, the tokenize job's own loop (pinned uint8 copies, channels_last,
-    bf16 autocast on CUDA; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
+    a bf16 weight copy on CUDA with an fp32 code search; fp32 on CPU), `default_max_batch` images per call. The FLOPs per image are
     counted by torch's FlopCounterMode (convolutions, attention, the nearest-code search), so the
     roofline is peak / FLOPs. The breakdown: input copy, encoder network and code search timed apart;
     on CUDA the same loop in NCHW instead of channels_last (torch's CUDA GroupNorm is NCHW-only), with
@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.report import Report  # noqa: E402
 from painter.models.gpt import GPT, GPTConfig  # noqa: E402
 from painter.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
-from painter.runtime import autocast  # noqa: E402
 from painter.training.gpt import GPTLoss, TrainConfig, compile_model, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
-from painter.inference.vq_encode import default_max_batch, encode_codes, model_input, prepare_vqgan  # noqa: E402
+from painter.inference.vq_encode import default_max_batch, encode_codes, network_input, prepare_vqgan  # noqa: E402
 
 # The GPT presets' shapes (painter.checkpoint.PRESETS; a test holds them equal: that module needs fsspec).
 GPT_SHAPES = {"base": {"n_layer": 12, "n_head": 12, "n_embd": 768},
@@ -145,13 +145,12 @@ def encoder_variants(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, rep
 @torch.inference_mode()
 def encoder_breakdown(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, repeats: int) -> dict:
     """Milliseconds per batch of the encode loop's parts, each timed on its own."""
-    with autocast(device):
-        x = model_input(pixels, device)  # (B, 3, H, W)
-        latents = vqgan.encode_latents(x)  # (B, D, h, w)
-        parts = {"input_copy_and_scale": lambda: model_input(pixels, device),
-                 "encoder_network": lambda: vqgan.encode_latents(x),
-                 "nearest_code_search": lambda: vqgan.quantize.codes_from_latents(latents)}
-        return {name: round(timed(fn, device, repeats) * 1000, 2) for name, fn in parts.items()}
+    x = network_input(vqgan, pixels, device)  # (B, 3, H, W) in the weights' dtype
+    latents = vqgan.encode_latents(x)  # (B, D, h, w)
+    parts = {"input_copy_and_scale": lambda: network_input(vqgan, pixels, device),
+             "encoder_network": lambda: vqgan.encode_latents(x),
+             "nearest_code_search": lambda: vqgan.quantize.codes_from_latents(latents)}
+    return {name: round(timed(fn, device, repeats) * 1000, 2) for name, fn in parts.items()}
 
 
 def bench_compiled_encoder(device: torch.device, tiny: bool, repeats: int) -> dict:
@@ -243,6 +242,8 @@ def largest_batch_run(config: GPTConfig, device: torch.device, max_batch: int, s
     """(batch, eager run, batch sizes that ran out of memory): halving from `max_batch` on CUDA OOM."""
     too_big, batch = [], max_batch
     while batch >= 1:
+        if device.type == "cuda":  # the peak reported is this attempt's, not a failed larger one's
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             return batch, run_steps(config, batch, device, False, steps, warmup), too_big
         except torch.OutOfMemoryError:
@@ -267,8 +268,6 @@ def bench_train(shape: str, device: torch.device, tiny: bool, peak: float | None
     with torch.device("meta"):
         meta = GPT(config)
         flops_per_token, params = train_flops_per_token(meta), meta.num_params()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     batch, eager, too_big = largest_batch_run(config, device, args.max_batch, args.steps, args.warmup)
     out = {"shape": GPT_SHAPES[shape] if not tiny else TINY_GPT_SHAPES[shape], "params": params,
            "batch_size": batch, "out_of_memory_at": too_big, "tokens_per_step": batch * config.block_size,
@@ -321,6 +320,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def compiled_encoder(device: torch.device, args, deadline: float) -> dict:
+    """The encoder network compiled, when compile is on and the budget leaves room for it."""
+    if not use_compile(device, args.compile):
+        return {"skipped": f"compile off on {device.type} (--compile to force)"}
+    if time.perf_counter() + COMPILE_RESERVE_S["encoder"] * (0.1 if args.tiny else 1) > deadline:
+        return {"skipped": "time budget"}
+    return bench_compiled_encoder(device, args.tiny, args.steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -329,25 +337,22 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     budget = args.budget_s or (170.0 if device.type == "cuda" else 60.0)
     peak = args.peak_tflops or peak_bf16_tflops(device)
-    result = {"benchmark": "gpu_train", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "torch": torch.__version__, "tiny": args.tiny, "peak_bf16_tflops": peak,
-              "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else None),
-              "encoder": bench_encoder(device, args.tiny, peak, repeats=args.steps)}
-    result["train"] = {shape: bench_train(shape, device, args.tiny, peak, args, started + budget)
-                       for shape in GPT_SHAPES}
-    if not use_compile(device, args.compile):
-        result["encoder"]["compiled"] = {"skipped": f"compile off on {device.type} (--compile to force)"}
-    elif time.perf_counter() + COMPILE_RESERVE_S["encoder"] * (0.1 if args.tiny else 1) > started + budget:
-        result["encoder"]["compiled"] = {"skipped": "time budget"}
-    else:
-        result["encoder"]["compiled"] = bench_compiled_encoder(device, args.tiny, args.steps)
-    result["seconds"] = round(time.perf_counter() - started, 1)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_train.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    report = Report(os.path.join(args.out, "gpu_train.json"), {
+        "benchmark": "gpu_train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "tiny": args.tiny, "peak_bf16_tflops": peak,
+        "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else
+                                                                 "unknown device: pass --peak-tflops" if device.type == "cuda" else None)})
+    report.section("encoder", lambda: bench_encoder(device, args.tiny, peak, repeats=args.steps))
+    for shape in GPT_SHAPES:
+        report.section(f"train/{shape}", lambda: bench_train(shape, device, args.tiny, peak, args, started + budget))
+    if "encoder" in report.data:
+        report.section("encoder/compiled", lambda: compiled_encoder(device, args, started + budget))
+    report.data["seconds"] = round(time.perf_counter() - started, 1)
+    result = report.finish()
     print(json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)  # failed sections are in the JSON; the run still fails

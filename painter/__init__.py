@@ -5,9 +5,8 @@ tokenize|train|generate`) live in `painter.stages` and are started from `painter
 """
 __version__ = "0.1.0"
 
-from painter.io.retries import configure_storage_retries as _configure_storage_retries
-
-_configure_storage_retries()  # bounded retries of transient storage errors in every process (painter.io.retries)
+# Storage retries are set where storage is first used (painter.io.retries.fsspec_module), so importing
+# painter needs no fsspec: the model, inference and training modules run on a bare GPU box.
 
 
 def pipeline(task: str, model_dir: str | None = None, device=None):

@@ -18,17 +18,29 @@ TASKS = ("text2image_generation",)
 
 
 class TextToImagePipeline:
+    """Engine settings (model, device; precision and micro-batch by device) are fixed when it is built and
+    served by one `Generator`, built on the first call and kept; each call's sampling settings (seed,
+    temperature, top-k/p, guidance, candidates) reconfigure it (`Generator.reconfigure`), as vLLM keeps
+    EngineArgs apart from SamplingParams. So the weight copies, the encoding threads and the decode
+    engines already built (CUDA graphs, one per sampling and steering) are reused across calls."""
+
     def __init__(self, model_dir: str, device=None, guidance: float | None = None):
         self.device = pick_device(device)
         self.model = load_model(model_dir, device=self.device)
         self.guidance = guidance  # the calls' default guidance scale (None: the Generator's default)
+        self.generator: Generator | None = None
+
+    def _generator(self, config: GenerationConfig) -> Generator:
+        if self.generator is None:
+            self.generator = Generator(self.model, config, self.device)
+        return self.generator.reconfigure(config)
 
     def _generate(self, texts, samples, config: GenerationConfig) -> list[list[bytes]]:
         if isinstance(texts, str):
             texts = [texts]
         rows = [(t, s) for t in texts for s in range(samples)]
         batch = {"idx": [t for t, _ in rows], "text": [t for t, _ in rows], "sample": [s for _, s in rows]}
-        images = Generator(self.model, config, self.device)(batch)[config.image_format]
+        images = self._generator(config)(batch)[config.image_format]
         return [list(images[i * samples:(i + 1) * samples]) for i in range(len(texts))]
 
     def __call__(self, texts, *, samples: int = 1, seed: int = 0, temperature: float = 1.0,

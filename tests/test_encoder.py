@@ -204,3 +204,23 @@ def test_small_jpegs_and_other_formats_decode_exactly_as_before():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((400, 300, 3), np.uint8)).save(buf, "PNG")
     assert load_image(buf.getvalue(), size=32).size == (300, 400)  # only JPEG decoders can reduce
+
+
+def test_a_bf16_encoder_runs_its_network_on_bf16_weights_and_searches_codes_in_fp32():
+    """The CUDA path (a bf16 weight copy, no autocast) run on CPU: the network's latents come out in
+    bf16, the codes are the fp32 nearest codes of exactly those latents."""
+    from painter.inference.vq_encode import encode_codes, network_input, prepare_vqgan
+    from painter.models.vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    vqgan = prepare_vqgan(VQGAN(VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                            attn_resolutions=(), z_channels=32, embed_dim=32, n_embed=256)),
+                          "cpu", dtype=torch.bfloat16)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = network_input(vqgan, pixels, torch.device("cpu"))
+    with torch.no_grad():
+        latents = vqgan.encode_latents(x)
+    assert x.dtype == latents.dtype == torch.bfloat16
+    expected = torch.cdist(latents.float().permute(0, 2, 3, 1).reshape(2, -1, 32),
+                           vqgan.quantize.embedding.weight.float()[None].expand(2, -1, -1)).argmin(-1)
+    assert np.array_equal(encode_codes(vqgan, pixels, torch.device("cpu"), 2), expected.numpy())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_sampling's helpers, when run as a script
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # painter from the checkout
 
-from painter.checkpoint.model_dir import load_model, new_model  # noqa: E402
+from painter.checkpoint.model_dir import random_model  # noqa: E402
 from painter.inference.engine import DecodeEngine  # noqa: E402
 from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
 from painter.inference.sampling import SamplingConfig, reference_generate, row_keys  # noqa: E402
@@ -45,8 +44,7 @@ ROWS = [(f"p{i}", f"宽松T恤 第{i}款", s) for i in range(6) for s in range(2
 
 @functools.lru_cache(maxsize=None)
 def tiny_model():
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_model(new_model("tiny", str(Path(tmp) / "tiny")), device="cuda")
+    return random_model("tiny", device="cuda")
 
 
 def _images(generator: Generator, rows, batch_size: int) -> dict:

@@ -12,12 +12,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_script_cpu_fallback_runs_every_step_without_ray(tmp_path):
-    blocker = tmp_path / "no_ray" / "ray"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('benchmarks/gpu.sh must not need Ray')\n")
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable,
-               PYTHONPATH=os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+def bare_box(tmp_path, *missing: str) -> str:
+    """A PYTHONPATH entry whose packages `missing` fail to import, as on a bare GPU box."""
+    folder = tmp_path / "bare"
+    for name in missing:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('benchmarks/gpu.sh must not need {name}', name={name!r})\n")
+    return str(folder)
+
+
+def test_gpu_script_cpu_fallback_runs_every_step_on_a_bare_box(tmp_path):
+    """torch, numpy, pillow, safetensors and tokenizers only: no Ray, fsspec or pyarrow."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(
+        [bare_box(tmp_path, "ray", "fsspec", "pyarrow"), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -34,3 +42,14 @@ def test_gpu_script_cpu_fallback_runs_every_step_without_ray(tmp_path):
     result = json.loads((out / "generate-tiny.json").read_text())
     assert [s["micro_batch"] for s in result["sweep"]] == [1] and result["best_micro_batch"] in (1, 2)
     assert not (ROOT / "benchmarks" / "results" / "gpu-cpu.json").exists()  # only a GPU run names a device file
+
+
+def test_gpu_script_names_what_is_missing_in_one_line_before_any_step(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(
+        [bare_box(tmp_path, "tokenizers", "safetensors"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "gpu.sh: cannot import: safetensors tokenizers (needs torch, numpy, pillow, safetensors, tokenizers)"]
+    assert not (tmp_path / "out" / "tests.txt").exists()  # no step ran

@@ -63,6 +63,26 @@ def test_caption_dropout_is_a_pure_function_of_seed_step_and_row():
     assert torch.equal(drop_captions(text, 0.0, PAD, 3, 7, 0), text)
 
 
+def test_training_drops_captions_on_the_host_before_the_prefetch_by_step_and_micro_batch():
+    """GPTRun.with_dropped_captions on host micro-batches: micro-batch j is micro j % accum of step
+    first_step + j // accum, rows numbered across ranks; the tensors stay host tensors for the prefetcher."""
+    from types import SimpleNamespace
+
+    from painter.stages.train_worker import GPTRun
+
+    accum, rank, rows, first_step = 2, 1, 50, 11
+    run = SimpleNamespace(tc=SimpleNamespace(grad_accum=accum), rank=rank, tokenizer=SimpleNamespace(pad_id=PAD),
+                          cfg={"null_caption_prob": 0.2, "seed": 3})
+    g = torch.Generator().manual_seed(1)
+    host = [(torch.randint(1, 60, (rows, 16), generator=g), torch.zeros(rows, 4, dtype=torch.int64), [f"r{j}"])
+            for j in range(5)]
+    out = list(GPTRun.with_dropped_captions(run, iter(host), first_step))
+    for j, ((text, _, idx), (dropped, tokens, idx_out)) in enumerate(zip(host, out)):
+        expected = drop_captions(text, 0.2, PAD, 3, first_step + j // accum, (rank * accum + j % accum) * rows)
+        assert torch.equal(dropped, expected) and idx_out == idx and dropped.device.type == "cpu"
+    assert any(not torch.equal(d, t) for (t, _, _), (d, _, _) in zip(host, out))  # some captions dropped
+
+
 # --- guidance ------------------------------------------------------------------------------------
 
 def guided_engine(model: GPT, sampling: SamplingConfig, batch: int, guidance: float) -> DecodeEngine:

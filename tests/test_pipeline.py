@@ -113,3 +113,26 @@ def test_no_model_dir_means_the_bundled_model():
     image = pipe.images("白色背景中间的一个大的红色圆形", top_k=1)[0][0]
     assert image.size == (pipe.model.config.image_size,) * 2
 
+
+
+def test_pipeline_keeps_one_generator_and_its_engines_across_calls(tiny_model_dir):
+    """Engine settings are built once; each call's sampling settings reconfigure the same Generator, and
+    an engine built for one sampling is reused by the next call with it, with the images a fresh
+    pipeline makes."""
+    p = pipeline("text2image_generation", tiny_model_dir, device="cpu")
+    greedy = p(TEXTS, top_k=1)
+    generator = p.generator
+    engine = generator.engine
+    sampled = p(TEXTS, seed=3, top_k=50)
+    assert p.generator is generator and len(generator._engines) == 2
+    assert p(TEXTS, top_k=1, seed=9) == greedy and generator.engine is engine  # greedy: the seed is unused
+    fresh = pipeline("text2image_generation", tiny_model_dir, device="cpu")
+    assert fresh(TEXTS, seed=3, top_k=50) == sampled
+
+
+def test_reconfigure_refuses_another_precision(painter):
+    from painter.inference.generator import GenerationConfig
+
+    painter(TEXTS[:1])
+    with pytest.raises(ValueError, match="precision"):
+        painter.generator.reconfigure(GenerationConfig(precision="bf16"))

@@ -13,7 +13,7 @@ import pytest
 
 from fault_matrix import assert_failed_cleanly, painter_env, signal_when
 from painter.cli import main as cli
-from painter.stages.train_runner import FAULT_ENV
+from painter.stages.faults import FAIL_AT_STEP as FAULT_ENV
 from test_storage import endpoint_only_in_options, remote  # noqa: F401  (fixtures, shared)
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from painter.checkpoint.config import preset_config
 from painter.models.gpt import GPT
-from painter.training.gpt import PEAK_BF16_TFLOPS, GPTLoss, TrainConfig, compile_model, corrupt_tokens, lr_at, make_optimizer, mfu, param_groups, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile, use_fused_adamw
+from painter.training.gpt import PEAK_BF16_TFLOPS, GPTLoss, known_peak_tflops, TrainConfig, compile_model, corrupt_tokens, lr_at, make_optimizer, mfu, param_groups, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile, use_fused_adamw
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,8 +175,15 @@ def test_mfu_is_training_flops_over_the_devices_peak(gpt):
     assert mfu(6e9, 50_000.0, 1000.0) == pytest.approx(0.3)  # 3e14 FLOP/s of 1e15
     assert mfu(6e9, 50_000.0, 1000.0, devices=2) == pytest.approx(0.15)
     assert peak_bf16_tflops(torch.device("cpu")) is None
-    assert PEAK_BF16_TFLOPS["H100"] == PEAK_BF16_TFLOPS["H200"] == 989.0
-    # the first matching key wins: the more specific names must come before the names they contain
-    keys = list(PEAK_BF16_TFLOPS)
-    for i, key in enumerate(keys):
-        assert not any(key in later and key != later for later in keys[i + 1:]), key
+    assert PEAK_BF16_TFLOPS["H100", None] == PEAK_BF16_TFLOPS["H200", None] == 989.0
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40", 181.0),
+    ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0),
+    ("NVIDIA B200", 2250.0), ("NVIDIA A40", None), ("NVIDIA GeForce RTX 4090", None), ("Tesla T4", None),
+])
+def test_peaks_match_whole_model_names_and_unknown_gpus_have_none(name, peak):
+    assert known_peak_tflops(name) == peak

@@ -180,3 +180,20 @@ def test_quantizer_loss_weights_codebook_and_commitment_terms():
         flat_diff = (e - z).permute(0, 2, 3, 1).reshape(-1, 16)  # (h*w, D)
         emb_grad.index_add_(0, codes.flatten(), 2 * flat_diff / n)
     torch.testing.assert_close(quant.embedding.weight.grad, emb_grad)
+
+
+def test_nearest_code_search_is_fp32_under_bf16_autocast():
+    """Tokenize's encoder may run under bf16 autocast; the distance GEMM must not (it moves near-ties)."""
+    torch.manual_seed(0)
+    quantize = VQGAN(small_config(embed_dim=64, n_embed=1024)).quantize
+    with torch.no_grad():
+        quantize.embedding.weight.normal_()
+    z = torch.randn(4, 64, 8, 8)  # (B, D, h, w) latents
+    plain = quantize.codes_from_latents(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(quantize.codes_from_latents(z), plain)
+        assert quantize.codes_from_latents(z.bfloat16()).dtype == torch.int64
+        # the test can fail: the same search with its GEMM under autocast picks other codes
+        zf, e = z.permute(0, 2, 3, 1).reshape(-1, 64), quantize.embedding.weight
+        d = zf.pow(2).sum(1, keepdim=True) - 2.0 * zf @ e.t() + e.pow(2).sum(1)[None, :]  # bf16 GEMM
+    assert (d.argmin(1).view(4, 64) != plain).any()

@@ -13,7 +13,7 @@ import io
 import json
 import posixpath
 
-import fsspec
+from painter.io.retries import fsspec_module
 import torch
 
 from painter.checkpoint.model_dir import load_model
@@ -21,6 +21,8 @@ from painter.errors import CheckpointError
 from painter.checkpoint.importers import causal_mask
 from painter.models.gpt import attention_mask_keys
 from painter.models.vqgan import VQGANConfig
+
+fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
 
 
 def easynlp_config(gpt_config) -> dict:

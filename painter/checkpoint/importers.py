@@ -16,7 +16,7 @@ import json
 import posixpath
 import re
 
-import fsspec
+from painter.io.retries import fsspec_module
 import torch
 
 from painter.checkpoint.config import ModelConfig, preset_config
@@ -25,6 +25,8 @@ from painter.errors import CheckpointError
 from painter.models.gpt import GPT, GPTConfig, attention_mask_keys
 from painter.models.vqgan import VQGAN, VQGANConfig
 from painter.checkpoint.tokenizer import TextTokenizer
+
+fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
 
 _LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 

@@ -204,15 +204,30 @@ def save_model(model_dir: str, config: ModelConfig, tokenizer: TextTokenizer, *,
     return model_dir
 
 
+def _random(preset: str, seed: int, tokenizer: TextTokenizer | None = None) -> tuple[ModelConfig, TextTokenizer, GPT, VQGAN]:
+    """A preset's config, tokenizer (default vocab unless given) and randomly initialised GPT and VQGAN."""
+    config = preset_config(preset)
+    tokenizer = tokenizer or TextTokenizer.default(text_len=config.gpt.text_len)
+    config.gpt.text_vocab_size = max(config.gpt.text_vocab_size, tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    return config, tokenizer, GPT(config.gpt), VQGAN(config.vqgan)
+
+
 def new_model(preset: str, output: str, *, seed: int = 0, vocab: str | None = None,
               storage: Storage | None = None) -> str:
     """A randomly initialised model directory from a preset (for tests and from-scratch training)."""
-    config = preset_config(preset)
-    tokenizer = (load_tokenizer(vocab, config.gpt.text_len, storage) if vocab
-                 else TextTokenizer.default(text_len=config.gpt.text_len))
-    config.gpt.text_vocab_size = max(config.gpt.text_vocab_size, tokenizer.vocab_size)
-    torch.manual_seed(seed)
-    return save_model(output, config, tokenizer, gpt=GPT(config.gpt), vqgan=VQGAN(config.vqgan), storage=storage)
+    tokenizer = load_tokenizer(vocab, preset_config(preset).gpt.text_len, storage) if vocab else None
+    config, tokenizer, gpt, vqgan = _random(preset, seed, tokenizer)
+    return save_model(output, config, tokenizer, gpt=gpt, vqgan=vqgan, storage=storage)
+
+
+def random_model(preset: str, *, seed: int = 0, device="cpu") -> LoadedModel:
+    """The model `new_model(preset, ..., seed=seed)` writes, in memory only: no files, so no storage
+    (benchmarks and GPU tests on a box without fsspec). Its fingerprint names the preset and seed."""
+    config, tokenizer, gpt, vqgan = _random(preset, seed)
+    name = f"random-{preset}-{seed}"
+    return LoadedModel(name, config, tokenizer, gpt.eval().to(device), vqgan.eval().to(device),
+                       gpt_fingerprint=name, vqgan_fingerprint=name)
 
 
 def models_home() -> str:

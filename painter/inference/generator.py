@@ -45,9 +45,8 @@ from painter import logs
 from painter.inference import rerank
 from painter.checkpoint.model_dir import LoadedModel, load_model, read_bytes
 from painter.inference.engine import DecodeEngine, Steering
-from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image, preprocess
+from painter.io.images import PROMPT_COLUMN, IMAGE_FORMATS, PIXEL_ROUNDING, ImageRejected, encode_image, image_bytes, load_image, preprocess
 from painter.inference.pixels import uint8_on_device
-from painter.io.rows import PROMPT_COLUMN
 from painter.runtime import check_precision, inference_copy, inference_dtype, pick_device
 from painter.inference.sampling import SamplingConfig, guided_logits
 
@@ -141,20 +140,33 @@ class Generator:
         self.dtype = inference_dtype(self.device, self.config.precision)
         self.gpt = inference_copy(self.model.gpt, self.dtype)
         self.vqgan = inference_copy(self.model.vqgan, self.dtype, channels_last=self.device.type == "cuda")
-        self._engine: DecodeEngine | None = None  # built (and on CUDA captured) on first use
+        self._engines: dict[tuple, DecodeEngine] = {}  # per sampling and steering; built (on CUDA captured) on first use
         self.compile_sampler = compile_sampler
         threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
         self.guidable = self.model.config.null_caption_prob > 0
+        self._storage = storage
+        self.scorer, self._scorer_file = None, None
+        self.reconfigure(self.config)
+
+    def reconfigure(self, config: GenerationConfig) -> "Generator":
+        """Take `config`'s per-call settings (seed, sampling, guidance, candidates, scorer, prompt rows,
+        image format) for the next calls, keeping what the engine settings (model, device, precision,
+        micro-batch) built: the weight copies, the encoding pool and every decode engine already
+        captured. The precision is an engine setting: a config naming another one is refused."""
+        if inference_dtype(self.device, config.precision) != self.dtype:
+            raise ValueError(f"this Generator computes in {self.dtype}; precision {config.precision!r} needs another")
+        self.config = config
         self.guidance = self._guidance()
-        self.scorer = None
-        if self.config.scorer:
-            self.scorer = rerank.load_scorer(read_bytes(self.config.scorer, storage), self.device,
-                                              self.config.scorer)
+        if config.scorer != self._scorer_file:
+            self.scorer = None if not config.scorer else rerank.load_scorer(
+                read_bytes(config.scorer, self._storage), self.device, config.scorer)
+            self._scorer_file = config.scorer
         side = math.isqrt(self.model.config.gpt.img_len)
-        self.keep_codes = self.config.keep_rows * side
+        self.keep_codes = config.keep_rows * side
         if self.keep_codes > self.model.config.gpt.img_len:
-            raise ValueError(f"keep_rows {self.config.keep_rows} is more than the image's {side} token rows")
+            raise ValueError(f"keep_rows {config.keep_rows} is more than the image's {side} token rows")
+        return self
 
     def _guidance(self) -> float:
         """The guidance scale in force: the config's, else DEFAULT_GUIDANCE for a guidable model, else 1."""
@@ -181,12 +193,15 @@ class Generator:
     @property
     def engine(self) -> DecodeEngine:
         """The decode engine for micro_batch x candidates rows (x 2 model rows when guided)."""
-        if self._engine is None:
+        sampling = self.config.sampling
+        key = (sampling.temperature, sampling.top_k, sampling.top_p, self.guidance, self.config.candidates,
+               self.keep_codes > 0)
+        if key not in self._engines:
             combine = functools.partial(guided_logits, guidance=self.guidance) if self.guided else None
             steering = Steering(rows_per_sample=2 if self.guided else 1, combine=combine, forcing=self.keep_codes > 0)
-            self._engine = DecodeEngine(self.gpt, self.config.sampling, self.micro_batch * self.config.candidates,
-                                        steering=steering, compile_sampler=self.compile_sampler)
-        return self._engine
+            self._engines[key] = DecodeEngine(self.gpt, sampling, self.micro_batch * self.config.candidates,
+                                              steering=steering, compile_sampler=self.compile_sampler)
+        return self._engines[key]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Host int array -> int64 device tensor; on CUDA from pinned memory, without waiting for the GPU

@@ -3,8 +3,10 @@
 Owns how images reach the VQGAN on each device (`encode_codes`, `model_input`, `prepare_vqgan`) and how
 many go at once (`default_max_batch`). On CUDA that is the GPU path: the uint8 (b, H, W, 3) pixels are
 copied from pinned memory without blocking (4x fewer bytes than floats) and scaled there, their
-permuted view already channels_last; the VQGAN's convolutions run channels_last under bf16 autocast;
-the codes stay on the device until one copy back at the end. On CPU: fp32 on
+permuted view already channels_last; the VQGAN runs channels_last on a bf16 copy of its weights (as
+generation does: under autocast its GroupNorms and swish would be upcast to fp32 and every weight cast
+again per call), and the nearest-code search stays fp32 (`VectorQuantizer.codes_from_latents`); the
+codes stay on the device until one copy back at the end. On CPU: fp32 on
 `painter.io.images.to_model_input`'s contiguous floats, so the tokens are exactly the reference's.
 `channels_last=False` keeps CUDA in NCHW: torch's CUDA GroupNorm works on NCHW only, so every norm of
 the channels_last VQGAN converts its input; `benchmarks/gpu_train.py` times both layouts.
@@ -18,7 +20,7 @@ import torch
 
 from painter.io.images import to_model_input
 from painter.models.vqgan import VQGAN
-from painter.runtime import autocast
+from painter.runtime import inference_dtype
 
 # Images per VQGAN call by device type. Every call has exactly this many (see `encode_codes`). On a GPU,
 # the tokenize job's default batch (a 256x256 image holds ~100 MiB of activations at the encoder's
@@ -34,12 +36,19 @@ def default_max_batch(device: torch.device) -> int | None:
     return DEFAULT_MAX_BATCH.get(torch.device(device).type)
 
 
-def prepare_vqgan(vqgan: VQGAN, device: torch.device, channels_last: bool = True) -> VQGAN:
-    """The VQGAN in eval mode on `device`; its weights channels_last on CUDA (cuDNN's NHWC kernels) unless not."""
+def prepare_vqgan(vqgan: VQGAN, device: torch.device, channels_last: bool = True,
+                  dtype: torch.dtype | None = None) -> VQGAN:
+    """The VQGAN in eval mode on `device`, converted in place: weights in `dtype` (default bf16 on CUDA,
+    fp32 on CPU) and channels_last on CUDA (cuDNN's NHWC kernels) unless not."""
     device = torch.device(device)
-    vqgan = vqgan.to(device).eval()
+    vqgan = vqgan.to(device=device, dtype=dtype or inference_dtype(device)).eval()
     layout = torch.channels_last if device.type == "cuda" and channels_last else torch.contiguous_format
     return vqgan.to(memory_format=layout)
+
+
+def network_input(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """`model_input` in the dtype of the VQGAN's weights (bf16 on CUDA after `prepare_vqgan`)."""
+    return model_input(pixels, device, channels_last).to(vqgan.quant_conv.weight.dtype)
 
 
 def model_input(pixels: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
@@ -75,8 +84,9 @@ def encode_codes(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, max_bat
     image then differ in the last bits between batch sizes (measured on CPU: batch 1 against 2), and
     that is enough to flip a near-tie in the nearest-code search. The same images read from another
     store, split into other blocks, or rerun after a fault, get the same tokens.
-    `vqgan` is on `device`, prepared with the same `channels_last` (see `prepare_vqgan`). bf16 autocast
-    on CUDA, fp32 on CPU; the nearest-code search is fp32 on both (`VectorQuantizer.codes_from_latents`).
+    `vqgan` is on `device`, prepared with the same `channels_last` (see `prepare_vqgan`); the network runs
+    in its weights' dtype (bf16 on CUDA, fp32 on CPU) without autocast; the nearest-code search is fp32
+    on both (`VectorQuantizer.codes_from_latents`).
     """
     device = torch.device(device)
     n = len(pixels)
@@ -86,9 +96,8 @@ def encode_codes(vqgan: VQGAN, pixels: np.ndarray, device: torch.device, max_bat
         chunk = pixels[start:start + step]
         if len(chunk) < step:  # (step, H, W, 3): the same shape as every other call
             chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        x = model_input(chunk, device, channels_last)  # (step, 3, H, W)
-        with autocast(device):
-            out.append(vqgan.encode(x))  # (step, h*w), left on the device until the end
+        x = network_input(vqgan, chunk, device, channels_last)  # (step, 3, H, W)
+        out.append(vqgan.encode(x))  # (step, h*w), left on the device until the end
     if not out:
         return np.zeros((0, vqgan.config.image_token_count), dtype=np.int64)
     return torch.cat(out)[:n].cpu().numpy()

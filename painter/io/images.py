@@ -48,6 +48,7 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 PIXEL_ROUNDING = ("round", "truncate")  # float -> 8-bit: nearest level, or EasyNLP's astype(np.uint8)
 RESIZE_MODES = ("pil", "easynlp")  # see the module docstring
 DEFAULT_MAX_PIXELS = 40_000_000
+PROMPT_COLUMN = "prompt_image"  # generate's optional input column: an image (bytes, or base64 text) to continue
 DRAFT_GAP = 2  # a reduced JPEG decode keeps its shorter side >= DRAFT_GAP x the target size
 _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/\-_= \t\r\n\v\f]")

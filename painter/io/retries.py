@@ -1,7 +1,7 @@
 """Bounded retries of transient storage errors, configured once for every filesystem painter builds.
 
-`configure_storage_retries()` (run when `painter` is imported, so on the driver and in every Ray worker)
-sets fsspec's defaults for `s3://`: botocore's own "standard" retry mode (`STORAGE_ATTEMPTS` attempts in
+`fsspec_module()` is how painter reaches fsspec: it sets, once per process and before the first filesystem
+is built (so on the driver and in every Ray worker that touches storage), fsspec's defaults for `s3://`: botocore's own "standard" retry mode (`STORAGE_ATTEMPTS` attempts in
 all, exponential back-off with jitter, on throttling, 5xx answers and dropped or refused connections)
 as the only retry layer: s3fs would otherwise repeat every failed call five times on top of botocore's
 attempts, so a dead endpoint would take a minute to report (`painter.io.s3`, registered with fsspec by
@@ -16,6 +16,21 @@ from __future__ import annotations
 STORAGE_ATTEMPTS = 3  # in all: the first try and 2 retries, after up to 1 and 2 s (botocore standard mode's jitter)
 S3FS_TRIES = 1  # s3fs's own loop around each call: botocore's attempts are the one retry layer
 DELTA_RETRIES, DELTA_RETRY_TIMEOUT = 5, "30s"  # delta-rs's object store: back-off from 100 ms, doubling
+
+
+def fsspec_module():
+    """fsspec, with painter's retry defaults set (once per process). Every painter module that uses fsspec
+    takes it from here, so no process reaches storage without them and none imports fsspec before then."""
+    import fsspec
+
+    global _configured
+    if not _configured:
+        configure_storage_retries()
+        _configured = True
+    return fsspec
+
+
+_configured = False
 
 
 def configure_storage_retries() -> None:

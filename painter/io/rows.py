@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 SOURCE, ROW, REASON = "_source", "_row", "_reason"
-PROMPT_COLUMN = "prompt_image"  # generate's optional input column: an image (bytes, or base64 text) to continue
 REJECTED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("source", pa.string()), pa.field("row", pa.int64()),
     pa.field("stage", pa.string()), pa.field("reason", pa.string()),

@@ -20,10 +20,9 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterable
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from painter.errors import StorageError
+from painter.io.retries import fsspec_module
 from painter.io.storage_options import parse_storage_options
 
 COPY_CHUNK = 16 << 20
@@ -31,7 +30,13 @@ COPY_CHUNK = 16 << 20
 
 def filesystem(path: str, options: dict | None = None):
     """(fsspec filesystem, path without protocol) for a local path or URL such as s3://bucket/key."""
-    return fsspec.core.url_to_fs(path, **(options or {}))
+    return fsspec_module().core.url_to_fs(path, **(options or {}))  # fsspec with painter's retries, on first use
+
+
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem  # imported by now: `fs` is an fsspec filesystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 @contextmanager
@@ -143,7 +148,7 @@ class Storage:
         """An open file (a context manager); text modes take encoding/errors/newline. Writing creates the
         parent folder where folders exist (a local disk), as `fsspec.open` does."""
         fs, stripped = self.fs(path)
-        if "r" not in mode and isinstance(fs, LocalFileSystem):
+        if "r" not in mode and _is_local(fs):
             fs.makedirs(posixpath.dirname(stripped), exist_ok=True)
         return fs.open(stripped, mode, **kwargs)
 
@@ -188,7 +193,7 @@ class Storage:
         with fs.open(tmp, "wb") as f:
             for chunk in (data,) if isinstance(data, bytes) else data:
                 f.write(chunk)
-        if isinstance(fs, LocalFileSystem):
+        if _is_local(fs):
             os.replace(tmp, stripped)
         else:
             fs.mv(tmp, stripped)

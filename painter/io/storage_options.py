@@ -63,7 +63,9 @@ def _json_object(text: str, where: str) -> dict:
 def read_source(text: str, flag: str, *, what: str = "the JSON") -> str:
     """The text behind an indirect source: `env:NAME` (an environment variable) or `@PATH` (a file, local or
     any fsspec URL, read with the environment's credentials). Errors name the source, never the value."""
-    import fsspec
+    from painter.io.retries import fsspec_module
+
+    fsspec = fsspec_module()
 
     where = f"{flag} {text}"
     if text.startswith(ENV_PREFIX):

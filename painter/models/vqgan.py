@@ -12,6 +12,7 @@ Shapes: B batch, C channels, H/W image size, h/w latent grid (H // downsample_fa
 D embed_dim, K n_embed.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -245,6 +246,13 @@ class Decoder(nn.Module):
 # -----------------------------------------------------------------------------
 # vector quantizer
 
+def _autocast_off(device: torch.device):
+    """Autocast disabled on `device`; nothing to disable on devices without autocast (meta: FLOP counts)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup (taming's VectorQuantizer2, without remapping)."""
 
@@ -259,13 +267,15 @@ class VectorQuantizer(nn.Module):
     def codes_from_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) latents -> (B, h*w) nearest code ids, row-major over (h, w)."""
         B, D, h, w = z.shape
-        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-        e = self.embedding.weight.detach().float()  # (K, D)
-        # squared L2 distance ||z||^2 - 2 z.e + ||e||^2, in fp32
-        d = (zf.pow(2).sum(dim=1, keepdim=True)
-             - 2.0 * zf @ e.t()
-             + e.pow(2).sum(dim=1)[None, :])  # (B*h*w, K)
-        return d.argmin(dim=1).view(B, h * w)
+        # squared L2 distance ||z||^2 - 2 z.e + ||e||^2, in fp32 whatever the caller's autocast: a bf16
+        # GEMM here moves near-ties (a quarter of the codes of a bf16 encode changed)
+        with _autocast_off(z.device):
+            zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+            e = self.embedding.weight.detach().float()  # (K, D)
+            d = (zf.pow(2).sum(dim=1, keepdim=True)
+                 - 2.0 * zf @ e.t()
+                 + e.pow(2).sum(dim=1)[None, :])  # (B*h*w, K)
+            return d.argmin(dim=1).view(B, h * w)
 
     def latents_from_codes(self, codes: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w) code ids -> (B, D, h, w) codebook vectors."""

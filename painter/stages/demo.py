@@ -16,7 +16,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 
-import fsspec
+from painter.io.retries import fsspec_module
 
 from painter import logs
 from painter.evaluation import synthetic
@@ -25,6 +25,8 @@ from painter.errors import ErrorRateExceeded, InputError
 from painter.io.storage import absolute
 from painter.options import option
 from painter.checkpoint.tokenizer import TextTokenizer
+
+fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
 
 log = logs.get("demo")
 SCORES = ("colour_shape", "colour", "shape", "background", "size", "position")

@@ -40,6 +40,7 @@ from painter import logs
 from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, check_error_rate
 from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
+from painter.io.images import PROMPT_COLUMN
 from painter.io import output as out
 from painter.io import columns as column_map, tables
 from painter.io.checks import check_inputs, check_output
@@ -47,7 +48,6 @@ from painter.io.easynlp_tsv import easynlp_lines, write_lines
 from painter.io.images import IMAGE_FORMATS, PIXEL_ROUNDING
 from painter.io.output_table import Committer, OutputTable, new_batch_id
 from painter.io.key_buckets import KeyBuckets
-from painter.io.rows import PROMPT_COLUMN
 from painter.io.run_dates import is_range, nights
 from painter.io.storage import Storage, as_storage
 from painter.options import max_error_rate_option, option, to_dict

@@ -28,7 +28,8 @@ import ray
 
 from painter.errors import InputError
 from painter.io.key_buckets import KeyBuckets, write_part
-from painter.io.rows import PROMPT_COLUMN, REASON, ROW, SOURCE, pair_keys, pairs_in
+from painter.io.images import PROMPT_COLUMN
+from painter.io.rows import REASON, ROW, SOURCE, pair_keys, pairs_in
 from painter.io.storage import Storage
 from painter.io.tables import parquet_rows
 from painter.stages.datasets import duplicate_keys, iter_blocks, read_input, rejected_rows

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fsspec
+from painter.io.retries import fsspec_module
 
 from painter.evaluation import synthetic
 from painter.errors import PainterError
 from painter.options import option
+
+fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
 
 
 @dataclass(kw_only=True)

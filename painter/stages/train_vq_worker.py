@@ -24,6 +24,7 @@ from painter.checkpoint.model_dir import load_model, save_model
 from painter.inference.encoder import PIXELS
 from painter.io.rows import ROW, SOURCE, rank_share
 from painter.models.vqgan import VQGAN
+from painter.runtime import synchronize
 from painter.evaluation.reconstruction import ReconstructionMeter
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
 from painter.training.vqgan import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
@@ -167,6 +168,7 @@ class VQRun(TrainerRun):
             values /= self.world
         loss, l1, l2, codebook, grad_norm, gan, disc = values.tolist()
         usage = self.counter.window_usage()  # every rank: it all-reduces
+        synchronize(self.device)  # logging steps only: the clock then counts the steps' device work, done
         seconds = time.perf_counter() - self.window_start
         images = self.window_rows * self.world
         self.state["images"] += images

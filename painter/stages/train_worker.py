@@ -25,7 +25,7 @@ import torch.distributed as dist
 from painter.checkpoint.model_dir import load_model, save_model
 from painter.io.shards import read_split
 from painter.models.gpt import GPT
-from painter.runtime import autocast
+from painter.runtime import synchronize, autocast
 from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
 from painter.training.gpt import GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
 
@@ -101,8 +101,21 @@ class GPTRun(TrainerRun):
                              "metrics": {}}
 
     def batches(self, shard, epoch: int, steps_done: int):
-        """Micro-batches (text_ids, image_tokens, idx) of `epoch` copied ahead to the device."""
-        return prefetch_to_device(self.host_batches(shard, epoch, skip=steps_done * self.tc.grad_accum), self.device)
+        """Micro-batches (text_ids, image_tokens, idx) of `epoch`, captions dropped on the host, copied
+        ahead to the device."""
+        host = self.host_batches(shard, epoch, skip=steps_done * self.tc.grad_accum)
+        return prefetch_to_device(self.with_dropped_captions(host, self.state["step"]), self.device)
+
+    def with_dropped_captions(self, batches, first_step: int):
+        """Caption dropout (`--null-caption-prob`) of host micro-batches, the j-th being micro-batch
+        j % grad_accum of step first_step + j // grad_accum; rows numbered across ranks. On the host, with
+        the batch, before the prefetch: the draw builds its row keys from Python values, which on the
+        device would be a blocking copy every micro-batch."""
+        accum = self.tc.grad_accum
+        for j, (text_ids, image_tokens, idx) in enumerate(batches):
+            first_row = (self.rank * accum + j % accum) * text_ids.size(0)
+            yield drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
+                                self.cfg["seed"], first_step + j // accum, first_row), image_tokens, idx
 
     def host_batches(self, shard, epoch: int, skip: int):
         """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
@@ -121,7 +134,7 @@ class GPTRun(TrainerRun):
                 yield batch
 
     def step(self, batches, epoch: int):
-        micro = [self._drop_captions(self._next(batches, epoch), m) for m in range(self.tc.grad_accum)]
+        micro = [self._next(batches, epoch) for _ in range(self.tc.grad_accum)]
         self.last_micro = micro[-1]
         return train_step(self.model, self.optimizer, micro, self.tc, self.state["step"],
                           self.config.gpt.img_vocab_size, self.generator)
@@ -134,19 +147,13 @@ class GPTRun(TrainerRun):
             self.rows_seen += idx
         return text_ids, image_tokens
 
-    def _drop_captions(self, batch, micro: int):
-        """Caption dropout (`--null-caption-prob`) of this step's micro-batch `micro`; rows numbered across ranks."""
-        text_ids, image_tokens = batch
-        first_row = (self.rank * self.tc.grad_accum + micro) * text_ids.size(0)
-        return drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
-                             self.cfg["seed"], self.state["step"], first_row), image_tokens
-
     def metrics(self, result, epoch: int) -> dict:
         """Metrics of the step just done, averaged over ranks, and throughput since the last report."""
         loss = result.loss.detach().clone()
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
+        synchronize(self.device)  # logging steps only: the clock then counts the steps' device work, done
         seconds = time.perf_counter() - self.window_start
         tokens = self.window_rows * self.world * self.config.gpt.block_size
         self.state["tokens"] += tokens

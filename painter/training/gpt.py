@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -220,17 +222,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 
 # Dense bf16 peaks (TFLOP/s, no sparsity) by a substring of `torch.cuda.get_device_name`; the first
 # match wins, so the more specific names come first.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "H200": 989.0, "B200": 2250.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0, "A10": 125.0}
+# Dense bf16 peaks by model: (model, variant) -> TFLOP/s; variant None is the model's default part (the
+# SXM module). Matched on whole words of the name CUDA reports, never substrings: "NVIDIA L40" is not an
+# L4, "NVIDIA H100 NVL" is not an SXM H100 (`known_peak_tflops`).
+PEAK_BF16_TFLOPS = {("H100", None): 989.0, ("H100", "PCIe"): 756.0, ("H100", "NVL"): 835.0,
+                    ("H200", None): 989.0, ("H200", "NVL"): 835.0, ("GH200", None): 989.0,
+                    ("B200", None): 2250.0, ("A100", None): 312.0, ("L40S", None): 362.0,
+                    ("L40", None): 181.0, ("L4", None): 121.0, ("A10G", None): 70.0, ("A10", None): 125.0}
+
+
+def known_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak for a CUDA device name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 NVL"), matching the model and variant as whole words; None for a model not in the table."""
+    words = {w.lower() for w in re.split(r"[\s\-_/]+", device_name) if w}
+    for (model, variant), peak in PEAK_BF16_TFLOPS.items():
+        if variant is not None and model.lower() in words and variant.lower() in words:
+            return peak
+    return next((peak for (model, variant), peak in PEAK_BF16_TFLOPS.items()
+                 if variant is None and model.lower() in words), None)
 
 
 def peak_bf16_tflops(device: torch.device) -> float | None:
-    """The dense bf16 peak of a known GPU (None on CPU or an unknown GPU)."""
+    """The dense bf16 peak of a known GPU; None on CPU, and on an unknown GPU, which is said in the log
+    (pass the peak by hand, e.g. the benchmarks' --peak-tflops, for an MFU figure)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak = known_peak_tflops(name)
+    if peak is None:
+        logging.getLogger("painter.train").warning(f"unknown GPU {name!r}: no bf16 peak, so no MFU figure")
+    return peak
 
 
 def train_flops_per_token(gpt: GPT) -> int:

@@ -1,0 +1,48 @@
+"""benchmarks/generate.py as a subprocess on CPU: the old-engine and reference comparison runs and
+reports its ratios, and a run killed midway leaves every finished section in its JSON."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "generate.py"
+SMALL = ["--preset", "small", "--device", "cpu", "--batch-size", "2", "--rows", "2", "--repeats", "1"]
+
+
+def test_comparison_with_old_engine_and_reference_reports_the_ratios(tmp_path):
+    out = tmp_path / "generate.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and "errors" not in result, result.get("errors")
+    assert result["same_tokens_as_old_engine"] is True  # fp32 on CPU: the engine's codes are the old path's
+    for key in ("speedup", "speedup_vs_old_engine", "speedup_in_cpu_seconds"):
+        assert result[key] > 0, key
+    assert result["speedup"] == round(result["ours"]["images_per_second"] / result["reference"]["images_per_second"], 2)
+
+
+def test_a_killed_run_keeps_its_finished_sections(tmp_path):
+    out = tmp_path / "generate.json"
+    child = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--json", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stderr:  # the script says when each section is on disk; wait for the first
+            if line.startswith("report: section ours written"):
+                break
+        else:
+            raise AssertionError(f"the run ended before its first section (exit {child.wait()})")
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+    result = json.loads(out.read_text())  # whole: written by rename, never half a file
+    assert result["ours"]["images_per_second"] > 0 and result["preset"] == "small"
+    assert "complete" not in result  # stopped before its end, and says so
