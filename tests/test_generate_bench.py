@@ -3,7 +3,6 @@ reports its ratios, and a run killed midway leaves every finished section in its
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
