@@ -72,3 +72,11 @@ def stop_serving() -> None:
 
 def auth() -> dict:
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def serving(model_dir: str, tmp_path_factory):
+    """A module's `served` fixture: a generated night of `model_dir` served on Ray; yields (url, table root)."""
+    table = generate_night(model_dir, tmp_path_factory.mktemp("night"))
+    url = start_serving(model_dir, table)
+    yield url, table
+    stop_serving()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from painter.io.reviews import ReviewTable
-from serve_helpers import DATE, TOKEN, XSS, generate_night, start_serving, stop_serving, wait_until
+from serve_helpers import DATE, TOKEN, XSS, serving, wait_until
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -48,10 +48,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_model_dir, tmp_path_factory):
-    table = generate_night(tiny_model_dir, tmp_path_factory.mktemp("night"))
-    url = start_serving(tiny_model_dir, table)
-    yield url, table
-    stop_serving()
+    yield from serving(tiny_model_dir, tmp_path_factory)
 
 
 def _cards(driver) -> dict:

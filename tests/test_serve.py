@@ -13,18 +13,14 @@ import requests
 from painter.cli import main as cli
 from painter.io.output_table import OutputTable
 from painter.io.reviews import ReviewTable
-from serve_helpers import (DATE, NIGHT_SEED, TOKEN, TOKEN_VARIABLE, auth, generate_night, prompts, start_serving,
-                           stop_serving)
+from serve_helpers import (DATE, NIGHT_SEED, TOKEN, TOKEN_VARIABLE, auth, prompts, serving)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_model_dir, tmp_path_factory):
-    table = generate_night(tiny_model_dir, tmp_path_factory.mktemp("night"))
-    url = start_serving(tiny_model_dir, table)
-    yield url, table
-    stop_serving()
+    yield from serving(tiny_model_dir, tmp_path_factory)
 
 
 def test_served_images_are_the_nightly_jobs_bytes(served):
