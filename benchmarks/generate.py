@@ -45,7 +45,7 @@ from painter.inference.generator import GenerationConfig, Generator  # noqa: E40
 from painter.io.images import encode_image  # noqa: E402
 from painter.inference.pixels import uint8_from_tensor  # noqa: E402
 from painter.training.gpt import peak_bf16_tflops  # noqa: E402
-from painter.runtime import autocast, pick_device  # noqa: E402
+from painter.runtime import autocast, inference_copy, pick_device  # noqa: E402
 from painter.inference.sampling import choose_codes, generate, reference_generate, row_keys  # noqa: E402
 
 PROMPTS = ["宽松T恤", "红色连衣裙", "远处的雪山，表面覆盖着厚厚的积雪", "蓝色牛仔裤"]
@@ -199,6 +199,29 @@ def breakdown(generator: Generator, repeats: int) -> dict:
     return result
 
 
+def decoder_layouts(generator: Generator, repeats: int, compile_decoder: bool) -> dict:
+    """VQGAN decode images/s of one micro-batch of codes in NCHW, in channels_last and (with
+    `compile_decoder`) NCHW under torch.compile, on the generator's weight copy: which layout the GPU
+    default should be is decided by this measurement (CUDA's GroupNorm works on NCHW only, so a
+    channels_last decoder pays a conversion around every norm)."""
+    device, n = generator.device, generator.micro_batch
+    codes = torch.randint(0, generator.model.vqgan.config.n_embed, (n, generator.model.gpt.config.img_len),
+                          device=device)
+    vqgan, dtype = generator.model.vqgan, generator.dtype
+    variants = {"nchw": lambda: inference_copy(vqgan, dtype).decode,
+                "channels_last": lambda: inference_copy(vqgan, dtype, channels_last=True).decode}
+    if compile_decoder:
+        variants["compiled_nchw"] = lambda: torch.compile(inference_copy(vqgan, dtype).decode)
+    result = {}
+    for name, make in variants.items():
+        decode = make()
+        with torch.inference_mode():
+            decode(codes)  # warm-up (and compilation)
+            result[f"{name}_images_per_second"] = round(n / timed(lambda: decode(codes), device, repeats), 2)
+    result["fastest"] = max((k for k in result), key=result.get).removesuffix("_images_per_second")
+    return result
+
+
 def gpu_utilisation(generator: Generator, rates: dict, peak_tflops: float | None) -> dict:
     name = torch.cuda.get_device_name(generator.device)
     source = "--peak-tflops" if peak_tflops else "table"
@@ -297,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-old", action="store_true", help="do not time the old engine (nor the reference)")
     parser.add_argument("--compile-sampler", action="store_true", help="torch.compile the engine's sampler")
     parser.add_argument("--sweep", default="", help="micro-batch sizes to measure ours at, comma-separated")
+    parser.add_argument("--decoder-layouts", action="store_true",
+                        help="time the VQGAN decode in NCHW and channels_last (and compiled on CUDA)")
     parser.add_argument("--json", default=None, help="also write the JSON object to this file")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for the whole run: a section that would start later is skipped")
@@ -314,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "encode_threads": generator._pool._max_workers if generator._pool else 0}
     ours = report.section("ours", lambda: measure(generator, args))
     report.section("host_calls_per_step", lambda: host_calls_per_step(generator))
+    if args.decoder_layouts:
+        report.section("decoder_layouts", lambda: decoder_layouts(generator, args.repeats, device.type == "cuda"))
     if not args.skip_old:
         compare(report, loaded, generator, args)
     if args.sweep:

@@ -59,7 +59,7 @@ fi
 if [ "$DEVICE" = cuda ]; then
   BUDGET=465  # seconds for the whole script (under 8 minutes): each step's limit is cut to what is left
   # name|preset|micro-batch|extra arguments|time limit (s)
-  RUNS="base|base|256|--sweep 64,128,512 --repeats 2|110
+  RUNS="base|base|256|--sweep 64,128,512 --repeats 2 --decoder-layouts|110
 base-compiled-sampler|base|256|--compile-sampler --skip-old --repeats 2|60
 large|large|256|--sweep 128,512 --repeats 2|100"
   TEST_LIMIT=60

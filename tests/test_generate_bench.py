@@ -45,3 +45,15 @@ def test_a_killed_run_keeps_its_finished_sections(tmp_path):
     result = json.loads(out.read_text())  # whole: written by rename, never half a file
     assert result["ours"]["images_per_second"] > 0 and result["preset"] == "small"
     assert "complete" not in result  # stopped before its end, and says so
+
+
+def test_decoder_layouts_are_timed_side_by_side(tmp_path):
+    """The GPU default layout of the VQGAN decode is picked by this section (compiled too, on CUDA)."""
+    out = tmp_path / "layouts.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--skip-old", "--decoder-layouts", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    layouts = json.loads(out.read_text())["decoder_layouts"]
+    assert layouts["nchw_images_per_second"] > 0 and layouts["channels_last_images_per_second"] > 0
+    assert "compiled_nchw_images_per_second" not in layouts  # compiled only on CUDA
+    assert layouts["fastest"] in ("nchw", "channels_last")

@@ -139,7 +139,9 @@ class Generator:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
         self.dtype = inference_dtype(self.device, self.config.precision)
         self.gpt = inference_copy(self.model.gpt, self.dtype)
-        self.vqgan = inference_copy(self.model.vqgan, self.dtype, channels_last=self.device.type == "cuda")
+        # NCHW: CUDA's GroupNorm works on NCHW only, so a channels_last decoder converts around every norm;
+        # benchmarks/generate.py --decoder-layouts times both (and torch.compile) for the first GPU run to decide
+        self.vqgan = inference_copy(self.model.vqgan, self.dtype)
         self._engines: dict[tuple, DecodeEngine] = {}  # per sampling and steering; built (on CUDA captured) on first use
         self.compile_sampler = compile_sampler
         threads = default_encode_threads(self.device) if encode_threads is None else encode_threads
