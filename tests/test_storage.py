@@ -114,6 +114,17 @@ def test_find_sees_files_another_client_wrote_after_a_listing(s3_bucket):
     assert storage.find(f"s3://{bucket}/t", (".parquet",)) == [f"{bucket}/t/a.parquet", f"{bucket}/t/b.parquet"]
 
 
+def test_writing_under_a_missing_bucket_fails_and_creates_no_bucket(s3_bucket):
+    """A write is never a bucket's creation: a job whose output bucket is missing (its log uploaded there at
+    the end) once created it, and the next job to that output found a bucket it should have refused."""
+    _, options = s3_bucket
+    storage = Storage({"endpoint_url": options["endpoint_url"]})
+    with pytest.raises(Exception):
+        storage.write_atomic("s3://never-made-bucket/out/_logs/job.log", b"log")
+    fs, _ = storage.fs("s3://never-made-bucket/out", fresh=True)
+    assert not fs.exists("never-made-bucket")
+
+
 def test_ray_train_location_strips_remote_urls_only(tmp_path):
     assert Storage().train_location(str(tmp_path)) == (str(tmp_path), None)
     path, filesystem = Storage().train_location("memory://bucket/runs")

@@ -187,7 +187,7 @@ class Storage:
         the bytes, or chunks of them written as they come (a file too large to hold at once)."""
         fs, stripped = self.fs(path)
         head = posixpath.dirname(stripped)
-        if head:
+        if head and _is_local(fs):  # an object store has no folders, and s3fs's makedirs creates a missing bucket
             fs.makedirs(head, exist_ok=True)
         tmp = temp_beside(stripped)
         with fs.open(tmp, "wb") as f:
