@@ -58,13 +58,14 @@ def test_non_secret_options_stay_allowed_inline():
 
 
 def test_refused_by_the_command_line_before_anything_runs(ray_session, tmp_path, capfd):
-    """Through `painter tokenize`: exit 1, the reason as the last line, the value printed nowhere."""
+    """Through `painter tokenize`: exit 2 (bad usage), the reason as the last line, the value printed nowhere."""
     args = ["tokenize", "--input", str(tmp_path / "in.tsv"), "--model", str(tmp_path / "m"), "--output",
             str(tmp_path / "out"), "--storage-options", '{"client_kwargs": {"aws_secret_access_key": "s3cr3t-value"}}']
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     captured = capfd.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["status"] == "failed" and "client_kwargs.aws_secret_access_key" in summary["error"]
+    assert summary["failure"] == "usage"
     assert "s3cr3t-value" not in captured.out + captured.err
     assert not (tmp_path / "out").exists()
 
