@@ -18,13 +18,10 @@ class Bare(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"{{name}} is not on a bare GPU box", name=name)
 sys.meta_path.insert(0, Bare())
 """
-# painter.inference.encoder is the tokenize job's Arrow adapter (token-shard tables in and out); what it
-# runs on the device is painter.inference.vq_encode, which is checked here.
-ARROW_ADAPTERS = {"painter.inference.encoder"}
 BARE_MODULES = sorted(
     {"painter", "painter.pipeline", "painter.checkpoint.model_dir", "painter.checkpoint.config"} |
     {".".join(p.relative_to(ROOT).with_suffix("").parts) for folder in ("models", "inference", "training")
-     for p in (ROOT / "painter" / folder).glob("*.py") if p.name != "__init__.py"} - ARROW_ADAPTERS)
+     for p in (ROOT / "painter" / folder).glob("*.py") if p.name != "__init__.py"})
 
 
 def run(code: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from painter.checkpoint.model_dir import load_model
-from painter.inference.encoder import PIXELS, PREPARED_SCHEMA, ImageEncoder, prepare_batch
+from painter.inference.encoder import PIXELS, ImageEncoder, prepare_batch, prepared_schema
 from painter.io.images import fit_square, load_image, prepare_pixels, preprocess, to_model_input
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.inference.vq_encode import default_max_batch, model_input, scale_channels_last
@@ -48,7 +48,7 @@ def test_prepare_batch_reasons_per_row():
                      [good, good, good, good, good, good, "@@"],
                      [None, None, None, None, None, "expected 3 tab-separated fields", None])
     out = prepare_batch(rows, 32)
-    assert out.schema == PREPARED_SCHEMA
+    assert out.schema == prepared_schema()
     assert out[REASON].to_pylist() == [None, "empty idx", "missing idx", "empty text", "empty text",
                                        "expected 3 tab-separated fields",
                                        "bad base64 (invalid character '@' at position 0)"]

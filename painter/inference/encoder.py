@@ -12,29 +12,40 @@ Batch contract (a `pyarrow.Table` or a dict of columns; every column has one ent
        list<int32> (text_len), `image_tokens` list<int16|int32> (img_len), `is_truncated` bool, the
        bookkeeping columns and `_reason`. Rejected rows keep their reason and get null token columns.
 The input columns `pixels` and any image cell columns are dropped.
+
+pyarrow (and the `painter.io` modules built on it) load on first use, inside the functions that
+handle tables: importing this module needs what the rest of `painter.inference` needs (torch, numpy,
+pillow, safetensors, tokenizers: what a bare GPU box has).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pyarrow as pa
 import torch
-import pyarrow.compute as pc
 
 from painter.checkpoint.model_dir import LoadedModel, load_model
-from painter.io import rows
 from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
-from painter.io.rows import REASON, ROW, SOURCE
-from painter.io.shards import ShardInfo
 from painter.runtime import pick_device
 from painter.inference.vq_encode import default_max_batch, encode_codes, prepare_vqgan
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PIXELS = "pixels"
 BASE64_COLUMN, BINARY_COLUMN = "imgbase64", "image"  # TSV/Parquet base64 text; Parquet raw file bytes
 _DROPPED = (PIXELS, BASE64_COLUMN, BINARY_COLUMN)
-PREPARED_SCHEMA = pa.schema([
-    pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field(PIXELS, pa.binary()),
-    pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()), pa.field(REASON, pa.string()),
-])
+
+
+def prepared_schema() -> pa.Schema:
+    """The schema of `prepare_batch`'s output."""
+    import pyarrow as pa
+    from painter.io.rows import REASON, ROW, SOURCE
+
+    return pa.schema([
+        pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field(PIXELS, pa.binary()),
+        pa.field(SOURCE, pa.string()), pa.field(ROW, pa.int64()), pa.field(REASON, pa.string()),
+    ])
 
 
 def _text_reason(name: str, value) -> str | None:
@@ -48,6 +59,8 @@ def _text_reason(name: str, value) -> str | None:
 def image_cells(table: pa.Table) -> tuple[list, list[bool]]:
     """(each row's image cell, whether it is base64): the row's `imgbase64` where it has one, else its
     Parquet binary `image` (`painter.io.rows.image_cells`, chosen per row)."""
+    from painter.io import rows
+
     found = rows.image_cells(table, (BASE64_COLUMN,), (BINARY_COLUMN,))
     if found is None:
         raise ValueError(f"rows have neither an {BASE64_COLUMN!r} nor an {BINARY_COLUMN!r} column")
@@ -55,12 +68,15 @@ def image_cells(table: pa.Table) -> tuple[list, list[bool]]:
 
 
 def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "pil") -> pa.Table:
-    """Rows read by `painter.io.tables` -> `PREPARED_SCHEMA` rows: uint8 (size, size, 3) pixels as bytes.
+    """Rows read by `painter.io.tables` -> `prepared_schema()` rows: uint8 (size, size, 3) pixels as bytes.
 
     A row keeps the reason it was read with; otherwise it is rejected for a missing or empty idx or
     text, or for its image (bad base64, not an image, truncated, too large, ...). Never raises for
     bad data.
     """
+    import pyarrow as pa
+    from painter.io.rows import REASON, ROW, SOURCE
+
     cells, is_base64 = image_cells(batch)
     idx, text = batch["idx"].to_pylist(), batch["text"].to_pylist()
     reasons = batch[REASON].to_pylist()
@@ -76,7 +92,7 @@ def prepare_batch(batch: pa.Table, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     return pa.table({
         "idx": [None if v is None else str(v) for v in idx], "text": [None if v is None else str(v) for v in text],
         PIXELS: pixels, SOURCE: batch[SOURCE].cast(pa.string()), ROW: batch[ROW].cast(pa.int64()), REASON: reasons,
-    }, schema=PREPARED_SCHEMA)
+    }, schema=prepared_schema())
 
 
 class ImageEncoder:
@@ -92,6 +108,8 @@ class ImageEncoder:
 
     def __init__(self, model: str | LoadedModel, device=None, max_batch: int | None = None, storage=None,
                  threads: int | None = None):
+        from painter.io.shards import ShardInfo
+
         self.device = pick_device(device)
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -118,6 +136,10 @@ class ImageEncoder:
         return np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(len(cells), size, size, 3)
 
     def __call__(self, batch) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from painter.io.rows import REASON
+
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         n = table.num_rows
         good = pc.is_null(table[REASON]).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
@@ -131,6 +153,9 @@ class ImageEncoder:
         return self._output(table, rows, ids, codes, truncated)
 
     def _output(self, table: pa.Table, rows: np.ndarray, ids, codes, truncated) -> pa.Table:
+        import pyarrow as pa
+        from painter.io.rows import REASON
+
         info, n = self.info, table.num_rows
         token_np = np.int16 if info.token_type == pa.int16() else np.int32
         mask = np.ones(n, dtype=bool)
@@ -161,12 +186,16 @@ class DecodingEncoder:
         self.max_pixels, self.resize = max_pixels, resize
 
     def __call__(self, batch) -> pa.Table:
+        import pyarrow as pa
+
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         return self.encoder(prepare_batch(table, self.encoder.info.image_size, self.max_pixels, self.resize))
 
 
 def _list_column(values: np.ndarray, null_mask: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """(n, k) array -> list<value_type> column, null where `null_mask`."""
+    import pyarrow as pa
+
     n, k = values.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     flat = pa.array(values.ravel(), value_type)
