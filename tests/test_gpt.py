@@ -171,6 +171,11 @@ def test_loss_is_cross_entropy_on_image_positions_only():
             count += 1
     assert loss.ndim == 0
     assert float(loss) == pytest.approx(total / count, rel=1e-5, abs=1e-5)
+    # the head runs on the image-predicting positions only: the same logits as the full forward's slice
+    with torch.no_grad():
+        image_logits = model.image_logits(text_ids, codes)
+    assert image_logits.shape == (3, config.img_len, config.img_vocab_size)
+    assert torch.allclose(image_logits, logits[:, config.text_len - 1:-1], atol=1e-5)
     # changing text tokens changes the loss (the text conditions the image); the loss is not on text
     with torch.no_grad():
         other = model.loss((text_ids + 1) % config.text_vocab_size, codes)

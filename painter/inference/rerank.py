@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from painter.errors import InputError
 from painter.models.gpt import GPT
@@ -38,9 +39,9 @@ def candidate_keys(seed: int, idxs: Sequence[str], samples: Sequence[int], n: in
 @torch.inference_mode()
 def token_log_likelihood(gpt: GPT, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """(B,) mean log p(code_t | text, codes_<t) over the image codes (B, img_len), in fp32."""
-    seq = gpt.sequence(text_ids, codes)  # (B, Tt+Ti)
-    logits = gpt(seq[:, :-1])[:, text_ids.size(1) - 1:].float()  # (B, Ti, V_img)
-    return logits.log_softmax(-1).gather(-1, codes[..., None].long())[..., 0].mean(-1)  # (B,)
+    logits = gpt.image_logits(text_ids, codes).float()  # (B, Ti, V_img)
+    nll = F.cross_entropy(logits.flatten(0, 1), codes.reshape(-1).long(), reduction="none")  # (B*Ti,)
+    return -nll.view(codes.shape).mean(-1)  # (B,)
 
 
 @torch.inference_mode()

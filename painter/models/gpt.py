@@ -184,8 +184,8 @@ class GPT(nn.Module):
             seq = torch.cat([seq, image_codes.long()], dim=1)  # (B, Tt+Ti)
         return seq
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) embedding ids -> logits over image codes (B, T, img_vocab_size).
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) embedding ids -> the last block's output (B, T, C), before `ln_f` and the head.
 
         With a cache, idx holds only the new positions, which continue at `cache.length`.
         """
@@ -198,7 +198,21 @@ class GPT(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += T
-        return self.head(self.ln_f(x))  # (B, T, img_vocab_size)
+        return x
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) embedding ids -> logits over image codes (B, T, img_vocab_size); see `hidden`."""
+        return self.head(self.ln_f(self.hidden(idx, cache)))  # (B, T, img_vocab_size)
+
+    def image_logits(self, text_ids: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """Logits (B, Ti, img_vocab_size) predicting each image code from the text and the codes before it.
+
+        One forward of [text, image[:-1]]; `ln_f` and the head run on the Ti positions that predict image
+        codes only (the text positions before them predict nothing that is scored).
+        """
+        seq = self.sequence(text_ids, image_codes)  # (B, Tt+Ti)
+        x = self.hidden(seq[:, :-1])[:, text_ids.size(1) - 1:]  # (B, Ti, C): position p predicts p+1
+        return self.head(self.ln_f(x))  # (B, Ti, img_vocab_size)
 
     def forward_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """idx (B, T) embedding ids at `positions` (T,) int64 on the device -> the next code's logits
@@ -221,10 +235,8 @@ class GPT(nn.Module):
         as input and scores the clean ones.
         """
         targets = image_codes if targets is None else targets
-        seq = self.sequence(text_ids, image_codes)  # (B, Tt+Ti)
-        logits = self(seq[:, :-1])  # (B, Tt+Ti-1, V_img)
-        image_logits = logits[:, text_ids.size(1) - 1:]  # (B, Ti, V_img): predicts image positions
-        return F.cross_entropy(image_logits.reshape(-1, image_logits.size(-1)), targets.reshape(-1).long())
+        logits = self.image_logits(text_ids, image_codes)  # (B, Ti, V_img)
+        return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).long())
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
