@@ -146,6 +146,33 @@ def test_top_k_only_sampler_picks_the_reference_samplers_codes(sampling):
         assert torch.equal(sample_codes(logits, keys, torch.tensor([step]), sampling), expected)
 
 
+@pytest.mark.parametrize("sampling, kept", [(SamplingConfig(temperature=1.0, top_k=5), {3, 17, 0, 2, 5}),
+                                             (SamplingConfig(temperature=0.5, top_k=5, top_p=0.8), {3, 17, 0})],
+                         ids=["top_k", "top_k+top_p"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_tied_at_the_kth_keep_the_lower_codes_in_engine_and_reference(sampling, kept, dtype):
+    """Ten equal logits straddle the 5th: both samplers keep the two larger codes and the lowest tied
+    codes (stable descending order), never a higher tied one, and pick the same code for every row."""
+    n, vocab = 4000, 40
+    logits = torch.full((vocab,), -4.0)
+    logits[[3, 17]] = torch.tensor([2.0, 1.5])
+    logits[[33, 0, 25, 5, 39, 2, 11, 20, 8, 30]] = 1.0
+    batch, keys = logits.to(dtype).expand(n, vocab), keys_for(n, seed=2)
+    engine = sample_codes(batch, keys, 3, sampling)
+    assert torch.equal(engine, choose_codes(batch, keys, 3, sampling))
+    assert set(engine.tolist()) == kept  # every kept code is drawn, no other
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
+def test_bf16_logits_tie_often_and_both_samplers_break_the_ties_alike(sampling):
+    logits = (torch.randn(512, 300, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    ranked = logits.float().sort(dim=-1, descending=True).values
+    assert int((ranked[:, 49] == ranked[:, 50]).sum()) > 50  # many rows tie at the 50th logit
+    keys = keys_for(512, seed=6)
+    for step in (0, 9, 200):
+        assert torch.equal(sample_codes(logits, keys, step, sampling), choose_codes(logits, keys, step, sampling))
+
+
 def test_top_k_only_sampler_matches_softmax_probabilities():
     """The same statistical check as the Gumbel test in test_sampling, on `sample_codes`: noise drawn for
     the k candidates only still samples softmax(logits / T) renormalised over the top k (and top p)."""

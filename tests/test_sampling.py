@@ -129,6 +129,16 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.isfinite(filter_logits(logits, 2, 0.75)).sum(dim=-1).tolist() == [2, 1, 2]
 
 
+def test_equal_logits_fall_to_the_lower_code_in_top_k_and_top_p():
+    """The tie rule (stable descending order): of equal logits straddling the cut, the lower codes stay,
+    and top-k keeps exactly k."""
+    logits = torch.tensor([[0.2, 0.3, 0.2, 0.1, 0.2]]).log()  # codes 0, 2 and 4 tie
+    assert torch.isfinite(filter_logits(logits, 2, None)).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, 3, None)).tolist() == [[True, True, True, False, False]]
+    # sorted: 0.3 (code 1), then 0.2 for codes 0, 2, 4; 0.3 + 0.2 + 0.2 reaches 0.6 at code 2
+    assert torch.isfinite(filter_logits(logits, None, 0.6)).tolist() == [[True, True, True, False, False]]
+
+
 def test_top_p_nucleus_reaching_p_exactly_is_not_extended():
     # probabilities 0.5, 0.25, 0.25: the top token alone already holds p = 0.5
     logits = torch.tensor([[0.5, 0.25, 0.25]]).log()

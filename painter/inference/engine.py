@@ -7,8 +7,10 @@ at its position, sample code s). Nothing in the loop reads a tensor on the host,
 the same shapes, so on CUDA the prefill and the step are each captured once as a `torch.cuda.CUDAGraph`
 and the loop is `img_len - 1` graph replays. On CPU the same functions run eagerly.
 
-Sampling is `painter.inference.sampling.sample_codes` (noise hashed for the top-k candidates only); the tokens
-equal `painter.inference.sampling.reference_generate` for the same weights, text and keys.
+Sampling is `painter.inference.sampling.sample_codes` (noise hashed for the top-k candidates only, ties
+broken by the sampling module's one rule: equal logits, lower code first). In fp32 the tokens equal
+`painter.inference.sampling.reference_generate` for the same weights, text and keys; in bf16 the logits
+differ from fp32's (hence possibly the tokens), while the tie rule keeps the result deterministic.
 
 Two hooks for callers that steer decoding (`Steering`), fixed when the engine is built:
 - `combine` + `rows_per_sample`: the model computes `rows_per_sample * B` rows (say conditional

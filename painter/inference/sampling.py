@@ -4,6 +4,15 @@ Every row draws its randomness from a counter-based hash of `(seed, idx, sample)
 code, so the tokens of a row do not depend on which batch, worker or order produced them. Sampling
 is Gumbel-max over the temperature-scaled, top-k/top-p-filtered logits, which is the same
 distribution as softmax + multinomial. Pure torch; no I/O.
+
+One tie rule everywhere: codes are ranked by their fp32 logit, higher first, and equal logits by
+code, lower first (a stable descending sort). Top-k keeps the first k of that order, top-p the
+shortest prefix of it holding probability top_p, and the Gumbel-max pick prefers the lower code on
+an exact tie. `choose_codes` (the reference) and `sample_codes` (the engine's) both follow it, so
+for the same logits they pick the same codes, in fp32 and in bf16 alike (bf16's coarse logits tie
+often). Token equality between the engine and `reference_generate` is an fp32 property: under bf16
+the two compute different logits (other kernels, other rounding), hence possibly other tokens; the
+tie rule keeps each of them deterministic.
 """
 from __future__ import annotations
 
@@ -92,21 +101,39 @@ def _outside_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits (B, V)."""
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits (B, V).
+
+    Both are taken in stable descending order (the module's tie rule): of equal logits straddling the
+    k-th, the lower codes are kept, so exactly k remain."""
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
         drop_sorted = _outside_nucleus(sorted_logits, top_p)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
+def rank_keys(scores: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """int64 keys (B, n) ordering fp32 scores (B, n) of distinct codes (B, n) by the tie rule: a higher
+    score first, on equal scores the lower code. Keys of distinct codes differ, so `topk` and `argmax`
+    over them have no ties left to break their own way.
+
+    key = r(score) * 2**32 + (2**32 - 1 - code), where r is the score's bit pattern as an int32, its
+    low 31 bits flipped when negative (then integer order is float order), -0.0 read as 0.0."""
+    bits = torch.where(scores == 0, 0.0, scores).view(torch.int32).to(torch.int64)  # (B, n)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the score, in [-2**31, 2**31)
+    return ordered * (1 << 32) + (_MASK32 - codes)
+
+
 def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: SamplingConfig) -> torch.Tensor:
     """Pick one image code per row from logits (B, V_img) -> (B,) int64: the reference's sampler,
-    with noise for every code. `sample_codes` picks the same codes drawing noise for the candidates only."""
+    with noise for every code. `sample_codes` picks the same codes drawing noise for the candidates only.
+
+    Ties follow the module's rule (stable descending order; `argmax` returns the first, lowest, code)."""
     logits = logits.float()
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
@@ -121,24 +148,29 @@ def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Ten
 
     Gumbel-max over the candidates: the top-k codes (or, without top-k, the whole vocabulary, sorted
     when top-p needs it), top-p applied to their sorted logits, noise from `uniform_noise_at` for
-    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). Device-side only, no
-    branching on tensor values: it runs inside a captured CUDA graph with `step` a device tensor.
+    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). The top-k and the
+    final pick go through `rank_keys`, so ties fall as in `choose_codes` (the module's tie rule), not
+    as `topk` happens to break them. Device-side only, no branching on tensor values: it runs inside
+    a captured CUDA graph with `step` a device tensor.
     """
     logits = logits.float()  # (B, V)
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
     scaled = logits / sampling.temperature
     B, V = scaled.shape
+    every = torch.arange(V, device=scaled.device).expand(B, V)  # (B, V)
     if sampling.top_k is not None and sampling.top_k < V:
-        values, codes = torch.topk(scaled, sampling.top_k, dim=-1)  # (B, k) descending
+        codes = rank_keys(scaled, every).topk(sampling.top_k, dim=-1).indices  # (B, k) in rank order
+        values = scaled.gather(-1, codes)
     elif sampling.top_p is not None and sampling.top_p < 1.0:
-        values, codes = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+        values, codes = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
     else:
-        values, codes = scaled, torch.arange(V, device=scaled.device).expand(B, V)
+        values, codes = scaled, every
     if sampling.top_p is not None and sampling.top_p < 1.0:
         values = values.masked_fill(_outside_nucleus(values, sampling.top_p), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise_at(keys, step, codes)))  # (B, k)
-    return codes.gather(-1, (values + gumbel).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (B,)
+    best = rank_keys(values + gumbel, codes).argmax(dim=-1, keepdim=True)  # (B, 1)
+    return codes.gather(-1, best).squeeze(-1)  # (B,)
 
 
 def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
