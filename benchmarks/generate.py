@@ -11,7 +11,9 @@ Three ways to make the same images from the same random weights and batch, timed
   postprocess does. All three encode PNGs; their tokens are the same (checked on fp32).
 
 Also reported: host framework calls per decode step (aten ops dispatched for one step, counted with a
-TorchDispatchMode; on CUDA the engine's step is one graph replay), a breakdown of ours into GPT-only,
+TorchDispatchMode; on CUDA the engine's step is one graph replay), the KV cache bytes an image reads
+with the whole cache attended every step and with the engine's buckets (counted, checked with
+torch.profiler, and the GPT timed both ways), a breakdown of ours into GPT-only,
 VQGAN-only and encode-only images/s, on CUDA the fraction of the GPU's dense bf16 peak, and with
 `--sweep` the same at several micro-batch sizes (the largest end-to-end rate picks the default).
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(_HERE.parent))  # run from a checkout without installing
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from painter.checkpoint.config import PRESETS  # noqa: E402
 from benchmarks.report import Report  # noqa: E402
 from painter.checkpoint.model_dir import random_model  # noqa: E402
+from painter.inference.engine import KV_GRANULE, DecodeEngine, kv_cache_bytes  # noqa: E402
 from painter.inference.generator import GenerationConfig, Generator  # noqa: E402
 from painter.io.images import encode_image  # noqa: E402
 from painter.inference.pixels import uint8_from_tensor  # noqa: E402
@@ -153,7 +157,7 @@ def host_calls_per_step(generator: Generator) -> dict:
 
         old = _count_ops(old_step)
     engine.step.fill_(1)
-    new = _count_ops(engine._decode_step)
+    new = _count_ops(lambda: engine._decode_step(engine.lengths[1]))
     result = {"layers": gpt.config.n_layer, "old_engine_aten_ops": old[0], "new_engine_aten_ops": new[0],
               "old_engine_aten_calls_profiled": old[1], "new_engine_aten_calls_profiled": new[1]}
     if engine.cuda_graph:
@@ -162,6 +166,46 @@ def host_calls_per_step(generator: Generator) -> dict:
         _sync(device)
         result["new_engine_host_calls_per_step"] = (engine.replays - before) / gpt.config.img_len
         result["new_engine_graph_replays_per_step"] = result["new_engine_host_calls_per_step"]
+    return result
+
+
+def _profiled_kv_bytes(engine: DecodeEngine, ids: torch.Tensor, keys: torch.Tensor) -> tuple[int, list[int]]:
+    """Run one micro-batch eagerly under torch.profiler: (bytes of the key and value inputs of every
+    attention call, per model row; the key lengths those calls saw, in call order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine(ids, keys)
+    calls = sorted((e for e in prof.events() if e.name == "aten::scaled_dot_product_attention"),
+                   key=lambda e: e.time_range.start)
+    size = engine.gpt.head.weight.element_size()
+    total = sum(math.prod(e.input_shapes[i][1:]) * size for e in calls for i in (1, 2))  # keys, values
+    return total // engine.rows, [e.input_shapes[1][2] for e in calls]
+
+
+def kv_cache_reads(generator: Generator, repeats: int) -> dict:
+    """Bytes of the KV cache one image (one model row) reads over a micro-batch, attending over the
+    whole cache at every call (before buckets) and over `kv_lengths`' buckets (now): the analytic count
+    (`kv_cache_bytes`), checked against the key/value shapes the profiler records for one eager
+    micro-batch of one row; and the GPT's seconds per micro-batch both ways (same tokens)."""
+    gpt, sampling, device = generator.gpt, generator.config.sampling, generator.device
+    config, size = gpt.config, gpt.head.weight.element_size()
+    full = [config.block_size] * config.img_len
+    one = DecodeEngine(gpt, sampling, 1, cuda_graph=False)
+    texts, idxs, samples = _columns(_rows(generator.micro_batch))
+    ids = torch.from_numpy(generator.model.tokenizer.encode_batch(texts)[0]).to(device)
+    keys = row_keys(0, idxs, samples, device=device)
+    profiled, seen = _profiled_kv_bytes(one, ids[:1], keys[:1])
+    before, after = kv_cache_bytes(config, full, size), kv_cache_bytes(config, one.lengths, size)
+    result = {"dtype": str(gpt.head.weight.dtype).removeprefix("torch."), "granule": KV_GRANULE,
+              "bucket_lengths": sorted(set(one.lengths[1:])), "kv_bytes_per_image_full_cache": before,
+              "kv_bytes_per_image": after, "read_fraction": round(after / before, 4),
+              "profiled_kv_bytes_per_image": profiled,
+              "profiled_lengths_match": seen == [n for n in one.lengths for _ in range(config.n_layer)]}
+    engines = {"buckets": DecodeEngine(gpt, sampling, generator.micro_batch),
+               "full_cache": DecodeEngine(gpt, sampling, generator.micro_batch, kv_granule=config.block_size)}
+    codes = {name: engine(ids, keys) for name, engine in engines.items()}  # warm-up (and on CUDA, capture)
+    result["same_tokens"] = bool(torch.equal(codes["buckets"], codes["full_cache"]))
+    for name, engine in engines.items():
+        result[f"{name}_gpt_seconds_per_micro_batch"] = round(timed(lambda: engine(ids, keys), device, repeats), 5)
     return result
 
 
@@ -339,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "encode_threads": generator._pool._max_workers if generator._pool else 0}
     ours = report.section("ours", lambda: measure(generator, args))
     report.section("host_calls_per_step", lambda: host_calls_per_step(generator))
+    report.section("kv_cache", lambda: kv_cache_reads(generator, args.repeats))
     if args.decoder_layouts:
         report.section("decoder_layouts", lambda: decoder_layouts(generator, args.repeats, device.type == "cuda"))
     if not args.skip_old:

@@ -1,11 +1,14 @@
 """Tests of painter.inference.engine and the top-k-only sampler: the static-shape decode loop gives the reference's
-tokens, rows do not depend on the micro-batch, and the steering hooks (combine, forcing) do what they say."""
+tokens, rows do not depend on the micro-batch, each step reads only its bucket of the KV cache, the steering
+hooks (combine, forcing) do what they say, and both samplers break ties by one rule."""
+
+import math
 
 import pytest
 import torch
 
-from painter.inference.engine import DecodeEngine, Steering
-from painter.models.gpt import GPT
+from painter.inference.engine import DecodeEngine, Steering, kv_cache_bytes, kv_lengths
+from painter.models.gpt import GPT, GPTConfig
 from painter.inference.sampling import SamplingConfig, choose_codes, reference_generate, row_keys, sample_codes, uniform_noise, uniform_noise_at
 from sampling_helpers import keys_for, sharp_model, text_batch
 
@@ -78,6 +81,65 @@ def test_engine_rejects_other_shapes_and_unasked_forcing():
         DecodeEngine(model, SamplingConfig(), 2, cuda_graph=True)
     with pytest.raises(ValueError, match="combine"):
         Steering(rows_per_sample=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-length buckets: each step reads the filled part of the cache
+
+def test_kv_lengths_cover_every_step_in_a_few_buckets():
+    base = GPTConfig()  # 32 text + 256 image positions
+    lengths = kv_lengths(base)
+    assert len(lengths) == base.img_len and lengths[0] == base.text_len
+    assert all(base.text_len + s <= n <= base.block_size for s, n in enumerate(lengths[1:], 1))  # covers step s
+    assert sorted(set(lengths[1:])) == [64, 128, 192, 256, 288] and lengths == sorted(lengths)
+    assert kv_cache_bytes(base, lengths, 2) / kv_cache_bytes(base, [base.block_size] * base.img_len, 2) < 0.65
+    assert set(kv_lengths(base, base.block_size)[1:]) == {base.block_size}  # one bucket: the whole cache
+    assert sorted(set(kv_lengths(base, 32)[1:])) == list(range(64, 289, 32))  # step 1 already needs 33
+    with pytest.raises(ValueError, match="granule"):
+        kv_lengths(base, 0)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0, top_k=50),
+                                      SamplingConfig(temperature=0.8, top_k=None, top_p=0.9)], ids=["top_k", "top_p"])
+def test_bucketed_steps_give_the_full_cache_engines_and_the_references_tokens(sampling):
+    model = sharp_model(seed=7, img_len=128)  # 8 + 128 positions: buckets 64, 128, 136
+    text_ids, keys = text_batch(model, 3, seed=4), keys_for(3, seed=5)
+    buckets = DecodeEngine(model, sampling, 3)
+    full = DecodeEngine(model, sampling, 3, kv_granule=model.config.block_size)
+    assert len(set(buckets.lengths[1:])) == 3 and set(full.lengths[1:]) == {model.config.block_size}
+    codes = buckets(text_ids, keys)
+    assert torch.equal(codes, full(text_ids, keys))
+    assert torch.equal(codes, reference_generate(model, text_ids, keys, sampling))
+    assert len(torch.unique(codes)) > 20
+
+
+def _attention_inputs(engine: DecodeEngine, text_ids, keys) -> list[tuple]:
+    """(key shape, value shape) of every attention call of one micro-batch, in call order, from torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine(text_ids, keys)
+    calls = sorted((e for e in prof.events() if e.name == "aten::scaled_dot_product_attention"),
+                   key=lambda e: e.time_range.start)
+    return [(tuple(e.input_shapes[1]), tuple(e.input_shapes[2])) for e in calls]
+
+
+def test_kv_bytes_per_image_shrink_with_buckets_and_the_profiler_sees_the_counted_shapes():
+    model = sharp_model(seed=7, img_len=128)
+    config, sampling = model.config, SamplingConfig(temperature=1.0, top_k=50)
+    text_ids, keys = text_batch(model, 1, seed=4), keys_for(1, seed=5)
+    read, codes = {}, {}
+    for name, granule in (("buckets", 64), ("full_cache", config.block_size)):
+        engine = DecodeEngine(model, sampling, 1, kv_granule=granule)
+        inputs = _attention_inputs(engine, text_ids, keys)
+        assert [k[2] for k, _ in inputs] == [n for n in engine.lengths for _ in range(config.n_layer)], name
+        assert all(k == v for k, v in inputs)
+        profiled = sum(2 * math.prod(k[1:]) * 4 for k, _ in inputs)  # keys and values, fp32, one row
+        read[name], codes[name] = kv_cache_bytes(config, engine.lengths, 4), engine(text_ids, keys)
+        assert profiled == read[name], name
+    assert torch.equal(codes["buckets"], codes["full_cache"])
+    before = kv_cache_bytes(config, [config.block_size] * config.img_len, 4)  # every call over the whole cache
+    full_steps = [config.text_len] + [config.block_size] * (config.img_len - 1)  # the prefill reads its text only
+    assert read["full_cache"] == kv_cache_bytes(config, full_steps, 4) < before
+    assert read["buckets"] < 0.8 * before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ def test_comparison_with_old_engine_and_reference_reports_the_ratios(tmp_path):
     for key in ("speedup", "speedup_vs_old_engine", "speedup_in_cpu_seconds"):
         assert result[key] > 0, key
     assert result["speedup"] == round(result["ours"]["images_per_second"] / result["reference"]["images_per_second"], 2)
+    kv = result["kv_cache"]  # bytes of KV cache an image reads: the whole cache every step, then the buckets
+    assert kv["kv_bytes_per_image"] == kv["profiled_kv_bytes_per_image"] < kv["kv_bytes_per_image_full_cache"]
+    assert kv["profiled_lengths_match"] is True and kv["same_tokens"] is True
 
 
 def test_a_killed_run_keeps_its_finished_sections(tmp_path):

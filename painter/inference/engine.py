@@ -2,10 +2,14 @@
 
 `DecodeEngine` owns, for one micro-batch shape, a `StaticKVCache`, the code buffer and a step
 counter that lives on the device. A micro-batch is: copy the text ids and row keys in, run the
-prefill (the text positions, then sample code 0), then `img_len - 1` identical steps (feed code s-1
-at its position, sample code s). Nothing in the loop reads a tensor on the host, and every step has
-the same shapes, so on CUDA the prefill and the step are each captured once as a `torch.cuda.CUDAGraph`
-and the loop is `img_len - 1` graph replays. On CPU the same functions run eagerly.
+prefill (the text positions, then sample code 0), then `img_len - 1` steps (feed code s-1 at its
+position, sample code s). Nothing in the loop reads a tensor on the host.
+
+Each model call attends over the filled part of the cache only, rounded up to a bucket
+(`kv_lengths`: multiples of `KV_GRANULE` positions, capped at block_size), so the steps fall into a
+few groups of identical shapes. On CUDA the prefill and one step per bucket are each captured once as
+a `torch.cuda.CUDAGraph` (all sharing one memory pool) and the loop is `img_len - 1` graph replays; on
+CPU the same functions run eagerly with the same lengths. `kv_cache_bytes` counts what a row reads.
 
 Sampling is `painter.inference.sampling.sample_codes` (noise hashed for the top-k candidates only, ties
 broken by the sampling module's one rule: equal logits, lower code first). In fp32 the tokens equal
@@ -23,14 +27,37 @@ Two hooks for callers that steer decoding (`Steering`), fixed when the engine is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from painter.models.gpt import GPT
+from painter.models.gpt import GPT, GPTConfig
 from painter.inference.sampling import SamplingConfig, sample_codes
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture: cuBLAS workspaces, lazy kernel loading
+KV_GRANULE = 64  # cache positions per bucket: 5 step graphs for base/large (32 + 256 positions)
+
+
+def kv_lengths(config: GPTConfig, granule: int = KV_GRANULE) -> list[int]:
+    """Cache positions each model call of a micro-batch attends over: [prefill, step 1, .., step img_len-1].
+
+    The prefill reads the text_len positions it writes. The step sampling code s reads the text and
+    codes 0..s-1, text_len + s positions, rounded up to a multiple of `granule` and capped at
+    block_size; the distinct lengths are the buckets, one captured step graph each. A smaller granule
+    reads less (the mean overshoot is granule / 2 positions a step) for more graphs; granule >=
+    block_size is one bucket, the whole cache every step. For base (32 + 256) and 64: lengths 64, 128,
+    192, 256, 288, and 65% of the whole cache's reads.
+    """
+    if granule < 1:
+        raise ValueError(f"granule must be >= 1, got {granule}")
+    need = [config.text_len + s for s in range(1, config.img_len)]
+    return [config.text_len] + [min(-(-n // granule) * granule, config.block_size) for n in need]
+
+
+def kv_cache_bytes(config: GPTConfig, lengths: Sequence[int], element_size: int) -> int:
+    """Bytes of keys and values one model row reads from the cache over calls attending over `lengths`
+    positions each: 2 (K and V) x n_layer x n_embd x element_size per position read."""
+    return 2 * config.n_layer * config.n_embd * element_size * sum(lengths)
 
 
 @dataclass(frozen=True)
@@ -54,13 +81,16 @@ class DecodeEngine:
     True on CUDA. `compile_sampler` runs the sampler through `torch.compile` (Inductor fuses its ~80
     small elementwise hash ops into a few kernels, which matters inside a graph whose step is
     launch-bound; same tokens, but a compile on first use), captured inside the engine's own graph.
+    `kv_granule` sets the KV-length buckets (`kv_lengths`); every granule gives the same tokens, and
+    block_size or more attends over the whole cache at every step (the benchmark's comparison).
     Outputs are fresh tensors; the engine's buffers are reused by the next call.
     """
 
     def __init__(self, gpt: GPT, sampling: SamplingConfig, batch: int, *, steering: Steering = Steering(),
-                 cuda_graph: bool | None = None, compile_sampler: bool = False):
+                 cuda_graph: bool | None = None, compile_sampler: bool = False, kv_granule: int = KV_GRANULE):
         self.gpt, self.sampling, self.batch, self.steering = gpt.eval(), sampling, batch, steering
         config = gpt.config
+        self.lengths = kv_lengths(config, kv_granule)  # per call: the prefill, then each step
         self.device = gpt.head.weight.device
         self.rows = batch * steering.rows_per_sample
         with torch.inference_mode():
@@ -77,7 +107,7 @@ class DecodeEngine:
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA model, got one on {self.device}")
         self._sample = torch.compile(sample_codes, fullgraph=True, dynamic=False) if compile_sampler else sample_codes
-        self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
+        self._graphs: tuple[torch.cuda.CUDAGraph, dict[int, torch.cuda.CUDAGraph]] | None = None
         self.replays = 0  # graph replays so far (benchmarks report replays per step)
 
     # -- the captured functions: device ops only, fixed shapes -------------------------------------
@@ -95,35 +125,48 @@ class DecodeEngine:
 
     def _prefill(self) -> None:
         self.step.zero_()
-        logits = self.gpt.forward_static(self.gpt.sequence(self.text_ids), self.text_positions, self.cache)  # (R, V)
-        self._choose(logits)
+        ids = self.gpt.sequence(self.text_ids)  # (R, Tt)
+        self._choose(self.gpt.forward_static(ids, self.text_positions, self.cache, self.lengths[0]))  # (R, V)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, length: int) -> None:
+        """Feed code step-1, sample code step, attending over the cache's first `length` positions (a
+        bucket of `kv_lengths` that covers this step)."""
         previous = self.codes.index_select(1, self.step - 1)  # (B, 1): the code sampled last step
         if self.steering.rows_per_sample > 1:
             previous = previous.repeat(self.steering.rows_per_sample, 1)  # (R, 1)
         position = self.step + (self.gpt.config.text_len - 1)  # (1,): where code step-1 sits
-        self._choose(self.gpt.forward_static(previous, position, self.cache))  # (R, V)
+        self._choose(self.gpt.forward_static(previous, position, self.cache, length))  # (R, V)
 
     # -- running ----------------------------------------------------------------------------------
 
-    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
-        """One graph for the prefill, one for a decode step (the torch.cuda.graphs recipe: warm up on a
-        side stream, then capture on that same stream, so cuBLAS handles and workspaces already exist
-        for it). Warm-up writes only buffers that every run rewrites before reading."""
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, dict[int, torch.cuda.CUDAGraph]]:
+        """One graph for the prefill, one for a decode step per bucket length (the torch.cuda.graphs
+        recipe: warm up on a side stream, then capture on that same stream, so cuBLAS handles and
+        workspaces already exist for it). Warm-up writes only buffers that every run rewrites before
+        reading (its steps stay below img_len: one per bucket, and each bucket holds a step).
+
+        All graphs share one memory pool. That is safe because they are replayed one at a time on one
+        stream and none leaves a tensor alive in the pool: everything a graph hands on (cache, codes,
+        step counter) lives in the engine's buffers, allocated before capture, and the rest is
+        temporaries dead when its replay ends. So the pool holds one step's temporaries, not one set
+        per graph."""
+        buckets = sorted(set(self.lengths[1:]))
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):
                 self._prefill()
-                self._decode_step()
+                for length in buckets:
+                    self._decode_step(length)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        prefill, step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(prefill, stream=stream):
+        pool = torch.cuda.graph_pool_handle()
+        prefill, steps = torch.cuda.CUDAGraph(), {length: torch.cuda.CUDAGraph() for length in buckets}
+        with torch.cuda.graph(prefill, pool=pool, stream=stream):
             self._prefill()
-        with torch.cuda.graph(step, stream=stream):
-            self._decode_step()
-        return prefill, step
+        for length, graph in steps.items():
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._decode_step(length)
+        return prefill, steps
 
     @torch.inference_mode()
     def __call__(self, text_ids: torch.Tensor, keys: torch.Tensor, forced_codes: torch.Tensor | None = None,
@@ -150,15 +193,15 @@ class DecodeEngine:
             self._run_graphs()
         else:
             self._prefill()
-            for _ in range(self.gpt.config.img_len - 1):
-                self._decode_step()
+            for length in self.lengths[1:]:
+                self._decode_step(length)
         return self.codes.clone()
 
     def _run_graphs(self) -> None:
         if self._graphs is None:
             self._graphs = self._capture()
-        prefill, step = self._graphs
+        prefill, steps = self._graphs
         prefill.replay()
-        for _ in range(self.gpt.config.img_len - 1):
-            step.replay()
-        self.replays += self.gpt.config.img_len
+        for length in self.lengths[1:]:
+            steps[length].replay()
+        self.replays += len(self.lengths)

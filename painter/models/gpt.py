@@ -3,6 +3,8 @@
 Two caches: `KVCache` grows with the sequence (training-time checks, the reference comparison), and
 `StaticKVCache` is preallocated at full length and written at a position tensor, so that
 `GPT.forward_static` has the same shapes and the same kernels at every step (what a CUDA graph needs).
+`forward_static` attends over the cache's first `length` positions only, `length` a python int fixed
+per call site, so a decode loop reads the filled part of the cache, not all `block_size` positions.
 
 Parameter names follow the reference (EasyNLP pai-painter `transformer.*`, itself minGPT): separate
 `key`/`query`/`value`/`proj` linears, `ln1`/`ln2`, `mlp.0`/`mlp.2`, `ln_f`, a `pos_emb` parameter and a
@@ -83,9 +85,9 @@ class StaticKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_positions = torch.arange(config.block_size, device=device)  # (T_max,)
 
-    def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T, T_max) bool: query at positions[i] sees every key at or before it."""
-        return self.key_positions[None, :] <= positions[:, None]
+    def mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """(T, length) bool over the first `length` keys: query at positions[i] sees every key at or before it."""
+        return self.key_positions[None, :length] <= positions[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,12 +111,15 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view_as(x)))  # (B, T, C)
 
     def forward_static(self, x, cache: StaticKVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor):
-        """x (B, T, C) at `positions` (T,); writes k, v there and attends over the whole cache under `mask`."""
+        """x (B, T, C) at `positions` (T,); writes k, v there and attends over the cache's first L
+        positions under `mask` (T, L)."""
         q, k, v = self._heads(x)  # (B, nh, T, hs)
         keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, T_max, hs)
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v)
-        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), x)
+        length = mask.size(-1)
+        y = F.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], attn_mask=mask)
+        return self._merge(y, x)  # (B, T, C)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         T = x.size(1)
@@ -214,14 +219,18 @@ class GPT(nn.Module):
         x = self.hidden(seq[:, :-1])[:, text_ids.size(1) - 1:]  # (B, Ti, C): position p predicts p+1
         return self.head(self.ln_f(x))  # (B, Ti, img_vocab_size)
 
-    def forward_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    def forward_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                       length: int | None = None) -> torch.Tensor:
         """idx (B, T) embedding ids at `positions` (T,) int64 on the device -> the next code's logits
         (B, img_vocab_size), scored at the last position only.
 
-        Fixed shapes and no host synchronisation: the same call serves the prefill (positions
-        0..T-1) and each decode step (one position), and can be captured in a CUDA graph.
+        Attention reads the cache's first `length` positions (default `block_size`): every position
+        written so far, these included, must lie below it; the keys past a query's position are masked,
+        so any `length` that covers them gives the same result. Fixed shapes for a fixed `length` and no
+        host synchronisation: the same call serves the prefill (positions 0..T-1) and each decode step
+        (one position), and can be captured in a CUDA graph.
         """
-        mask = cache.mask(positions)  # (T, T_max)
+        mask = cache.mask(positions, self.config.block_size if length is None else length)  # (T, L)
         x = self.drop(self.tok_emb(idx) + self.pos_emb[0].index_select(0, positions))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block.forward_static(x, cache, layer, positions, mask)
