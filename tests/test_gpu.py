@@ -70,6 +70,25 @@ def test_graph_replay_equals_eager_token_for_token():
                 assert torch.equal(codes, reference_generate(model, text_ids, keys, sampling)), name
 
 
+def test_one_step_graph_per_kv_bucket_all_in_one_pool_with_the_eager_tokens():
+    """8 + 128 positions: steps attend over 64, 128 or 136 cache positions, one captured graph each, and
+    every graph, the prefill's included, allocates from one memory pool. Graphed = eager in fp32 and bf16;
+    in fp32 also = the whole cache every step = the reference."""
+    sampling = SAMPLINGS["top_k+top_p"]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = sharp_model(seed=7, img_len=128).cuda().to(dtype)
+        text_ids, keys = text_batch(model, 4, seed=4).cuda(), keys_for(4, seed=5).cuda()
+        graphed = DecodeEngine(model, sampling, 4)
+        codes = graphed(text_ids, keys)
+        prefill, steps = graphed._graphs
+        assert sorted(steps) == [64, 128, 136] and len({g.pool() for g in (prefill, *steps.values())}) == 1
+        assert torch.equal(codes, DecodeEngine(model, sampling, 4, cuda_graph=False)(text_ids, keys)), dtype
+        if dtype == torch.float32:
+            full = DecodeEngine(model, sampling, 4, kv_granule=model.config.block_size)
+            assert torch.equal(codes, full(text_ids, keys))
+            assert torch.equal(codes, reference_generate(model, text_ids, keys, sampling))
+
+
 def test_compiled_sampler_gives_the_same_tokens_inside_the_graph():
     model = sharp_model(seed=4).cuda().to(torch.bfloat16)
     text_ids, keys = text_batch(model, 6, seed=5).cuda(), keys_for(6, seed=6).cuda()
