@@ -22,7 +22,7 @@ from painter.io.output_table import OutputTable
 from painter.io.rows import pair_keys
 from painter.io.images import open_image
 from painter.stages import generate_prompts
-from painter.stages.generate import Options, run
+from painter.stages.generate import Options, preflight, run
 
 DATE = "2024-05-01"
 SUMMARY_KEYS = {"rows_in", "images_out", "rows_rejected", "skipped_already_done", "truncated_texts",
@@ -109,6 +109,24 @@ def test_images_do_not_depend_on_batch_size_or_run(ray_session, tiny_model_dir, 
         images.append({(r["idx"], r["sample"]): r["image"] for r in _committed(output)})
     assert images[0] == images[1] and len(set(images[0].values())) == 10
 
+
+
+def test_columns_maps_a_parquet_tables_names_onto_idx_and_text(ray_session, tiny_model_dir, tmp_path):
+    """`--columns idx=sku,text=title` on a Parquet table of other names gives the rows and pixels that the
+    same prompts give as EasyNLP TSV; the unmapped column passes through."""
+    prompts = _prompts(3)
+    table = tmp_path / "catalogue.parquet"
+    pq.write_table(pa.table({"sku": [p[0] for p in prompts], "title": [p[1] for p in prompts],
+                             "category": [p[2] for p in prompts]}), table)
+    mapped = run(_options(tiny_model_dir, [str(table)], str(tmp_path / "mapped"), columns="idx=sku,text=title",
+                          seed=5))
+    plain = run(_options(tiny_model_dir, [_tsv(tmp_path / "p.tsv", prompts)], str(tmp_path / "plain"), seed=5))
+    assert mapped["rows_in"] == mapped["images_out"] == 3 == plain["images_out"] and mapped["rows_rejected"] == 0
+    rows = {r["idx"]: r for r in _committed(str(tmp_path / "mapped"))}
+    assert {i: (r["text"], r["category"]) for i, r in rows.items()} == {p[0]: (p[1], p[2]) for p in prompts}
+    assert {i: r["image"] for i, r in rows.items()} == {r["idx"]: r["image"] for r in _committed(str(tmp_path / "plain"))}
+    with pytest.raises(InputError, match="--columns names 'name', not among the file's columns"):  # before Ray
+        preflight(_options(tiny_model_dir, [str(table)], str(tmp_path / "bad"), columns="idx=sku,text=name"))
 
 @pytest.mark.slow
 def test_s3_input_and_output_on_moto(ray_session, tiny_model_dir, tmp_path, s3_bucket, monkeypatch):

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data.context import ShuffleStrategy
 
 from painter import logs
 from painter.checkpoint.model_dir import check_model_files, load_model
@@ -68,6 +69,7 @@ MAX_ROUNDS = 3
 # two batches of 256 rows with a 30 KB prompt image. Blocks under 100 KB live in the driver's own heap
 # (Ray inlines small objects), so without a cap a fast reader would hold a large corpus there.
 STORE_BYTES_PER_ACTOR = 16 * 2 ** 20
+SHUFFLE_PARTITIONS = 200  # the most partitions of the --tsv-output shuffle: Ray Data's own default
 FIXED_SCHEMA = pa.schema([
     pa.field("idx", pa.string()), pa.field("text", pa.string()), pa.field("sample", pa.int64()),
     pa.field("seed", pa.int64()), pa.field("image", pa.binary()), pa.field("image_format", pa.string()),
@@ -377,7 +379,12 @@ def write_night_tsv(root: out.OutputRoot, path: str) -> int:
     filesystem, _ = storage.arrow(files[0])
     night = ray.data.read_parquet([storage.fs(f)[1] for f in files], filesystem=filesystem, partitioning=None,
                                   columns=["idx", "text", "sample", "image"], num_cpus=0.25)
-    lines = night.groupby("idx").map_groups(_idx_line, batch_format="pyarrow", num_cpus=0.25).sort("idx")
+    # A sort-based shuffle of plain tasks, one partition per file the night has: Ray Data's default hash
+    # shuffle starts aggregator actors and 200 partitions, ~25 s for a night of a few rows on 2 cores
+    night.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    partitions = min(len(files), SHUFFLE_PARTITIONS)
+    lines = night.groupby("idx", num_partitions=partitions).map_groups(
+        _idx_line, batch_format="pyarrow", num_cpus=0.25).sort("idx")
     lines.context.execution_options.preserve_order = True
     return write_lines((line for block in iter_blocks(lines) for line in block["line"].to_pylist()), path,
                        root.storage_options)
