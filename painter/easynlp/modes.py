@@ -23,7 +23,7 @@ import torch
 
 from painter import logs
 from painter.checkpoint.model_dir import load_model, resolve_model_dir
-from painter.easynlp.flags import Options  # noqa: F401 (the command's options, for the registry)
+from painter.options.easynlp import Options  # noqa: F401 (the command's options; callers read them here too)
 from painter.easynlp.flags import check_flags, check_model_shape, painter_schema, split_tables
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io import tables

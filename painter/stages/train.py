@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from painter import logs
 from painter.training import loss_curve as plots
-from painter.checkpoint.config import PRESETS, ModelConfig, preset_config
+from painter.checkpoint.config import ModelConfig, preset_config
 from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, PainterError, StorageError
 from painter.io import tables
@@ -39,47 +39,16 @@ from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
 from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPTConfig
-from painter.options import option, to_dict
+from painter.options import to_dict
+from painter.options.train import Options
 from painter.stages.progress import remote_progress
-from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps,
-                                         run_location, run_path_of, scaling_config)
+from painter.stages.train_runner import (checkpoint_url, export_model, fit, plan_steps, run_location, run_path_of,
+                                         scaling_config)
 from painter.stages.tracking import mlflow_run
 from painter.stages.train_worker import train_loop
 from painter.training.gpt import TrainConfig
 
 log = logs.get("train")
-
-
-@dataclass(kw_only=True)
-class Options(RunOptions):
-    data: list[str] = option(help="token shards: Parquet files, directories or globs (local or s3://)")
-    val_data: list[str] = option([], "validation token shards; their loss is measured after every epoch")
-    init: str | None = option(None, "model directory to fine-tune (one without GPT weights trains from scratch)")
-    preset: str | None = option(None, "train a fresh GPT of this shape instead of --init (needs --vqgan)",
-                                choices=tuple(PRESETS))
-    vqgan: str | None = option(None, "with --preset: model directory giving the VQGAN, vocab and lengths")
-    dropout: float = option(0.0, "with --preset: dropout of the fresh GPT's embeddings and residual paths while it "
-                                 "trains (kept in its config; generation never drops). Attention dropout stays 0: "
-                                 "it takes attention off its fused kernel, ~1.5x slower steps on CPU")
-    output: str = option(help="model directory to write the trained model to")
-    name: str = option("train", "run name under --run-dir; an existing one needs --resume")
-    epochs: int = option(1, "passes over the training shards (unless --max-steps is given)")
-    batch_size: int = option(8, "rows per micro-batch per worker")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-4, "peak learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay of Linear weights")
-    warmup_steps: int = option(100, "optimizer steps of linear lr warm-up")
-    grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
-    pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
-    null_caption_prob: float = option(0.0, "probability a training row's caption is dropped to the null caption (all "
-                                           "[PAD]), which makes the model guidable (classifier-free guidance); 0.1 is "
-                                           "usual. Stored in the model's config (an --init model's own value is "
-                                           "kept when this is 0)")
-    shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
-    seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
-    record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
-    compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "
-                                        "a CPU spends longer compiling than it saves)")
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The one Ray Train runner of the training jobs (`train`: the GPT, `train-vq`: the VQGAN).
 
-Driver side: the options every run shares (`RunOptions`), sizing (`plan_steps`), resources
-(`scaling_config`), where the run lives (`run_location`), the `TorchTrainer` (`fit`: restarts from the
-last checkpoint, the last two kept, a diverged run refused with its step) and the export of the final
-checkpoint's model files (`export_model`).
+Driver side: the options every run shares (`RunOptions`, defined in `painter.options.training`), sizing
+(`plan_steps`), resources (`scaling_config`), where the run lives (`run_location`), the `TorchTrainer`
+(`fit`: restarts from the last checkpoint, the last two kept, a diverged run refused with its step) and
+the export of the final checkpoint's model files (`export_model`).
 
 Worker side: `TrainerRun`, one worker's session. It owns the loop (epochs of `steps_per_epoch` steps to
 `total_steps`, resuming mid-epoch), the cadence (log at step 1, every `log_every` and the last;
@@ -22,14 +22,13 @@ import os
 import posixpath
 import tempfile
 import time
-from dataclasses import dataclass
 
 from painter import logs
 from painter.checkpoint.config import ModelConfig
 from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
 from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
-from painter.options import option
+from painter.options.training import RunOptions
 from painter.stages import faults
 from painter.stages.ray_compat import enable_train_v2
 from painter.stages.metrics import Recorder
@@ -45,36 +44,6 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run'
 REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safetensors", "vqgan.safetensors")
 enable_train_v2()  # before any `ray.train` import: Ray 2.50 needs it asked for
-
-
-@dataclass(kw_only=True)
-class RunOptions:
-    """Options of a Ray Train run that every training job shares: where runs live, resuming, resources,
-    length, schedule end, checkpoints, logging and fault tolerance (`run_location`, `fit`, `scaling_config`
-    and `plan_steps` read them)."""
-    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
-    resume: bool = option(False, "continue the run --name from its last checkpoint")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
-                                         choices=(0, 1))
-    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
-    threads_per_worker: int | None = option(None, "torch threads in each worker (default: Ray's, one per whole CPU "
-                                            "the worker asks for); one worker with every core's thread beats "
-                                            "DDP over single-thread workers for small models on one machine")
-    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
-    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
-    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "optimizer steps between logged metrics")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
-    in_memory_mb: int = option(1024, "keep the training set in worker memory, fully reshuffled every epoch, when "
-                                     "it fits in this many MiB (the GPT: a worker's share of the token shards; "
-                                     "the VQGAN: the decoded images): each worker takes its share by key, the same "
-                                     "rows every run, without Ray Data in the step loop; larger sets, or 0, stream "
-                                     "through Ray Data")
-    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
-                                               "models, run directory, output), on the driver and every worker")
-    mlflow_uri: str | None = option(None, "record the run in MLflow: a tracking server URI or a local folder "
-                                          "(params, metrics per logged step, loss curve, config.json, status)")
 
 
 def plan_steps(rows: int, o) -> tuple[int, int]:
