@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", default=None, help="token shards to reuse (default: make and tokenize --rows)")
     p.add_argument("--rows", type=int, default=6000)
     p.add_argument("--steps", type=int, default=40, help="timed steps per side (fewer than an epoch)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=64)
     a = p.parse_args(argv)
     init_ray()
     work = tempfile.mkdtemp(prefix="painter-bench-train-data-")
     tokens = a.tokens or tokens_for(a.rows, work)
     o = train.Options(data=[tokens], preset="demo", vqgan=bundled_model_dir(), output=os.path.join(work, "model"),
-                      name="alternate", batch_size=a.batch_size, lr=5e-3, warmup_steps=10, max_steps=a.steps,
+                      name="alternate", micro_batch=a.micro_batch, lr=5e-3, warmup_steps=10, max_steps=a.steps,
                       threads_per_worker=os.cpu_count())
     start = train.resolve_start(o)
     files = train.list_shards(o.data)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                        os.path.join(work, "runs"))
     times, waits = result.metrics["times"], result.metrics["waits"]
     stream, memory = statistics.median(times["stream"]), statistics.median(times["memory"])
-    print(json.dumps({"rows": rows, "steps_per_side": a.steps, "batch_size": a.batch_size, "cpus": os.cpu_count(),
+    print(json.dumps({"rows": rows, "steps_per_side": a.steps, "micro_batch": a.micro_batch, "cpus": os.cpu_count(),
                       "stream_s_per_step": round(stream, 4), "memory_s_per_step": round(memory, 4),
                       "speedup": round(stream / memory, 3),
                       "stream_wait_s": round(statistics.median(waits["stream"]), 4),

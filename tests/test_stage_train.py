@@ -40,7 +40,7 @@ def write_shards(model_dir: str, out_dir: str, shards: int = SHARDS, rows: int =
 
 
 def options(model_dir: str, data: str, output: str, **overrides) -> Options:
-    base = dict(data=[data], init=model_dir, output=output, workers=2, batch_size=4, grad_accum=2, epochs=1, lr=1e-2,
+    base = dict(data=[data], init=model_dir, output=output, workers=2, micro_batch=4, grad_accum=2, epochs=1, lr=1e-2,
                 warmup_steps=2, checkpoint_every=8, log_every=4, shuffle_buffer=16, max_failures=2)
     return Options(**(base | overrides))
 
@@ -188,8 +188,8 @@ def test_bad_starting_points_and_resources_are_refused(ray_session, tiny_model_d
         run(Options(data=[str(tmp_path / "missing")], init=tiny_model_dir, output=out))
     with pytest.raises(InputError, match="matches no input files"):
         run(Options(data=[str(tmp_path / "*.parquet")], init=tiny_model_dir, output=out))
-    with pytest.raises(InputError, match="too few for 2 workers x batch 512"):
-        run(Options(data=[shards], init=tiny_model_dir, output=out, workers=2, batch_size=512))
+    with pytest.raises(InputError, match="too few for 2 workers x micro-batch 512"):
+        run(Options(data=[shards], init=tiny_model_dir, output=out, workers=2, micro_batch=512))
     with pytest.raises(InputError, match="--threads-per-worker must be >= 1, got 0"):
         run(Options(data=[shards], init=tiny_model_dir, output=out, threads_per_worker=0))
     if not ray_session.cluster_resources().get("GPU"):

@@ -17,7 +17,7 @@ from painter.cli import registry
 from painter.cli.outcomes import UsageParser
 from painter.cli.registry import COMMANDS, available_commands
 from painter.errors import InputError
-from painter.options import add_arguments, to_dict
+from painter.options import add_arguments, to_dict, upgrade
 
 DESCRIPTION = "Chinese text-to-image generation as batch jobs on Ray."
 
@@ -57,7 +57,8 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def read_config(path: str, options_cls) -> dict:
-    """The options a YAML file gives, by field name; a key that is no option of the command is an error."""
+    """The options a YAML file gives, by field name (one written under an option's former name, e.g. train's
+    `batch_size`, read as today's: `painter.options.upgrade`); a key that is no option of the command is an error."""
     import yaml  # only where a config file is used
 
     try:
@@ -68,7 +69,7 @@ def read_config(path: str, options_cls) -> dict:
     if not isinstance(values, dict):
         raise InputError(f"--config {path}: expected a mapping of option names to values")
     fields = {f.name for f in dataclasses.fields(options_cls)}
-    given = {str(k).replace("-", "_"): v for k, v in values.items()}
+    given = upgrade(options_cls, {str(k).replace("-", "_"): v for k, v in values.items()})
     unknown = sorted(k for k in given if k not in fields)
     if unknown:
         raise InputError(f"--config {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'}"

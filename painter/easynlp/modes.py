@@ -77,7 +77,7 @@ def train(o, params: dict) -> dict:
     total = (tokenized[0]["rows_out"] // per_step) * o.epoch_num
     options = train_job.Options(
         data=[shards[0]], val_data=shards[1:], init=start, output=o.checkpoint_dir, name=run_name,
-        epochs=o.epoch_num, batch_size=o.micro_batch_size, grad_accum=o.gradient_accumulation_steps,
+        epochs=o.epoch_num, micro_batch=o.micro_batch_size, grad_accum=o.gradient_accumulation_steps,
         lr=o.learning_rate, weight_decay=o.weight_decay, warmup_steps=math.ceil(o.warmup_proportion * total),
         grad_clip=o.max_grad_norm, seed=o.random_seed, workers=workers, log_every=o.logging_steps,
         checkpoint_every=o.save_checkpoint_steps or max(1, total), mlflow_uri=o.mlflow_uri)

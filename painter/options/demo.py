@@ -8,6 +8,8 @@ from painter.options import option
 
 @dataclass(kw_only=True)
 class Options:
+    RENAMED = {"batch_size": "micro_batch"}  # its name until issue #31; records written then still read (upgrade)
+
     output: str = option("out/demo", "folder for every step's output (corpus, tokens, model, images, scores)")
     rows: int = option(6000, "images in the synthetic training corpus")
     size: int = option(32, "image size of the corpus (the model's VQGAN size)")
@@ -17,8 +19,8 @@ class Options:
     preset: str = option("demo", "shape of the GPT trained from scratch")
     steps: int = option(1400, "GPT optimizer steps (measured on 2 cores at batch 32: 1250 steps scored colour+shape "
                                "0.62, 1500 scored 0.69 but took 5 minutes; see docs/demo.md)")
-    batch_size: int = option(32, "GPT training batch size per worker (32 learns more in the demo's minutes than "
-                                 "64: twice the steps at the same cost)")
+    micro_batch: int = option(32, "rows per model call on the device in the GPT's training, per worker (32 learns "
+                                  "more in the demo's minutes than 64: twice the steps at the same cost)")
     lr: float = option(3e-3, "GPT peak learning rate (at batch 32: 2e-3 and 5e-3 both scored lower)")
     dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
     fine_tune: bool = option(False, "fine-tune the base model's GPT (train --init) instead of training a fresh one; "

@@ -65,7 +65,7 @@ class EasyNLPFlags:
     save_checkpoint_steps: int | None = _flag(None, "optimizer steps between checkpoints (default: once an epoch)",
                                               "save_checkpoint_steps")
     sequence_length: int | None = _flag(None, "text_len + img_len; checked against the model", "sequence_length")
-    micro_batch_size: int = _flag(2, "rows per batch per worker (train, evaluate); rows per model call (predict)",
+    micro_batch_size: int = _flag(2, "rows per model call on the device, per worker: painter's --micro-batch",
                                   "micro_batch_size")
     gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step", "gradient_accumulation_steps")
     weight_decay: float = _flag(1e-4, "AdamW weight decay", "weight_decay")

@@ -25,8 +25,8 @@ class Options:
     candidates: int = option(1, "images drawn per caption and sample; the best-scored one is judged")
     scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
                                       "ONLY) instead of the model's own caption-vs-null likelihood ratio")
-    batch_size: int = option(64, "images per generator call, VQGAN pass and feature pass")
-    micro_batch: int | None = option(None, "rows per model call, which images depend on (default: 8 on CPU, 64 on GPU)")
+    micro_batch: int | None = option(None, "images per model call on the device: the GPT's (which generated images "
+                                     "depend on), the VQGAN's and the feature network's (default: 8 on CPU, 64 on GPU)")
     device: str | None = option(None, "cpu or cuda (default: cuda when this process has one)")
     generated: list[str] = option([], "score existing images instead of generating: a generate output root, "
                                   "a run_date=D folder of it, or TSV/Parquet files with text and image columns")

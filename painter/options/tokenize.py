@@ -16,6 +16,8 @@ ROWS_PER_FILE = 16_384
 
 @dataclass(kw_only=True)
 class Options:
+    RENAMED = {"batch_size": "micro_batch"}  # its name until issue #31; records written then still read (upgrade)
+
     input: list[str] = option(help="files, globs, directories or s3:// prefixes to read; " + FORMATS_HELP)
     model: str = option(help="model directory (or zoo name) whose VQGAN and vocabulary make the tokens")
     output: str = option(help="directory (local or s3://) for the token shards")
@@ -24,7 +26,7 @@ class Options:
     columns: str | None = option(None, COLUMNS_HELP)
     errors: str | None = option(None, "where rejected rows go (default: <output>/_rejected/)")
     max_error_rate: float = max_error_rate_option()
-    batch_size: int = option(64, "images per VQGAN batch")
+    micro_batch: int = option(64, "images per model call on the device (the VQGAN's; an encoder actor's call is one)")
     actors: int | None = option(None, "encoder actors (default: one per GPU; on a CPU-only cluster one per CPU, "
                                       "each decoding its own rows)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")

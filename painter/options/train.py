@@ -10,6 +10,8 @@ from painter.options.training import RunOptions
 
 @dataclass(kw_only=True)
 class Options(RunOptions):
+    RENAMED = {"batch_size": "micro_batch"}  # its name until issue #31; records written then still read (upgrade)
+
     data: list[str] = option(help="token shards: Parquet files, directories or globs (local or s3://)")
     val_data: list[str] = option([], "validation token shards; their loss is measured after every epoch")
     init: str | None = option(None, "model directory to fine-tune (one without GPT weights trains from scratch)")
@@ -22,7 +24,8 @@ class Options(RunOptions):
     output: str = option(help="model directory to write the trained model to")
     name: str = option("train", "run name under --run-dir; an existing one needs --resume")
     epochs: int = option(1, "passes over the training shards (unless --max-steps is given)")
-    batch_size: int = option(8, "rows per micro-batch per worker")
+    micro_batch: int = option(8, "rows per model call on the device: each worker's micro-batch (--grad-accum of them "
+                                 "make an optimizer step)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay of Linear weights")

@@ -13,6 +13,8 @@ SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4
 
 @dataclass(kw_only=True)
 class Options(RunOptions):
+    RENAMED = {"batch_size": "micro_batch"}  # its name until issue #31; records written then still read (upgrade)
+
     input: list[str] = option(help="TSV/Parquet image corpus: files, globs, directories or s3:// prefixes")
     model: str = option(help="model directory (or zoo name) whose VQGAN to train; its weights are the start "
                              "unless --from-scratch")
@@ -22,7 +24,8 @@ class Options(RunOptions):
     from_scratch: bool = option(False, "start from a seeded random VQGAN of the model's config, not its weights")
     name: str = option("train-vq", "run name under --run-dir; an existing one needs --resume")
     epochs: int = option(1, "passes over the training images (unless --max-steps is given)")
-    batch_size: int = option(32, "images per batch per worker")
+    micro_batch: int = option(32, "images per model call on the device: each worker's batch of an optimizer step "
+                                  "and of the held-out reconstruction")
     lr: float | None = option(None, f"peak learning rate (default: {SCRATCH_LR:g} when training from scratch, "
                                     f"what suits a small VQGAN; {FINE_TUNE_LR:g} when starting from the model's weights)")
     warmup_steps: int = option(0, "optimizer steps of linear lr warm-up")

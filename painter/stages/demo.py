@@ -80,7 +80,7 @@ def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     vq_out = posixpath.join(out, "vq-model")
     _step("train-vq", train_vq, train_vq.Options(
         input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
-        workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
+        workers=o.workers, micro_batch=max(8, 64 // o.workers), seed=o.seed, log_every=100,
         checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}",
         threads_per_worker=_threads(o)), steps)
     return vq_out
@@ -102,7 +102,7 @@ def run(o: Options) -> dict:
     init = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
     _step("train", train, train.Options(
         data=[tokens], **init, output=model, run_dir=posixpath.join(out, "runs"),
-        name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
+        name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, micro_batch=o.micro_batch,
         lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
         null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))

@@ -35,6 +35,7 @@ computed from it `painter.stages.evaluate_scores`.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -47,7 +48,7 @@ from painter import logs
 from painter.evaluation import judge, metrics
 from painter.checkpoint.model_dir import check_model_files, load_model, read_bytes
 from painter.errors import InputError, check_error_rate
-from painter.inference.generator import GenerationConfig, Generator
+from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io import tables
 from painter.io import columns as column_map
@@ -70,7 +71,7 @@ def check(options: Options) -> None:
     for name in ("captions", "limit", "sheet_images"):
         if getattr(o, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(o, name)}")
-    for name in ("samples", "batch_size", "is_splits"):
+    for name in ("samples", "is_splits"):
         if getattr(o, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
     if o.micro_batch is not None and o.micro_batch < 1 or o.feature_size is not None and o.feature_size < 1:
@@ -107,8 +108,8 @@ def _generate(options: Options, model, device, storage: Storage) -> tuple[list[C
     except ValueError as e:
         raise InputError(str(e)) from None
     start = time.time()
-    idxs, samples, images = judge.generate_images(
-        generator, captions, options.samples, options.batch_size,
+    idxs, samples, images = judge.generate_images(  # 4 micro-batches a generator call, as generate's default batch
+        generator, captions, options.samples, 4 * generator.micro_batch,
         progress=lambda done, total: log.info(f"generated {done}/{total} images"))
     seconds = time.time() - start
     texts = [c for c in captions for _ in range(options.samples)]
@@ -125,6 +126,8 @@ def evaluate(options: Options) -> dict:
     check(options)
     storage = Storage.from_option(options.storage_options)
     device = pick_device(options.device)
+    # the size of every model call (the GPT's, the VQGAN's, the feature network's): the generator's default
+    options = dataclasses.replace(options, micro_batch=options.micro_batch or default_micro_batch(device))
     rejected = Rejected()
     started = time.time()
     summary: dict = {"device": str(device)}
@@ -159,8 +162,8 @@ def _judge(options: Options, storage: Storage, device, candidates: list[Candidat
     extractor = None
     if options.feature_extractor:
         extractor = metrics.load_feature_extractor(read_bytes(options.feature_extractor, storage), options.feature_size, device,
-                                              options.batch_size, source=options.feature_extractor)
-    features = FeaturePass(extractor, options.batch_size) if extractor else None
+                                              options.micro_batch, source=options.feature_extractor)
+    features = FeaturePass(extractor, options.micro_batch) if extractor else None
     source = "generated here" if where["source"] == "model" else " ".join(options.generated)
     judged, not_captions = judge_candidates(candidates, features, rejected, source)
     accuracy = {"texts_not_captions": not_captions} | where

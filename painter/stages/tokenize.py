@@ -75,8 +75,8 @@ def _check_options(options: Options) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise InputError(f"--input-schema {options.input_schema!r} names no {missing[0]!r} column")
-    if options.batch_size < 1 or options.rows_per_file < 1 or options.max_pixels < 1:
-        raise InputError("--batch-size, --rows-per-file and --max-pixels must be positive")
+    if options.micro_batch < 1 or options.rows_per_file < 1 or options.max_pixels < 1:
+        raise InputError("--micro-batch, --rows-per-file and --max-pixels must be positive")
     if not 0 <= options.max_error_rate <= 1:
         raise InputError(f"--max-error-rate must be between 0 and 1, got {options.max_error_rate}")
 
@@ -146,14 +146,14 @@ def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.d
         readers = -(-resources["compute"].max_size // CPU_ACTORS_PER_READER)
         read = _read(options, storage, num_cpus=0.25, readers=readers)
         rows = bound_store(read, _store_budget(read, "cpu", resources["compute"].max_size))
-        return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
+        return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.micro_batch,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
     read = _read(options, storage, num_cpus=0.5)
     prepared = bound_store(read, _store_budget(read, "gpu", resources["compute"].max_size)).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
-    return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
+    return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.micro_batch,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
 
 

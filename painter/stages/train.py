@@ -199,7 +199,7 @@ def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int,
                         compile=o.compile)
     return {"source": start.source, "model": start.config.to_dict(), "has_gpt": start.has_gpt, "train": train,
             "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
-            "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
+            "micro_batch": o.micro_batch, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
             "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
             "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch),
             "null_caption_prob": o.null_caption_prob, "storage": as_storage(storage)}
@@ -207,6 +207,6 @@ def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int,
 
 def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:
     """True when one worker's split (int32 text and image ids) fits in --in-memory-mb."""
-    rows = steps_per_epoch * o.batch_size * o.grad_accum + o.batch_size  # a worker's split, give or take a batch
+    rows = steps_per_epoch * o.micro_batch * o.grad_accum + o.micro_batch  # a worker's split, give or take a batch
     per_row = 4 * (start.config.gpt.text_len + start.config.gpt.img_len)
     return rows * per_row <= o.in_memory_mb * 2**20

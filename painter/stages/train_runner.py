@@ -51,10 +51,10 @@ def plan_steps(rows: int, o) -> tuple[int, int]:
 
     Every rank takes the same number of steps (DDP all-reduces in each); the lr schedule ends at the total.
     """
-    per_step = o.batch_size * o.grad_accum
+    per_step = o.micro_batch * o.grad_accum
     steps_per_epoch = rows // o.workers // per_step
     if steps_per_epoch == 0:
-        raise InputError(f"{rows} training rows are too few for {o.workers} workers x batch {o.batch_size} "
+        raise InputError(f"{rows} training rows are too few for {o.workers} workers x micro-batch {o.micro_batch} "
                          f"x grad_accum {o.grad_accum} (one optimizer step needs {per_step * o.workers} rows)")
     return steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch
 
@@ -207,7 +207,7 @@ def shuffled_batches(count: int, batch_size: int, seed: int):
 
 class TrainerRun:
     """One Ray Train worker's session (see the module docstring); `TrainerRun(cfg).run()`. `cfg` holds
-    source, model, train, run_path, steps_per_epoch, total_steps, seed, batch_size, log_every,
+    source, model, train, run_path, steps_per_epoch, total_steps, seed, micro_batch, log_every,
     checkpoint_every, storage and progress (the driver's progress board, or None)."""
     label = "train"  # how the worker's own lines start
 

@@ -67,8 +67,8 @@ def _check_options(o: Options) -> None:
     names = column_map.renamed([c.name for c in tables.parse_schema(o.input_schema)], column_map.parse(o.columns))
     if BASE64_COLUMN not in names:
         raise InputError(f"--input-schema {o.input_schema!r} names no {BASE64_COLUMN!r} column")
-    if min(o.batch_size, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
-        raise InputError("--batch-size, --workers, --max-pixels and --max-steps must be positive")
+    if min(o.micro_batch, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
+        raise InputError("--micro-batch, --workers, --max-pixels and --max-steps must be positive")
     if min(o.eval_images, o.restart_every, o.gan_start, o.warmup_steps, o.shuffle_buffer) < 0 or o.gan_weight < 0:
         raise InputError("--eval-images, --restart-every, --gan-start, --gan-weight, --warmup-steps and "
                          "--shuffle-buffer must not be negative")
@@ -221,7 +221,7 @@ def _train(o: Options) -> dict:
                           gan_start=o.gan_start)
     loop_config = {"source": source.path, "model": source.config.to_dict(), "from_scratch": o.from_scratch,
                    "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                   "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
+                   "seed": o.seed, "micro_batch": o.micro_batch, "shuffle_buffer": o.shuffle_buffer,
                    "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
                    "has_eval": bool(held_out), "storage": storage, "in_memory": in_memory, **blocks}
     with remote_progress(STAGE, total, "steps") as loop_config["progress"]:

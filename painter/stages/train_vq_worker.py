@@ -137,7 +137,7 @@ class VQRun(TrainerRun):
     def batches(self, shard, epoch: int, skip: int):
         """This worker's image batches of `epoch` (seeded shuffle: of all its images when kept in memory, else
         Ray Data's local shuffle buffer), those of the first `skip` steps left out."""
-        c, buffer, batch = self.cfg, self.cfg["shuffle_buffer"], self.cfg["batch_size"]
+        c, buffer, batch = self.cfg, self.cfg["shuffle_buffer"], self.cfg["micro_batch"]
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
         if shard is None:
             images = self._kept("train")
@@ -190,7 +190,7 @@ class VQRun(TrainerRun):
         """Reconstruction L1/L2/PSNR and codebook use of the current VQGAN on the held-out images (all ranks)."""
         import ray.train
 
-        meter, batch = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["batch_size"]
+        meter, batch = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["micro_batch"]
         if "eval_blocks" in self.cfg:
             kept = self._kept("eval")
             batches = (kept[i:i + batch] for i in range(0, len(kept), batch))

@@ -123,11 +123,11 @@ class GPTRun(TrainerRun):
         seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
         if c.get("in_memory"):  # a small run: read the split once, no Ray Data at all
             self.memory = self.memory or split_in_memory(c["train_files"], self.rank, self.world, self.storage)
-            batches = memory_batches(self.memory, c["batch_size"], seed)
+            batches = memory_batches(self.memory, c["micro_batch"], seed)
         else:
             batches = shard.iter_torch_batches(
-                batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
-                local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+                batch_size=c["micro_batch"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, c["micro_batch"]) if buffer else None,
                 local_shuffle_seed=seed if buffer else None)
         for i, batch in enumerate(batches):  # (text_ids, image_tokens, idx list)
             if i >= skip:
@@ -193,7 +193,7 @@ class GPTRun(TrainerRun):
         self.gpt.eval()
         with torch.no_grad():
             for text_ids, image_tokens, _ in ray.train.get_dataset_shard("val").iter_torch_batches(
-                    batch_size=self.cfg["batch_size"], collate_fn=_shard_collate()):
+                    batch_size=self.cfg["micro_batch"], collate_fn=_shard_collate()):
                 with autocast(self.device):
                     loss = self.gpt.loss(text_ids.to(self.device), image_tokens.to(self.device))
                 sums += torch.stack([loss.double() * text_ids.size(0), sums.new_tensor(text_ids.size(0))])
