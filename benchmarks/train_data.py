@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/: an uninstalled checkout works
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -29,18 +30,21 @@ from painter.checkpoint.model_dir import bundled_model_dir  # noqa: E402
 from painter.cli.main import init_ray, run_command  # noqa: E402
 
 
-def alternate(cfg: dict) -> None:
-    """The worker: both data paths open on one shard, one timed step of each in turn."""
+def alternate(loop_config: dict) -> None:
+    """The worker: both data paths open on one shard, one timed step of each in turn (`total_steps` of each)."""
+    import dataclasses
+
     import ray.train
 
     from painter.stages.train_worker import GPTRun
     from painter.training.gpt import train_step
 
-    run, steps = GPTRun(cfg), cfg["bench_steps"]
+    run = GPTRun(loop_config["config"])
+    steps = run.cfg.total_steps
     shard = ray.train.get_dataset_shard("train")
     paths, times, waits = {}, {"stream": [], "memory": []}, {"stream": [], "memory": []}
     for side in ("stream", "memory"):  # the first batch of each is untimed (pipeline start, loading the split)
-        run.cfg["in_memory"] = side == "memory"
+        run.cfg = dataclasses.replace(run.cfg, in_memory=side == "memory")
         paths[side] = run.host_batches(shard, 0, skip=0)
         next(paths[side])
     for step in range(steps):
@@ -87,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch, total = train.plan_steps(rows, o)
     if a.steps + 1 > steps_per_epoch:
         raise SystemExit(f"--steps {a.steps} must be under an epoch ({steps_per_epoch} steps of {rows} rows)")
-    config = train.worker_config(o, start, os.path.join(work, "runs", o.name), steps_per_epoch, total)
-    config["train_files"] = files  # the memory side reads them itself (painter.io.shards.read_split)
-    result = train.fit(alternate, config | {"bench_steps": a.steps}, datasets, train.scaling_config(o), o,
-                       os.path.join(work, "runs"))
+    config = train.worker_config(o, start, os.path.join(work, "runs", o.name), steps_per_epoch, total, files)
+    config = dataclasses.replace(config, train_files=tuple(files))  # the memory side reads them itself
+    result = train.fit(alternate, config, datasets, train.scaling_config(o), o, os.path.join(work, "runs"),
+                       stage="train")
     times, waits = result.metrics["times"], result.metrics["waits"]
     stream, memory = statistics.median(times["stream"]), statistics.median(times["memory"])
     print(json.dumps({"rows": rows, "steps_per_side": a.steps, "micro_batch": a.micro_batch, "cpus": os.cpu_count(),

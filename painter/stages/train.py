@@ -45,7 +45,7 @@ from painter.stages.progress import remote_progress
 from painter.stages.train_runner import (checkpoint_url, export_model, fit, plan_steps, run_location, run_path_of,
                                          scaling_config)
 from painter.stages.tracking import mlflow_run
-from painter.stages.train_worker import train_loop
+from painter.stages.train_worker import WorkerConfig, train_loop
 from painter.training.gpt import TrainConfig
 
 log = logs.get("train")
@@ -163,12 +163,9 @@ def _train(o: Options) -> dict:
     files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
     rows = check_shards(files, start.shard_info, storage)
     steps_per_epoch, total = plan_steps(rows, o)
-    loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
-    datasets = {}  # a split kept in memory is read by each worker itself (painter.io.shards.read_split)
-    if loop_config["in_memory"]:
-        loop_config["train_files"] = files
-    else:
-        datasets["train"] = shard_dataset(files, storage)
+    in_memory = keeps_in_memory(o, start, steps_per_epoch)
+    # a split kept in memory is read by each worker itself (painter.io.shards.read_split)
+    datasets = {} if in_memory else {"train": shard_dataset(files, storage)}
     if val_files:
         check_shards(val_files, start.shard_info, storage)
         datasets["val"] = shard_dataset(val_files, storage)
@@ -177,32 +174,36 @@ def _train(o: Options) -> dict:
     if not start.has_gpt:
         log.info(f"{start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})")
-    with remote_progress("train", total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage, stage="train")
+    with remote_progress("train", total, "steps") as progress:
+        config = worker_config(o, start, run_path, steps_per_epoch, total, files, storage, progress)
+        result = fit(train_loop, config, datasets, scaling, o, runs, storage, stage="train")
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
                "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
                "checkpoint": checkpoint_url(result.checkpoint, run_path), "output": o.output, "workers": o.workers, "threads": m.get("threads"),
                "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path,
-               "data_path": "memory" if loop_config["in_memory"] else "stream"}
+               "data_path": "memory" if in_memory else "stream"}
     summary["loss_curve"] = plots.write_loss_curve(run_path, f"train {o.name}",
                                                    {"train loss": "loss", "validation loss": "val_loss"}, storage)
     export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary}, storage)
     return summary
 
 
-def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int,
-                  storage: Storage | None = None) -> dict:
-    """Everything a worker needs, as plain values (it travels to every worker, the Storage handle too)."""
+def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int, files: list[str],
+                  storage: Storage | None = None, progress=None) -> WorkerConfig:
+    """Everything a worker needs (`files`: the training shards, which a worker keeping its split in memory
+    reads itself; `progress`: the driver's progress board)."""
     train = TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, total_steps=total,
                         min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum,
                         compile=o.compile)
-    return {"source": start.source, "model": start.config.to_dict(), "has_gpt": start.has_gpt, "train": train,
-            "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
-            "micro_batch": o.micro_batch, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
-            "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
-            "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch),
-            "null_caption_prob": o.null_caption_prob, "storage": as_storage(storage)}
+    in_memory = keeps_in_memory(o, start, steps_per_epoch)
+    return WorkerConfig(source=start.source, model=start.config, train=train, run_path=run_path,
+                        steps_per_epoch=steps_per_epoch, total_steps=total, seed=o.seed, micro_batch=o.micro_batch,
+                        shuffle_buffer=o.shuffle_buffer, log_every=max(1, o.log_every),
+                        checkpoint_every=max(1, o.checkpoint_every), in_memory=in_memory,
+                        storage=as_storage(storage), progress=progress, has_gpt=start.has_gpt,
+                        null_caption_prob=o.null_caption_prob, record_rows=o.record_rows, has_val=bool(o.val_data),
+                        train_files=tuple(files) if in_memory else ())
 
 
 def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:

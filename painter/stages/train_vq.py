@@ -56,7 +56,7 @@ from painter.stages.progress import remote_progress
 from painter.stages.train_runner import (checkpoint_url, export_model, fit, plan_steps, run_location,
                                          run_path_of, scaling_config)
 from painter.stages.tracking import mlflow_run
-from painter.stages.train_vq_worker import train_loop
+from painter.stages.train_vq_worker import WorkerConfig, train_loop
 from painter.training.vqgan import VQTrainConfig
 
 STAGE = "train-vq"
@@ -123,7 +123,7 @@ def image_dataset(o: Options, storage: Storage, size: int, keep: str, eval_keys:
 
 
 def image_datasets(o: Options, storage: Storage, size: int, held_out: list, in_memory: bool) -> tuple[dict, dict]:
-    """(Ray Train's datasets, the loop config's in-memory blocks). In memory, the decoded images are
+    """(Ray Train's datasets, the WorkerConfig's in-memory blocks). In memory, the decoded images are
     materialized once and the workers get the object refs of their blocks (`train_blocks`, `eval_blocks`),
     each taking its share by key (`painter.stages.train_vq_worker.pixels_in_memory`); otherwise the training
     images stream through Ray Data (decoded every epoch) and the held-out ones are a materialized dataset."""
@@ -219,13 +219,13 @@ def _train(o: Options) -> dict:
     train = VQTrainConfig(lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
                           grad_clip=o.grad_clip, restart_every=o.restart_every, gan_weight=o.gan_weight,
                           gan_start=o.gan_start)
-    loop_config = {"source": source.path, "model": source.config.to_dict(), "from_scratch": o.from_scratch,
-                   "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                   "seed": o.seed, "micro_batch": o.micro_batch, "shuffle_buffer": o.shuffle_buffer,
-                   "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
-                   "has_eval": bool(held_out), "storage": storage, "in_memory": in_memory, **blocks}
-    with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage, stage=STAGE)
+    with remote_progress(STAGE, total, "steps") as progress:
+        config = WorkerConfig(source=source.path, model=source.config, train=train, run_path=run_path,
+                              steps_per_epoch=steps_per_epoch, total_steps=total, seed=o.seed,
+                              micro_batch=o.micro_batch, shuffle_buffer=o.shuffle_buffer, log_every=max(1, o.log_every),
+                              checkpoint_every=max(1, o.checkpoint_every), in_memory=in_memory, storage=storage,
+                              progress=progress, from_scratch=o.from_scratch, has_eval=bool(held_out), **blocks)
+        result = fit(train_loop, config, datasets, scaling, o, runs, storage, stage=STAGE)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
     summary["data_path"] = "memory" if in_memory else "stream"
