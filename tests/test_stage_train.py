@@ -231,6 +231,27 @@ def test_the_cli_builds_these_options():
     assert o.pkeep == 0.9 and o.val_data == [] and o.name == "train"
 
 
+def test_workers_get_one_frozen_typed_config_built_from_the_options(tiny_model_dir, tmp_path):
+    """What every worker reads (`WorkerConfig`, by attribute): the options it needs, the shards only when the
+    split stays in memory, and nothing a worker could change for the others."""
+    import pickle
+
+    from painter.stages.train import worker_config
+    from painter.stages.train_worker import WorkerConfig
+
+    o = options(tiny_model_dir, "shards", str(tmp_path / "out"), micro_batch=3, null_caption_prob=0.1, seed=7)
+    start = resolve_start(o)
+    config = worker_config(o, start, "run", steps_per_epoch=5, total=10, files=["a.parquet", "b.parquet"])
+    assert isinstance(config, WorkerConfig) and config.model == start.config and config.train.total_steps == 10
+    assert (config.micro_batch, config.seed, config.null_caption_prob, config.total_steps) == (3, 7, 0.1, 10)
+    assert config.in_memory and config.train_files == ("a.parquet", "b.parquet") and config.progress is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.micro_batch = 4
+    assert pickle.loads(pickle.dumps(config)) == config  # it travels to every worker
+    streamed = worker_config(dataclasses.replace(o, in_memory_mb=0), start, "run", 5, 10, ["a.parquet"])
+    assert not streamed.in_memory and streamed.train_files == ()
+
+
 def test_a_relative_output_gives_an_absolute_run_location(tmp_path, monkeypatch):
     """`painter train --output model` from a shell: Ray Train takes only an absolute local storage path
     (a relative one failed in its controller with 'URI has empty scheme'), and workers may start elsewhere."""
