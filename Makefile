@@ -27,7 +27,7 @@ demo: setup
 # trains the GPT over that VQGAN on a larger corpus, longer, with dropout: about 45 minutes.
 BUNDLE_OUT ?= out/bundle
 BUNDLE_VQ_ARGS ?= --rows 8000 --train-vq-steps 2500 --workers 2 --steps 100
-BUNDLE_GPT_ARGS ?= --rows 16000 --steps 6000 --lr 1e-3 --dropout 0.1 --workers 1 --batch-size 64 --top-k 1
+BUNDLE_GPT_ARGS ?= --rows 16000 --steps 6000 --lr 1e-3 --dropout 0.1 --workers 1 --micro-batch 64 --top-k 1
 $(BUNDLE_OUT)/vq/vq-model/config.json: | setup
 	$(VENV)/bin/painter demo --output $(BUNDLE_OUT)/vq $(BUNDLE_VQ_ARGS)
 
@@ -42,7 +42,7 @@ bundled-model: setup $(BUNDLE_OUT)/vq/vq-model/config.json
 # caption) and 8000 steps instead of 6000, through the demo's jobs (make-corpus, tokenize, train,
 # generate, evaluate); the same corpus seed and held-out captions. About an hour on 2 quiet cores.
 GUIDED_BASE ?= painter/assets/demo-model
-BUNDLE_GUIDED_ARGS ?= --rows 16000 --steps 8000 --lr 1e-3 --dropout 0.1 --null-caption-prob 0.1 --workers 1 --batch-size 64 --top-k 1
+BUNDLE_GUIDED_ARGS ?= --rows 16000 --steps 8000 --lr 1e-3 --dropout 0.1 --null-caption-prob 0.1 --workers 1 --micro-batch 64 --top-k 1
 bundled-model-guided: setup
 	$(VENV)/bin/painter demo --output $(BUNDLE_OUT)/guided --base-model $(GUIDED_BASE) $(BUNDLE_GUIDED_ARGS)
 	cmp $(BUNDLE_OUT)/guided/corpus/_held_out.txt painter/assets/demo-model/held_out_captions.txt

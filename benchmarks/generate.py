@@ -18,8 +18,8 @@ VQGAN-only and encode-only images/s, on CUDA the fraction of the GPU's dense bf1
 `--sweep` the same at several micro-batch sizes (the largest end-to-end rate picks the default).
 
     python benchmarks/generate.py --preset tiny                                 # CPU, seconds
-    python benchmarks/generate.py --preset small --batch-size 32                # the CPU comparison
-    python benchmarks/generate.py --preset base --device cuda --batch-size 256 --skip-reference --sweep 64,128,256,512
+    python benchmarks/generate.py --preset small --micro-batch 32                # the CPU comparison
+    python benchmarks/generate.py --preset base --device cuda --micro-batch 256 --skip-reference --sweep 64,128,256,512
 
 Prints one JSON object (and writes it to `--json` when given).
 """
@@ -350,7 +350,7 @@ def compare(report: Report, loaded, generator: Generator, args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--batch-size", type=int, default=8, help="the micro-batch: rows per model call")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per model call")
     parser.add_argument("--rows", type=int, default=None, help="rows per measurement (default: two micro-batches)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
@@ -374,11 +374,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     report = Report(args.json, {"preset": args.preset, "device": str(device), "torch": torch.__version__,
-                                "compile_sampler": args.compile_sampler, "batch_size": args.batch_size,
+                                "compile_sampler": args.compile_sampler, "micro_batch": args.micro_batch,
                                 "repeats": args.repeats, "torch_threads": torch.get_num_threads()},
                     deadline=started + args.budget_s if args.budget_s else None)
     loaded = random_model(args.preset, device=device)  # in memory: no storage needed on a bare GPU box
-    generator = build(loaded, args, device, args.batch_size)
+    generator = build(loaded, args, device, args.micro_batch)
     report.data |= {"precision": str(generator.dtype).removeprefix("torch."), "gpt_params": loaded.gpt.num_params(),
                     "encode_threads": generator._pool._max_workers if generator._pool else 0}
     ours = report.section("ours", lambda: measure(generator, args))

@@ -87,7 +87,7 @@ while IFS='|' read -r name preset micro extra limit; do
   step_s=$(left "$limit")  # generate.py skips sections that would start in its last 10 s
   # shellcheck disable=SC2086
   timeout "$step_s" "$PY" benchmarks/generate.py --preset "$preset" --device "$DEVICE" \
-    --batch-size "$micro" --skip-reference --budget-s $(( step_s > 20 ? step_s - 10 : 10 )) $extra \
+    --micro-batch "$micro" --skip-reference --budget-s $(( step_s > 20 ? step_s - 10 : 10 )) $extra \
     --json "$OUT_DIR/generate-$name.json" > "$OUT_DIR/generate-$name.log" 2>&1 < /dev/null
   rc=$?
   RCS="$RCS $name=$rc"

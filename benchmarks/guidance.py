@@ -8,7 +8,7 @@ PNG encoding, as the generate job runs it. The model is the bundled one by defau
 with caption dropout), or any model directory:
 
     python benchmarks/guidance.py                         # the bundled model, CPU, about a minute
-    python benchmarks/guidance.py --model DIR --device cuda --batch-size 64
+    python benchmarks/guidance.py --model DIR --device cuda --micro-batch 64
 
 Prints one JSON object: images/s of each and the ratios `guided_over_plain` and
 `reranked_over_plain` (below 1: slower than plain sampling).
@@ -53,7 +53,7 @@ def images_per_second(generator: Generator, rows: list[tuple[str, str]], repeats
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED, help="model directory (default: the bundled model)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per model call (the micro-batch)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per model call")
     parser.add_argument("--rows", type=int, default=None, help="images per measurement (default: one batch)")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--candidates", type=int, default=4)
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model = load_model(args.model, device=device)
-    captions = synthetic.captions_for_eval(args.rows or args.batch_size, seed=0)
+    captions = synthetic.captions_for_eval(args.rows or args.micro_batch, seed=0)
     rows = [(f"bench-{i}", text) for i, text in enumerate(captions)]
     configs = {"plain": GenerationConfig(guidance=1.0),
                "guided": GenerationConfig(guidance=args.guidance),
                "reranked": GenerationConfig(guidance=args.guidance, candidates=args.candidates)}
-    generators = {name: Generator(model, config, device, micro_batch=args.batch_size)
+    generators = {name: Generator(model, config, device, micro_batch=args.micro_batch)
                   for name, config in configs.items()}
     for generator in generators.values():  # warm-up (allocations, kernels)
         generator.images([rows[0][1]], [rows[0][0]], [0])
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, generator in generators.items():
             speed[name] = max(speed[name], images_per_second(generator, rows, 1))
     result = {"benchmark": "guidance", "model": args.model, "device": str(device), "threads": args.threads,
-              "batch_size": args.batch_size, "images": len(rows), "guidance": args.guidance,
+              "micro_batch": args.micro_batch, "images": len(rows), "guidance": args.guidance,
               "candidates": args.candidates,
               **{f"{name}_images_per_second": round(v, 3) for name, v in speed.items()},
               "guided_over_plain": round(speed["guided"] / speed["plain"], 3),

@@ -11,7 +11,7 @@ The job meets the cluster as `ray job submit` does on one that has run a Ray Dat
 job, from another driver process (so none of its workers are reused), creates Ray Data's per-cluster
 actors (stats, autoscaling, actor locations: ~2.5 s on 2 cores, once per cluster). `--cold` skips it.
 
-    python benchmarks/tokenize_corpus.py --rows 512 --preset tiny --image-size 256 --batch-size 64
+    python benchmarks/tokenize_corpus.py --rows 512 --preset tiny --image-size 256 --micro-batch 64
 
 `--photos` makes the corpus of real photographs instead: scikit-image's bundled photos (the test extra),
 cropped, flipped and resized to about 640 x 480 and saved as JPEGs (`--image-size` is then unused), so
@@ -134,8 +134,8 @@ def first_job_on_cluster() -> float:
     return time.perf_counter() - start
 
 
-def ray_job(paths: list[str], model_dir: str, output: str, batch_size: int, actors: int | None) -> dict:
-    options = tokenize.Options(input=paths, model=model_dir, output=output, batch_size=batch_size, actors=actors)
+def ray_job(paths: list[str], model_dir: str, output: str, micro_batch: int, actors: int | None) -> dict:
+    options = tokenize.Options(input=paths, model=model_dir, output=output, micro_batch=micro_batch, actors=actors)
     start = time.perf_counter()
     summary = tokenize.run(options)
     return summary | {"wall_seconds": time.perf_counter() - start}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
     parser.add_argument("--image-size", type=int, default=256, help="side of the source images")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=64, help="images per VQGAN call")
     parser.add_argument("--files", type=int, default=4, help="TSV shards the corpus is split into")
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--cold", action="store_true", help="time the first Ray Data job on the fresh cluster")
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         # Each repeat times both, so the ratio is taken from pairs measured side by side.
         pairs = []
         for repeat in range(args.repeats):
-            plain = {threads: plain_loop(paths, model_dir, args.batch_size, threads)
+            plain = {threads: plain_loop(paths, model_dir, args.micro_batch, threads)
                      for threads in sorted({torch.get_num_threads(), 1})}
-            job = ray_job(paths, model_dir, str(root / f"tokens-{repeat}"), args.batch_size, args.actors)
+            job = ray_job(paths, model_dir, str(root / f"tokens-{repeat}"), args.micro_batch, args.actors)
             pairs.append((plain, job))
             print(json.dumps({"pair": repeat, **_pair_result(plain, job)}), file=sys.stderr, flush=True)  # kept if cut off
     runs = [_pair_result(plain, job) for plain, job in pairs]
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "tokenize", "rows": args.rows, "preset": args.preset,
         "image_size": "photos ~640x480" if args.photos else args.image_size,
         "model_image_size": preset_config(args.preset).image_size,
-        "batch_size": args.batch_size, "cpus": os.cpu_count(),
+        "micro_batch": args.micro_batch, "cpus": os.cpu_count(),
         "cluster": "cold" if warmup is None else "has run a Ray Data job",
         "first_job_seconds": None if warmup is None else round(warmup, 2),
         "repeats": args.repeats, "ray": middle["ray"], "plain": middle["plain"],

@@ -85,7 +85,7 @@ def run(preset: str, batch_size: int, steps: int, warmup: int, device: torch.dev
     ours, ref = tokens / results["pretokenized"], tokens / results["reference"]
     flops_per_token = train_flops_per_token(gpt)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    out = {"preset": preset, "device": device_name, "batch_size": batch_size, "steps": steps,
+    out = {"preset": preset, "device": device_name, "micro_batch": batch_size, "steps": steps,
            "cpu_threads": torch.get_num_threads(), "gpt_params": gpt.num_params(), "tokens_per_step": tokens,
            "pretokenized_tokens_per_second": round(ours, 1), "reference_tokens_per_second": round(ref, 1),
            "speedup": round(ours / ref, 3), "vqgan_encode_ms_per_step": round(results["vqgan_encode"] * 1000, 2),
@@ -100,7 +100,7 @@ def run(preset: str, batch_size: int, steps: int, warmup: int, device: torch.dev
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=8, help="rows per training step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads or device.type == "cpu":
         torch.set_num_threads(a.threads or 1)
     peak = a.peak_tflops or peak_bf16_tflops(device)
-    print(json.dumps(run(a.preset, a.batch_size, a.steps, a.warmup, device, peak)), flush=True)
+    print(json.dumps(run(a.preset, a.micro_batch, a.steps, a.warmup, device, peak)), flush=True)
 
 
 if __name__ == "__main__":

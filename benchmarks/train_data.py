@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/: an uninstalled checkout works
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -29,18 +30,21 @@ from painter.checkpoint.model_dir import bundled_model_dir  # noqa: E402
 from painter.cli.main import init_ray, run_command  # noqa: E402
 
 
-def alternate(cfg: dict) -> None:
-    """The worker: both data paths open on one shard, one timed step of each in turn."""
+def alternate(loop_config: dict) -> None:
+    """The worker: both data paths open on one shard, one timed step of each in turn (`total_steps` of each)."""
+    import dataclasses
+
     import ray.train
 
     from painter.stages.train_worker import GPTRun
     from painter.training.gpt import train_step
 
-    run, steps = GPTRun(cfg), cfg["bench_steps"]
+    run = GPTRun(loop_config["config"])
+    steps = run.cfg.total_steps
     shard = ray.train.get_dataset_shard("train")
     paths, times, waits = {}, {"stream": [], "memory": []}, {"stream": [], "memory": []}
     for side in ("stream", "memory"):  # the first batch of each is untimed (pipeline start, loading the split)
-        run.cfg["in_memory"] = side == "memory"
+        run.cfg = dataclasses.replace(run.cfg, in_memory=side == "memory")
         paths[side] = run.host_batches(shard, 0, skip=0)
         next(paths[side])
     for step in range(steps):
@@ -72,13 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", default=None, help="token shards to reuse (default: make and tokenize --rows)")
     p.add_argument("--rows", type=int, default=6000)
     p.add_argument("--steps", type=int, default=40, help="timed steps per side (fewer than an epoch)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=64)
     a = p.parse_args(argv)
     init_ray()
     work = tempfile.mkdtemp(prefix="painter-bench-train-data-")
     tokens = a.tokens or tokens_for(a.rows, work)
     o = train.Options(data=[tokens], preset="demo", vqgan=bundled_model_dir(), output=os.path.join(work, "model"),
-                      name="alternate", batch_size=a.batch_size, lr=5e-3, warmup_steps=10, max_steps=a.steps,
+                      name="alternate", micro_batch=a.micro_batch, lr=5e-3, warmup_steps=10, max_steps=a.steps,
                       threads_per_worker=os.cpu_count())
     start = train.resolve_start(o)
     files = train.list_shards(o.data)
@@ -87,13 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch, total = train.plan_steps(rows, o)
     if a.steps + 1 > steps_per_epoch:
         raise SystemExit(f"--steps {a.steps} must be under an epoch ({steps_per_epoch} steps of {rows} rows)")
-    config = train.worker_config(o, start, os.path.join(work, "runs", o.name), steps_per_epoch, total)
-    config["train_files"] = files  # the memory side reads them itself (painter.io.shards.read_split)
-    result = train.fit(alternate, config | {"bench_steps": a.steps}, datasets, train.scaling_config(o), o,
-                       os.path.join(work, "runs"))
+    config = train.worker_config(o, start, os.path.join(work, "runs", o.name), steps_per_epoch, total, files)
+    config = dataclasses.replace(config, train_files=tuple(files))  # the memory side reads them itself
+    result = train.fit(alternate, config, datasets, train.scaling_config(o), o, os.path.join(work, "runs"),
+                       stage="train")
     times, waits = result.metrics["times"], result.metrics["waits"]
     stream, memory = statistics.median(times["stream"]), statistics.median(times["memory"])
-    print(json.dumps({"rows": rows, "steps_per_side": a.steps, "batch_size": a.batch_size, "cpus": os.cpu_count(),
+    print(json.dumps({"rows": rows, "steps_per_side": a.steps, "micro_batch": a.micro_batch, "cpus": os.cpu_count(),
                       "stream_s_per_step": round(stream, 4), "memory_s_per_step": round(memory, 4),
                       "speedup": round(stream / memory, 3),
                       "stream_wait_s": round(statistics.median(waits["stream"]), 4),

@@ -30,14 +30,14 @@ def base_args(job: str, w, *, model: str | None = None, output: str | None = Non
     model, output = model or w.model, output or w.out(job)
     data = data or {"train": w.shards, "generate": w.prompts}.get(job, w.corpus_cut)
     args = {
-        "tokenize": ["--batch-size", "8"],
-        "train": ["--init", model, "--workers", "1", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "0",
+        "tokenize": ["--micro-batch", "8"],
+        "train": ["--init", model, "--workers", "1", "--micro-batch", "4", "--max-steps", "3", "--warmup-steps", "0",
                   "--log-every", "1", "--checkpoint-every", "1", "--lr", "1e-3"],
-        "train-vq": ["--workers", "1", "--batch-size", "4", "--max-steps", "2", "--eval-images", "0",
+        "train-vq": ["--workers", "1", "--micro-batch", "4", "--max-steps", "2", "--eval-images", "0",
                      "--log-every", "1", "--checkpoint-every", "2"],
         "generate": ["--run-date", DATE, "--samples", "2", "--batch-size", "2", "--micro-batch", "2",
                      "--commit-images", "1", "--no-contact-sheet", "--max-error-rate", "0.5"],
-        "evaluate": ["--captions", "0", "--batch-size", "8"],
+        "evaluate": ["--captions", "0", "--micro-batch", "8"],
     }[job]
     if job != "train":
         args += ["--model", model] + (["--max-error-rate", "0.5"] if job != "generate" else [])

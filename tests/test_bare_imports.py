@@ -63,7 +63,7 @@ def test_the_in_memory_random_model_is_the_one_new_model_writes(tmp_path):
 
 def test_generate_benchmark_runs_without_fsspec_pyarrow_or_ray(tmp_path):
     script = ROOT / "benchmarks" / "generate.py"
-    code = (f"import sys; sys.argv = [{str(script)!r}, '--preset', 'tiny', '--device', 'cpu', '--batch-size', '1',"
+    code = (f"import sys; sys.argv = [{str(script)!r}, '--preset', 'tiny', '--device', 'cpu', '--micro-batch', '1',"
             f" '--rows', '1', '--repeats', '1', '--skip-old', '--json', {str(tmp_path / 'g.json')!r}]\n"
             f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')")
     done = run(code)

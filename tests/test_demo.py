@@ -102,7 +102,7 @@ def test_demo_command_chains_every_job_on_a_local_ray_in_few_lines(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "painter.cli", "demo", "--output", str(out), "--rows", "256",
-                           "--hold-out", "20", "--steps", "8", "--batch-size", "16", "--captions", "8",
+                           "--hold-out", "20", "--steps", "8", "--micro-batch", "16", "--captions", "8",
                            "--preset", "demo", "--dropout", "0.1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = done.stdout.splitlines() + done.stderr.splitlines()

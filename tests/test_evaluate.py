@@ -283,7 +283,7 @@ def test_fid_end_to_end_through_the_cli(ray_session, corpora, extractor_file, tm
 
 def test_random_tiny_model_is_near_chance_and_vqgan_reconstruction(tiny_model_dir, corpora, tmp_path):
     summary = stage.run(Options(model=tiny_model_dir, captions=24, caption_seed=3, corpus=[corpora["a"]],
-                                output=str(tmp_path), batch_size=8))
+                                output=str(tmp_path), micro_batch=8))
     accuracy = summary["caption_accuracy"]
     assert accuracy["n"] == 24 and accuracy["source"] == "model" and accuracy["micro_batch"] == 8
     assert accuracy["colour_shape"] < 0.15 and accuracy["all"] < 0.1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "generate.py"
-SMALL = ["--preset", "small", "--device", "cpu", "--batch-size", "2", "--rows", "2", "--repeats", "1"]
+SMALL = ["--preset", "small", "--device", "cpu", "--micro-batch", "2", "--rows", "2", "--repeats", "1"]
 
 
 def test_comparison_with_old_engine_and_reference_reports_the_ratios(tmp_path):

@@ -72,7 +72,7 @@ def test_training_drops_captions_on_the_host_before_the_prefetch_by_step_and_mic
 
     accum, rank, rows, first_step = 2, 1, 50, 11
     run = SimpleNamespace(tc=SimpleNamespace(grad_accum=accum), rank=rank, tokenizer=SimpleNamespace(pad_id=PAD),
-                          cfg={"null_caption_prob": 0.2, "seed": 3})
+                          cfg=SimpleNamespace(null_caption_prob=0.2, seed=3))
     g = torch.Generator().manual_seed(1)
     host = [(torch.randint(1, 60, (rows, 16), generator=g), torch.zeros(rows, 4, dtype=torch.int64), [f"r{j}"])
             for j in range(5)]

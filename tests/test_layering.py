@@ -5,7 +5,9 @@
 - nothing but `painter/cli/main.py` imports `painter.cli` (commands are found through `painter.cli.registry`);
 - the `ray job submit` scripts in `jobs/` shadow no module and edit no `sys.path`;
 - the modules Ray's read and write tasks run (`stages/datasets.py`, `stages/tokenize_sink.py`,
-  `stages/generate_prompts.py`) load no torch, checked by importing them (torch costs a fresh worker seconds).
+  `stages/generate_prompts.py`) load no torch, checked by importing them (torch costs a fresh worker seconds);
+- `painter.options` (every command's options, what `painter COMMAND --help` loads) and every painter module it
+  imports import no torch, Ray, deltalake or pyarrow.
 Every import counts, a function's lazy one included.
 """
 from __future__ import annotations
@@ -102,12 +104,14 @@ def test_only_the_cli_imports_the_cli():
     assert not importers, f"{importers} import painter.cli; the CLI is the top layer"
 
 
-ROOT_MODULES = {"__init__.py", "errors.py", "logs.py", "options.py", "runtime.py", "pipeline.py"}
+ROOT_MODULES = {"__init__.py", "errors.py", "logs.py", "runtime.py", "pipeline.py"}
+ROOT_PACKAGES = {"options"}  # cross-cutting too: the helpers in its __init__, one module per command's options
 
 
 def test_the_root_holds_only_the_cross_cutting_modules():
     extra = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ROOT_MODULES)
     assert not extra, f"painter/ holds {extra}: each concern has its package (DESIGN.md's layer table)"
+    assert ROOT_PACKAGES <= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -185,6 +189,42 @@ def test_read_and_write_tasks_load_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tokenizers')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", f"the task modules load {loaded.stdout.strip()[:200]}"
+
+
+HEAVY = ("torch", "ray", "deltalake", "pyarrow")
+
+
+def imported_closure(roots: list[str]) -> dict[str, set[str]]:
+    """Every painter module reachable from `roots` through imports (lazy ones included) -> what it imports."""
+    modules = {module_name(p): p for p in files(PACKAGE)}
+    seen: dict[str, set[str]] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen[name] = imports_of(modules[name])
+        todo += [n for n in seen[name] if _is(n, "painter")]
+    return seen
+
+
+def test_the_closure_follows_imports_to_their_imports():
+    reached = imported_closure(["painter.options.train"])
+    assert {"painter.options", "painter.options.training", "painter.checkpoint.config", "painter.models.config"} <= set(reached)
+
+
+def test_the_options_import_no_torch_ray_deltalake_or_pyarrow():
+    """`painter COMMAND --help` builds its parser from `painter.options` alone: each of these costs a second or
+    more to import (torch and Ray several), which once made a command's --help take 4 s."""
+    roots = [module_name(p) for p in files(PACKAGE / "options")]
+    found = {name: sorted(n for n in names if any(_is(n, h) for h in HEAVY))
+             for name, names in imported_closure(roots).items()}
+    assert not {name: heavy for name, heavy in found.items() if heavy}, "painter.options reaches heavy imports"
+    code = ("import importlib, sys\n"
+            f"for m in {roots!r}:\n    importlib.import_module(m)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", f"importing painter.options loads {loaded.stdout.strip()[:200]}"
 
 
 def test_test_only_switches_live_in_the_faults_module():

@@ -49,7 +49,7 @@ def test_jobs_keep_rays_noise_in_the_log_file_and_say_a_planted_error_in_one_lin
 
     code, err, summary = painter(
         "train", "--data", tokens, "--preset", "demo", "--vqgan", "bundled", "--output", model, "--max-steps", "8",
-        "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2", "--max-failures", "0",
+        "--micro-batch", "8", "--log-every", "1", "--checkpoint-every", "2", "--max-failures", "0",
         "--threads-per-worker", "1", env={"PAINTER_TEST_FAIL_AT_STEP": "4"})
     assert code == 1 and summary["status"] == "failed" and summary["failure"] == "internal"
     reason = "RuntimeError: PAINTER_TEST_FAIL_AT_STEP=4: injected worker failure after step 4"

@@ -131,14 +131,14 @@ def test_generate_and_tokenize_counts_reach_prometheus(head, tiny_model_dir, tmp
     with open(corpus, "a", encoding="utf-8") as f:
         f.write("broken-row-without-fields\n")
     t = painter(head, "tokenize", "--input", corpus, "--model", tiny_model_dir, "--output", str(tmp_path / "tok"),
-                "--max-error-rate", "0.5", "--batch-size", "4")
+                "--max-error-rate", "0.5", "--micro-batch", "4")
     assert t["code"] == 0 and (t["rows_in"], t["rows_out"], t["rows_rejected"]) == (7, 6, 1), t
     assert wait_for(head[1], "ray_painter_rows_in_total", 7, job="tokenize") == 7
     assert wait_for(head[1], "ray_painter_rows_out_total", 6, job="tokenize") == 6
     assert wait_for(head[1], "ray_painter_rows_rejected_total", 1, job="tokenize") == 1
 
     r = painter(head, "train", "--data", str(tmp_path / "tok"), "--init", tiny_model_dir, "--output",
-                str(tmp_path / "model"), "--workers", "1", "--batch-size", "2", "--max-steps", "3",
+                str(tmp_path / "model"), "--workers", "1", "--micro-batch", "2", "--max-steps", "3",
                 "--warmup-steps", "0", "--log-every", "1", "--checkpoint-every", "3")
     assert r["code"] == 0 and r["steps"] == 3, r
     assert wait_for(head[1], "ray_painter_train_step", 3, job="train") == 3  # rank 0's last logged step

@@ -34,7 +34,7 @@ def test_a_train_run_is_recorded_in_mlflow(ray_session, tiny_model_dir, tmp_path
     shards = write_shards(tiny_model_dir, str(tmp_path / "shards"))
     uri = (tmp_path / "mlruns").as_uri()
     code, s = _run(capsys, "--data", shards, "--init", tiny_model_dir, "--output", str(tmp_path / "model"),
-                   "--name", "night-1", "--workers", "1", "--batch-size", "4", "--max-steps", "6", "--log-every", "2",
+                   "--name", "night-1", "--workers", "1", "--micro-batch", "4", "--max-steps", "6", "--log-every", "2",
                    "--checkpoint-every", "6", "--warmup-steps", "0", "--mlflow-uri", uri)
     assert code == 0 and s["steps"] == 6, s
     client, run = _find(uri, "night-1")
@@ -53,7 +53,7 @@ def test_a_train_run_is_recorded_in_mlflow(ray_session, tiny_model_dir, tmp_path
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     code, failed = _run(capsys, "--data", shards, "--init", tiny_model_dir, "--output", str(tmp_path / "model2"),
-                        "--name", "night-2", "--workers", "1", "--batch-size", "4", "--max-steps", "3",
+                        "--name", "night-2", "--workers", "1", "--micro-batch", "4", "--max-steps", "3",
                         "--log-every", "1", "--checkpoint-every", "1", "--min-lr-ratio", "1e25", "--lr", "1e-3",
                         "--warmup-steps", "0", "--mlflow-uri", uri)
     assert (code, failed["failure"]) == (1, "internal"), failed  # the loss went NaN

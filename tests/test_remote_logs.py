@@ -33,7 +33,7 @@ def test_a_job_failing_inside_ray_uploads_its_log_under_the_remote_output(remote
     output = f"{root}/failed-train"
     monkeypatch.setenv(FAULT_ENV, "1")  # the train worker raises after step 1 (the one fault switch)
     code = cli.main(["train", "--data", f"{root}/shards", "--init", f"{root}/model", "--output", output,
-                     "--workers", "1", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "0",
+                     "--workers", "1", "--micro-batch", "4", "--max-steps", "3", "--warmup-steps", "0",
                      "--max-failures", "0", "--storage-options", remote["option"]])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     reason = "RuntimeError: PAINTER_TEST_FAIL_AT_STEP=1: injected worker failure after step 1"
@@ -49,7 +49,7 @@ def test_a_job_stopped_by_sigterm_uploads_its_log_under_the_remote_output(remote
     output = f"{root}/stopped-tokenize"
     env = painter_env(ray_session.get_runtime_context().gcs_address, s3_server["endpoint_url"])
     args = ["tokenize", "--input", f"{root}/corpus/", "--model", f"{root}/model", "--output", output,
-            "--batch-size", "2", "--storage-options", remote["option"]]
+            "--micro-batch", "2", "--storage-options", remote["option"]]
     stopped = signal_when(args, env, tmp_path, lambda err: "[tokenize] reading" in err,
                           signal.SIGTERM)
     assert_failed_cleanly(stopped, "SIGTERM", code=143)

@@ -189,7 +189,7 @@ def test_planted_secret_reaches_no_written_file_nor_output(ray_session, tiny_mod
         ["tokenize", "--input", f"s3://{bucket}/corpus/", "--model", tiny_model_dir, "--output", str(out / "tokens"),
          "--storage-options", env_source],
         ["train", "--data", str(out / "tokens"), "--preset", "tiny", "--vqgan", tiny_model_dir, "--output",
-         str(out / "model"), "--max-steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "--warmup-steps", "1"],
+         str(out / "model"), "--max-steps", "2", "--micro-batch", "4", "--checkpoint-every", "1", "--warmup-steps", "1"],
         ["generate", "--input", f"s3://{bucket}/prompts.tsv", "--model", str(out / "model"), "--output",
          f"s3://{bucket}/generated", "--run-date", "2026-12-01", "--storage-options", file_source],
         ["evaluate", "--generated", f"s3://{bucket}/generated", "--output", f"s3://{bucket}/scores",

@@ -161,7 +161,7 @@ def read_parquet_dir(path: str, storage: dict | None = None):
 
 def job_args(corpus_path: str, model: str, output: str, *extra: str) -> list[str]:
     return ["--input", corpus_path, "--model", model, "--output", output, "--max-pixels", str(MAX_PIXELS),
-            "--batch-size", "16", "--rows-per-file", "100", *extra]
+            "--micro-batch", "16", "--rows-per-file", "100", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def write_shards(model_dir: str, out_dir: str, shards: int = SHARDS, rows: int =
 
 
 def options(model_dir: str, data: str, output: str, **overrides) -> Options:
-    base = dict(data=[data], init=model_dir, output=output, workers=2, batch_size=4, grad_accum=2, epochs=1, lr=1e-2,
+    base = dict(data=[data], init=model_dir, output=output, workers=2, micro_batch=4, grad_accum=2, epochs=1, lr=1e-2,
                 warmup_steps=2, checkpoint_every=8, log_every=4, shuffle_buffer=16, max_failures=2)
     return Options(**(base | overrides))
 
@@ -188,8 +188,8 @@ def test_bad_starting_points_and_resources_are_refused(ray_session, tiny_model_d
         run(Options(data=[str(tmp_path / "missing")], init=tiny_model_dir, output=out))
     with pytest.raises(InputError, match="matches no input files"):
         run(Options(data=[str(tmp_path / "*.parquet")], init=tiny_model_dir, output=out))
-    with pytest.raises(InputError, match="too few for 2 workers x batch 512"):
-        run(Options(data=[shards], init=tiny_model_dir, output=out, workers=2, batch_size=512))
+    with pytest.raises(InputError, match="too few for 2 workers x micro-batch 512"):
+        run(Options(data=[shards], init=tiny_model_dir, output=out, workers=2, micro_batch=512))
     with pytest.raises(InputError, match="--threads-per-worker must be >= 1, got 0"):
         run(Options(data=[shards], init=tiny_model_dir, output=out, threads_per_worker=0))
     if not ray_session.cluster_resources().get("GPU"):
@@ -229,6 +229,27 @@ def test_the_cli_builds_these_options():
     o = from_args(Options, args)
     assert o.data == ["a", "b"] and o.workers == 2 and o.gpus_per_worker == 0 and o.resume and o.max_steps == 50
     assert o.pkeep == 0.9 and o.val_data == [] and o.name == "train"
+
+
+def test_workers_get_one_frozen_typed_config_built_from_the_options(tiny_model_dir, tmp_path):
+    """What every worker reads (`WorkerConfig`, by attribute): the options it needs, the shards only when the
+    split stays in memory, and nothing a worker could change for the others."""
+    import pickle
+
+    from painter.stages.train import worker_config
+    from painter.stages.train_worker import WorkerConfig
+
+    o = options(tiny_model_dir, "shards", str(tmp_path / "out"), micro_batch=3, null_caption_prob=0.1, seed=7)
+    start = resolve_start(o)
+    config = worker_config(o, start, "run", steps_per_epoch=5, total=10, files=["a.parquet", "b.parquet"])
+    assert isinstance(config, WorkerConfig) and config.model == start.config and config.train.total_steps == 10
+    assert (config.micro_batch, config.seed, config.null_caption_prob, config.total_steps) == (3, 7, 0.1, 10)
+    assert config.in_memory and config.train_files == ("a.parquet", "b.parquet") and config.progress is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.micro_batch = 4
+    assert pickle.loads(pickle.dumps(config)) == config  # it travels to every worker
+    streamed = worker_config(dataclasses.replace(o, in_memory_mb=0), start, "run", 5, 10, ["a.parquet"])
+    assert not streamed.in_memory and streamed.train_files == ()
 
 
 def test_a_relative_output_gives_an_absolute_run_location(tmp_path, monkeypatch):

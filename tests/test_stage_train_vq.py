@@ -45,7 +45,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def options(model: str, corpus: str, output: str, **overrides) -> Options:
-    base = dict(input=[corpus], model=model, output=output, workers=2, batch_size=8, max_steps=STEPS, lr=1e-3,
+    base = dict(input=[corpus], model=model, output=output, workers=2, micro_batch=8, max_steps=STEPS, lr=1e-3,
                 warmup_steps=10, restart_every=25, eval_images=64, log_every=10, checkpoint_every=40,
                 max_error_rate=0.05, max_failures=1)
     return Options(**(base | overrides))

@@ -183,7 +183,7 @@ def painter(capsys, *args: str) -> dict:
 def test_tokenize_reads_and_writes_through_the_options(remote, endpoint_only_in_options, capsys):
     root, storage = remote["root"], remote["storage"]
     summary = painter(capsys, "tokenize", "--input", f"{root}/corpus/", "--model", f"{root}/model",
-                      "--output", f"{root}/tokens", "--batch-size", "8", "--max-error-rate", "0",
+                      "--output", f"{root}/tokens", "--micro-batch", "8", "--max-error-rate", "0",
                       "--storage-options", remote["option"])
     assert (summary["rows_in"], summary["rows_out"], summary["rows_rejected"]) == (CORPUS_ROWS, CORPUS_ROWS, 0)
     fs, tokens = storage.fs(f"{root}/tokens")
@@ -196,7 +196,7 @@ def test_tokenize_reads_and_writes_through_the_options(remote, endpoint_only_in_
 def test_train_reads_model_and_shards_and_checkpoints_through_the_options(remote, endpoint_only_in_options, capsys):
     root, storage = remote["root"], remote["storage"]
     summary = painter(capsys, "train", "--data", f"{root}/shards", "--init", f"{root}/model",
-                      "--output", f"{root}/trained", "--workers", "1", "--batch-size", "4", "--max-steps", "2",
+                      "--output", f"{root}/trained", "--workers", "1", "--micro-batch", "4", "--max-steps", "2",
                       "--checkpoint-every", "2", "--log-every", "1", "--warmup-steps", "0",
                       "--storage-options", remote["option"])
     assert summary["steps"] == 2 and summary["run"] == f"{root}/trained/_runs/train"
@@ -224,7 +224,7 @@ def test_generate_reads_model_and_prompts_and_commits_through_the_options(remote
 def test_evaluate_reads_model_and_corpus_and_writes_through_the_options(remote, endpoint_only_in_options, capsys):
     root, storage = remote["root"], remote["storage"]
     summary = painter(capsys, "evaluate", "--model", f"{root}/model", "--captions", "2", "--corpus",
-                      f"{root}/corpus/", "--output", f"{root}/evaluation", "--batch-size", "8",
+                      f"{root}/corpus/", "--output", f"{root}/evaluation", "--micro-batch", "8",
                       "--storage-options", remote["option"])
     assert summary["reconstruction"]["images"] == CORPUS_ROWS and summary["caption_accuracy"]["n"] == 2
     written = json.loads(storage.read_text(f"{root}/evaluation/summary.json"))

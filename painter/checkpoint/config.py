@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from painter.errors import CheckpointError
-from painter.models.gpt import GPTConfig
-from painter.models.vqgan import VQGANConfig
+from painter.models.config import GPTConfig, VQGANConfig
 
 
 FORMAT = "painter-model"

@@ -1,7 +1,7 @@
 """The `painter` command line: one subcommand per job or tool, options generated from dataclasses.
 
-Each command (`painter.cli.registry`) names a module with an options dataclass and a `run(options) -> dict` function; this
-file parses arguments, starts Ray for the jobs that need it (local unless RAY_ADDRESS is set), and
+Each command (`painter.cli.registry`) names its options dataclass (`painter.options`) and the module with its
+`run(options) -> dict` function, loaded only to run it; this file parses arguments, starts Ray for the jobs that need it (local unless RAY_ADDRESS is set), and
 prints the run's summary as one JSON object on the last line. It is the one place that turns a failure
 into the last line `{"status": "failed", "error": "<one-line reason>"}` and a non-zero exit: a
 `PainterError` says its own reason; any other error (Ray's wrapped ones unwrapped to their root) is said
@@ -13,7 +13,6 @@ credentials never reach the output.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -85,8 +84,7 @@ def final_log_path(path: str, options) -> str | None:
 def run_command(name: str, options) -> dict:
     """Run one command in-process and return its summary (what `main` prints): its preflight checks, then
     Ray (for the jobs that use it), then the job."""
-    module = importlib.import_module(COMMANDS[name].module)
-    _, run = registry.load(name)
+    module, run = registry.runner_of(name), registry.run_of(name)
     if getattr(module, "preflight", None) is not None:
         module.preflight(options)
     if COMMANDS[name].uses_ray:
@@ -118,8 +116,7 @@ def stop_on_signals() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    options_cls, _ = registry.load(args.command)
-    options = from_args(options_cls, args)
+    options = from_args(registry.options_of(args.command), args)  # the job's module is loaded only to run it
     if args.print_config:
         sys.stdout.write(config_text(options))
         return 0

@@ -1,48 +1,12 @@
-"""Small model-directory commands: `new-model`, `import-easynlp`, `export-easynlp`, `import-vqgan`."""
+"""Small model-directory commands: `new-model`, `import-easynlp`, `export-easynlp`, `import-vqgan` (their
+options: `painter.options.model_commands`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from painter.checkpoint.config import PRESETS
-from painter.checkpoint.model_dir import new_model
-from painter.checkpoint.model_dir import load_model
+from painter.checkpoint.model_dir import load_model, new_model
 from painter.checkpoint.exporters import export_easynlp, shape_note
 from painter.checkpoint.importers import import_easynlp, import_vqgan
-from painter.options import option
-
-
-@dataclass(kw_only=True)
-class NewModelOptions:
-    preset: str = option("tiny", "model shape to initialise", choices=tuple(PRESETS))
-    output: str = option(help="model directory to write (local path or s3://)")
-    seed: int = option(0, "seed of the random initialisation")
-    vocab: str | None = option(None, "vocab.txt to use instead of the generated default vocab")
-
-
-@dataclass(kw_only=True)
-class ImportEasyNLPOptions:
-    src: str = option(help="EasyNLP model directory (config.json, pytorch_model.bin, vocab.txt)", positional=True)
-    dst: str = option(help="painter model directory to write", positional=True)
-    text_len: int = option(32, "text tokens per prompt")
-    resolution: int = option(256, "image size the VQGAN was trained at")
-    n_head: int | None = option(None, "attention heads, when neither config.json nor the width tells")
-
-
-@dataclass(kw_only=True)
-class ExportEasyNLPOptions:
-    model: str = option(help="painter model directory (or zoo name) to export", positional=True)
-    dst: str = option(help="EasyNLP model directory to write (config.json, pytorch_model.bin, vocab.txt)",
-                      positional=True)
-
-
-@dataclass(kw_only=True)
-class ImportVQGANOptions:
-    ckpt: str = option(help="taming-transformers checkpoint (last.ckpt)", positional=True)
-    dst: str = option(help="painter model directory to write", positional=True)
-    resolution: int = option(256, "image size the VQGAN was trained at")
-    text_len: int = option(32, "text tokens per prompt")
-    gpt_preset: str = option("base", "shape of the GPT to train on this VQGAN", choices=tuple(PRESETS))
-    vocab: str | None = option(None, "vocab.txt (default: the generated vocab)")
+from painter.options.model_commands import (ExportEasyNLPOptions, ImportEasyNLPOptions, ImportVQGANOptions,
+                                            NewModelOptions)
 
 
 def run_new_model(o: NewModelOptions) -> dict:
@@ -64,9 +28,9 @@ def run_import_vqgan(o: ImportVQGANOptions) -> dict:
                                   gpt_preset=o.gpt_preset, vocab=o.vocab)}
 
 
-COMMANDS = {
-    "new-model": (NewModelOptions, run_new_model),
-    "import-easynlp": (ImportEasyNLPOptions, run_import_easynlp),
-    "export-easynlp": (ExportEasyNLPOptions, run_export_easynlp),
-    "import-vqgan": (ImportVQGANOptions, run_import_vqgan),
+COMMANDS = {  # each command's run function (the registry names its options class)
+    "new-model": run_new_model,
+    "import-easynlp": run_import_easynlp,
+    "export-easynlp": run_export_easynlp,
+    "import-vqgan": run_import_vqgan,
 }

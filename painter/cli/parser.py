@@ -1,10 +1,11 @@
 """The command line's parser: `painter [--version] COMMAND [options]`, `--config FILE.yaml`, `--print-config`.
 
-Only the command being run is loaded (`painter.cli.registry`), so `painter --help` and `painter --version`
-import no job module. A command's options come from its options dataclass (`painter.options`); a YAML file
-given with `--config` supplies any of them by name (`micro_batch` or `micro-batch`), the command line
-winning over the file and the file over the defaults. `--print-config` prints the resolved options as YAML
-(a file `--config` takes back) and runs nothing.
+Only the options of the command being run are loaded (`painter.cli.registry`), never a job module, so
+`painter --help`, `painter --version` and `painter COMMAND --help` import neither torch nor Ray. A command's
+options come from its options dataclass (`painter.options.<job>`); a YAML file given with `--config`
+supplies any of them by name (`micro_batch` or `micro-batch`), the command line winning over the file and
+the file over the defaults. `--print-config` prints the resolved options as YAML (a file `--config` takes
+back) and runs nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from painter.cli import registry
 from painter.cli.outcomes import UsageParser
 from painter.cli.registry import COMMANDS, available_commands
 from painter.errors import InputError
-from painter.options import add_arguments, to_dict
+from painter.options import add_arguments, to_dict, upgrade
 
 DESCRIPTION = "Chinese text-to-image generation as batch jobs on Ray."
 
@@ -44,7 +45,7 @@ def _command_arguments(p: argparse.ArgumentParser, options_cls, config: dict | N
 def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser with every command's options (or only `commands`')."""
     names = available_commands() if commands is None else commands
-    return _top({name: registry.load(name)[0] for name in names})[0]
+    return _top({name: registry.options_of(name) for name in names})[0]
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -56,7 +57,8 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def read_config(path: str, options_cls) -> dict:
-    """The options a YAML file gives, by field name; a key that is no option of the command is an error."""
+    """The options a YAML file gives, by field name (one written under an option's former name, e.g. train's
+    `batch_size`, read as today's: `painter.options.upgrade`); a key that is no option of the command is an error."""
     import yaml  # only where a config file is used
 
     try:
@@ -67,7 +69,7 @@ def read_config(path: str, options_cls) -> dict:
     if not isinstance(values, dict):
         raise InputError(f"--config {path}: expected a mapping of option names to values")
     fields = {f.name for f in dataclasses.fields(options_cls)}
-    given = {str(k).replace("-", "_"): v for k, v in values.items()}
+    given = upgrade(options_cls, {str(k).replace("-", "_"): v for k, v in values.items()})
     unknown = sorted(k for k in given if k not in fields)
     if unknown:
         raise InputError(f"--config {path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'}"
@@ -80,7 +82,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     name = _command_of(argv)
     if name is None:  # --help, --version, or an unknown command: argparse says which
         return _top({})[0].parse_args(argv)
-    options_cls, _ = registry.load(name)
+    options_cls = registry.options_of(name)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv[argv.index(name) + 1:])[0].config

@@ -23,7 +23,7 @@ import torch
 
 from painter import logs
 from painter.checkpoint.model_dir import load_model, resolve_model_dir
-from painter.easynlp.flags import Options  # noqa: F401 (the command's options, for the registry)
+from painter.options.easynlp import Options  # noqa: F401 (the command's options; callers read them here too)
 from painter.easynlp.flags import check_flags, check_model_shape, painter_schema, split_tables
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io import tables
@@ -77,7 +77,7 @@ def train(o, params: dict) -> dict:
     total = (tokenized[0]["rows_out"] // per_step) * o.epoch_num
     options = train_job.Options(
         data=[shards[0]], val_data=shards[1:], init=start, output=o.checkpoint_dir, name=run_name,
-        epochs=o.epoch_num, batch_size=o.micro_batch_size, grad_accum=o.gradient_accumulation_steps,
+        epochs=o.epoch_num, micro_batch=o.micro_batch_size, grad_accum=o.gradient_accumulation_steps,
         lr=o.learning_rate, weight_decay=o.weight_decay, warmup_steps=math.ceil(o.warmup_proportion * total),
         grad_clip=o.max_grad_norm, seed=o.random_seed, workers=workers, log_every=o.logging_steps,
         checkpoint_every=o.save_checkpoint_steps or max(1, total), mlflow_uri=o.mlflow_uri)

@@ -16,14 +16,11 @@ import posixpath
 import re
 
 from painter.errors import InputError
+from painter.io.formats import COLUMNS_HELP as HELP  # noqa: F401 (the option's help, shown by the command line)
 from painter.io.rows import REASON
 from painter.io.storage import as_storage
 
 IMAGE, BASE64 = "image", "imgbase64"
-HELP = ("map input columns onto painter's: idx=NAME,text=NAME,image=NAME (a table column, a CSV header "
-        "name, a WebDataset member's extension or a field of its .json member), e.g. "
-        "--columns idx=key,text=caption,image=jpg; an image column may hold base64 text, bytes or a "
-        "Hugging Face image struct {bytes, path}")
 _NAME = re.compile(r"^[^\s=,]+$")
 
 

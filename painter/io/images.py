@@ -44,10 +44,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
-PIXEL_ROUNDING = ("round", "truncate")  # float -> 8-bit: nearest level, or EasyNLP's astype(np.uint8)
-RESIZE_MODES = ("pil", "easynlp")  # see the module docstring
-DEFAULT_MAX_PIXELS = 40_000_000
+# defined where the command line reads them without numpy or Pillow; imported from here too
+from painter.io.formats import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, PIXEL_ROUNDING, RESIZE_MODES  # noqa: F401
+
 PROMPT_COLUMN = "prompt_image"  # generate's optional input column: an image (bytes, or base64 text) to continue
 DRAFT_GAP = 2  # a reduced JPEG decode keeps its shorter side >= DRAFT_GAP x the target size
 _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")

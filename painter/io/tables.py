@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from painter.errors import InputError
 from painter.io import columns as column_map
 from painter.io import records, webdataset
+from painter.io.formats import FORMATS_HELP  # noqa: F401 (the input options' help, shown by the command line)
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage, as_storage
 
@@ -27,11 +28,6 @@ DEFAULT_CHUNK_ROWS = 256
 SAMPLE_ROWS = 64  # the rows `row_bytes` reads
 TSV_EXTENSIONS = (".tsv", ".txt", ".tsv.gz", ".tsv.zst", ".txt.gz", ".txt.zst")
 TABLE_EXTENSIONS = (*TSV_EXTENSIONS, ".csv", ".csv.gz", ".csv.zst", ".jsonl", ".parquet", ".tar")
-FORMATS_HELP = ("the file name selects the format: EasyNLP TSV without header (corpus/part-0.tsv, also .txt, "
-                ".tsv.gz, .tsv.zst); Parquet (hf/train-00000.parquet; image bytes, base64 or Hugging Face image "
-                "structs); CSV with a header row (table.csv); JSON lines (rows.jsonl); WebDataset shards "
-                "(shards/00000.tar, a folder of them as img2dataset writes, or 'shards/*.tar'); an image folder "
-                "(photos/ holding images and metadata.jsonl or metadata.csv with file_name and a caption column)")
 
 
 @dataclass(frozen=True)

@@ -13,37 +13,11 @@ bias-free `head` that scores image codes only. Text ids enter the embedding offs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class GPTConfig:
-    img_vocab_size: int = 16384  # image codes; also the size of the head
-    text_vocab_size: int = 21128  # tokenizer ids; enter the embedding at +img_vocab_size
-    text_len: int = 32
-    img_len: int = 256
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    embd_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    attn_pdrop: float = 0.0
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.img_vocab_size + self.text_vocab_size
-
-    @property
-    def block_size(self) -> int:
-        return self.text_len + self.img_len
+from painter.models.config import GPTConfig  # noqa: F401 (torch-free, for the command line; re-exported here)
 
 
 class KVCache:

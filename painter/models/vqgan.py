@@ -14,44 +14,12 @@ D embed_dim, K n_embed.
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class VQGANConfig:
-    # defaults: the taming ImageNet f16 model with a 16384-entry codebook
-    resolution: int = 256
-    in_channels: int = 3
-    out_ch: int = 3
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = (16,)
-    z_channels: int = 256
-    embed_dim: int = 256
-    n_embed: int = 16384
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        # configs round-trip through JSON, which turns tuples into lists
-        self.ch_mult = tuple(self.ch_mult)
-        self.attn_resolutions = tuple(self.attn_resolutions)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def grid_size(self) -> int:
-        return self.resolution // self.downsample_factor
-
-    @property
-    def image_token_count(self) -> int:
-        return self.grid_size ** 2
+from painter.models.config import VQGANConfig  # noqa: F401 (torch-free, for the command line; re-exported here)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from dataclasses import dataclass
 
 from painter.io.retries import fsspec_module
 
@@ -23,42 +22,13 @@ from painter.evaluation import synthetic
 from painter.checkpoint.model_dir import bundled_model_dir, new_model
 from painter.errors import ErrorRateExceeded, InputError
 from painter.io.storage import absolute
-from painter.options import option
+from painter.options.demo import Options
 from painter.checkpoint.tokenizer import TextTokenizer
 
 fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
 
 log = logs.get("demo")
 SCORES = ("colour_shape", "colour", "shape", "background", "size", "position")
-
-
-@dataclass(kw_only=True)
-class Options:
-    output: str = option("out/demo", "folder for every step's output (corpus, tokens, model, images, scores)")
-    rows: int = option(6000, "images in the synthetic training corpus")
-    size: int = option(32, "image size of the corpus (the model's VQGAN size)")
-    hold_out: int = option(60, "whole captions kept out of the corpus; evaluation draws from them")
-    base_model: str | None = option(None, "model directory whose VQGAN and vocab to use (default: the bundled model)")
-    train_vq_steps: int = option(0, "train a fresh VQGAN for this many steps first (0: reuse the base model's)")
-    preset: str = option("demo", "shape of the GPT trained from scratch")
-    steps: int = option(1400, "GPT optimizer steps (measured on 2 cores at batch 32: 1250 steps scored colour+shape "
-                               "0.62, 1500 scored 0.69 but took 5 minutes; see docs/demo.md)")
-    batch_size: int = option(32, "GPT training batch size per worker (32 learns more in the demo's minutes than "
-                                 "64: twice the steps at the same cost)")
-    lr: float = option(3e-3, "GPT peak learning rate (at batch 32: 2e-3 and 5e-3 both scored lower)")
-    dropout: float = option(0.0, "GPT dropout while training (helps long runs on a small corpus generalise)")
-    fine_tune: bool = option(False, "fine-tune the base model's GPT (train --init) instead of training a fresh one; "
-                                    "its dropout stays as its config says")
-    null_caption_prob: float = option(0.0, "caption dropout of the GPT training (the train job's null caption "
-                                           "probability): makes the model guidable")
-    workers: int = option(1, "Ray Train workers (DDP ranks) for the GPT and the VQGAN; each gets an equal "
-                             "share of this machine's cores as torch threads")
-    captions: int = option(200, "held-out captions generated and judged by the evaluation")
-    top_k: int = option(1, "top-k of generation and evaluation (1 is greedy, which draws the cleanest shapes)")
-    guidance: float | None = option(None, "classifier-free guidance of generation and evaluation (default: the "
-                                          "trained model's, as in painter generate)")
-    candidates: int = option(1, "images drawn per caption in generation and evaluation; the best-scored is kept")
-    seed: int = option(0, "seed of the corpus, the initialisation and the sampling")
 
 
 def _step(name: str, job, options, steps: dict) -> dict:
@@ -110,7 +80,7 @@ def _vqgan_model(o: Options, out: str, corpus: str, steps: dict) -> str:
     vq_out = posixpath.join(out, "vq-model")
     _step("train-vq", train_vq, train_vq.Options(
         input=[corpus], model=start, output=vq_out, from_scratch=True, max_steps=o.train_vq_steps,
-        workers=o.workers, batch_size=max(8, 64 // o.workers), seed=o.seed, log_every=100,
+        workers=o.workers, micro_batch=max(8, 64 // o.workers), seed=o.seed, log_every=100,
         checkpoint_every=o.train_vq_steps, run_dir=posixpath.join(out, "runs"), name=f"vq-{int(time.time())}",
         threads_per_worker=_threads(o)), steps)
     return vq_out
@@ -132,7 +102,7 @@ def run(o: Options) -> dict:
     init = {"init": base} if o.fine_tune else {"preset": o.preset, "vqgan": base, "dropout": o.dropout}
     _step("train", train, train.Options(
         data=[tokens], **init, output=model, run_dir=posixpath.join(out, "runs"),
-        name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, batch_size=o.batch_size,
+        name=f"demo-{int(time.time())}", workers=o.workers, max_steps=o.steps, micro_batch=o.micro_batch,
         lr=o.lr, warmup_steps=min(100, o.steps // 10), checkpoint_every=max(o.steps, 1),
         null_caption_prob=o.null_caption_prob, log_every=100, seed=o.seed, threads_per_worker=_threads(o)), steps)
     prompts = _write_prompts(posixpath.join(out, "prompts.tsv"), synthetic.captions_for_eval(16, o.seed + 1, held_out=_lines(held_out)))

@@ -35,11 +35,11 @@ computed from it `painter.stages.evaluate_scores`.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
 import time
-from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 import torch
@@ -48,13 +48,13 @@ from painter import logs
 from painter.evaluation import judge, metrics
 from painter.checkpoint.model_dir import check_model_files, load_model, read_bytes
 from painter.errors import InputError, check_error_rate
-from painter.inference.generator import GenerationConfig, Generator
+from painter.inference.generator import GenerationConfig, Generator, default_micro_batch
 from painter.io import output as out
 from painter.io import tables
 from painter.io import columns as column_map
 from painter.io.checks import check_inputs, check_output
 from painter.io.storage import Storage
-from painter.options import max_error_rate_option, option
+from painter.options.evaluate import Options
 from painter.runtime import pick_device
 from painter.stages.evaluate_inputs import Candidate, Rejected, read_captions, read_generated
 from painter.stages.evaluate_scores import (FeaturePass, fid_summary, judge_candidates, reconstruction,
@@ -65,54 +65,13 @@ log = logs.get("evaluate")
 __all__ = ["Options", "check", "evaluate", "preflight", "read_captions", "run", "run_as_task", "sheet_label"]
 
 
-@dataclass(kw_only=True)
-class Options:
-    model: str | None = option(None, "model directory (local, s3:// or a zoo name): generates the caption "
-                               "images, and its VQGAN reconstructs --corpus")
-    captions: int = option(200, "synthetic captions to generate and judge (0: none)")
-    caption_seed: int = option(0, "which evaluation captions (painter.evaluation.synthetic.captions_for_eval)")
-    held_out: str | None = option(None, "draw captions only from this file of captions kept out of training "
-                                  "(<corpus>/_held_out.txt of a synthetic corpus made with held out pairs)")
-    samples: int = option(1, "images per caption")
-    seed: int = option(0, "sampling seed: the image of (seed, idx, sample) is always the same")
-    temperature: float = option(1.0, "sampling temperature; 0 is greedy")
-    top_k: int = option(100, "sample among the k likeliest codes; 0 turns top-k off")
-    top_p: float | None = option(None, "nucleus sampling threshold in (0, 1]")
-    guidance: float | None = option(None, "classifier-free guidance scale S (1: none; default: painter.inference.generator."
-                                          "DEFAULT_GUIDANCE for a model trained with caption dropout, else 1)")
-    candidates: int = option(1, "images drawn per caption and sample; the best-scored one is judged")
-    scorer: str | None = option(None, "image-text scorer file for --candidates (.pt2 / TorchScript; TRUSTED FILES "
-                                      "ONLY) instead of the model's own caption-vs-null likelihood ratio")
-    batch_size: int = option(64, "images per generator call, VQGAN pass and feature pass")
-    micro_batch: int | None = option(None, "rows per model call, which images depend on (default: 8 on CPU, 64 on GPU)")
-    device: str | None = option(None, "cpu or cuda (default: cuda when this process has one)")
-    generated: list[str] = option([], "score existing images instead of generating: a generate output root, "
-                                  "a run_date=D folder of it, or TSV/Parquet files with text and image columns")
-    generated_date: str | None = option(None, "run_date of a generate output root to score (default: the latest committed)")
-    generated_schema: str = option("idx:str:1,text:str:1,imgbase64:str:1", "TSV columns of --generated files")
-    corpus: list[str] = option([], "TSV/Parquet images for the VQGAN reconstruction error and codebook usage")
-    reference: list[str] = option([], "TSV/Parquet real images for FID (needs a feature extractor)")
-    input_schema: str = option("idx:str:1,text:str:1,imgbase64:str:1", "TSV columns of --corpus and --reference")
-    columns: str | None = option(None, column_map.HELP)
-    limit: int = option(10000, "use at most this many images of each of --generated, --corpus and --reference (0: all)")
-    feature_extractor: str | None = option(None, "torch.export .pt2 or TorchScript feature network for FID/IS "
-                                           "(TRUSTED FILES ONLY: loading it runs code from it)")
-    feature_size: int | None = option(None, "image side the extractor takes, when the file does not declare it")
-    is_splits: int = option(1, "splits for the Inception Score's standard deviation (10 in the usual protocol)")
-    output: str | None = option(None, "folder for summary.json, contact_sheet.png and rejected.parquet")
-    sheet_images: int = option(32, "judged images on the contact sheet")
-    font: str | None = option(None, "caption font file (default: a CJK font found on the system)")
-    max_error_rate: float = max_error_rate_option()
-    storage_options: str | None = option(None, "fsspec options as JSON (default: credentials from the environment)")
-
-
 def check(options: Options) -> None:
     """InputError for options that cannot make a run, before anything is loaded."""
     o = options
     for name in ("captions", "limit", "sheet_images"):
         if getattr(o, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(o, name)}")
-    for name in ("samples", "batch_size", "is_splits"):
+    for name in ("samples", "is_splits"):
         if getattr(o, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
     if o.micro_batch is not None and o.micro_batch < 1 or o.feature_size is not None and o.feature_size < 1:
@@ -149,8 +108,8 @@ def _generate(options: Options, model, device, storage: Storage) -> tuple[list[C
     except ValueError as e:
         raise InputError(str(e)) from None
     start = time.time()
-    idxs, samples, images = judge.generate_images(
-        generator, captions, options.samples, options.batch_size,
+    idxs, samples, images = judge.generate_images(  # 4 micro-batches a generator call, as generate's default batch
+        generator, captions, options.samples, 4 * generator.micro_batch,
         progress=lambda done, total: log.info(f"generated {done}/{total} images"))
     seconds = time.time() - start
     texts = [c for c in captions for _ in range(options.samples)]
@@ -167,6 +126,8 @@ def evaluate(options: Options) -> dict:
     check(options)
     storage = Storage.from_option(options.storage_options)
     device = pick_device(options.device)
+    # the size of every model call (the GPT's, the VQGAN's, the feature network's): the generator's default
+    options = dataclasses.replace(options, micro_batch=options.micro_batch or default_micro_batch(device))
     rejected = Rejected()
     started = time.time()
     summary: dict = {"device": str(device)}
@@ -201,8 +162,8 @@ def _judge(options: Options, storage: Storage, device, candidates: list[Candidat
     extractor = None
     if options.feature_extractor:
         extractor = metrics.load_feature_extractor(read_bytes(options.feature_extractor, storage), options.feature_size, device,
-                                              options.batch_size, source=options.feature_extractor)
-    features = FeaturePass(extractor, options.batch_size) if extractor else None
+                                              options.micro_batch, source=options.feature_extractor)
+    features = FeaturePass(extractor, options.micro_batch) if extractor else None
     source = "generated here" if where["source"] == "model" else " ".join(options.generated)
     judged, not_captions = judge_candidates(candidates, features, rejected, source)
     accuracy = {"texts_not_captions": not_captions} | where

@@ -83,7 +83,7 @@ def sample_diversity(candidates: list[Candidate]) -> dict:
 
 
 def reference_features(options, storage: Storage, extractor: metrics.FeatureExtractor, rejected: Rejected):
-    fp = FeaturePass(extractor, options.batch_size)
+    fp = FeaturePass(extractor, options.micro_batch)
     for idx, _, source, row, data in table_rows(options.reference, options.input_schema, storage, False,
                                                  options.limit, rejected, options.columns):
         try:
@@ -104,7 +104,7 @@ def reconstruction(options, storage: Storage, vqgan, rejected: Rejected) -> dict
         except ImageRejected as e:
             rejected.add(idx, source, row, str(e))
             continue
-        if len(batch) >= options.batch_size:
+        if len(batch) >= options.micro_batch:
             meter.update(vqgan, np.stack(batch))
             batch = []
     if batch:

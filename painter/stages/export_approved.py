@@ -2,20 +2,10 @@
 made on `painter serve`'s review page) as files named by idx and sample, plus `manifest.csv`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from painter.io.output import check_run_date
 from painter.io.reviews import export_approved
 from painter.io.storage import Storage
-from painter.options import option
-
-
-@dataclass(kw_only=True)
-class Options:
-    table: str = option(help="the generate output table root (its decisions are in <table>/_reviews)")
-    run_date: str = option(help="the night to export, YYYY-MM-DD")
-    output: str = option(help="folder (local or s3://) for the pictures and manifest.csv")
-    storage_options: str | None = option(None, "fsspec options as JSON, for the table and the output")
+from painter.options.export_approved import Options
 
 
 def preflight(options: Options) -> None:

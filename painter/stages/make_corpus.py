@@ -2,29 +2,13 @@
 EasyNLP TSV shards (`idx \\t text \\t base64 PNG`, no header), byte-identical for a seed. No Ray."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from painter.io.retries import fsspec_module
 
 from painter.evaluation import synthetic
 from painter.errors import PainterError
-from painter.options import option
+from painter.options.make_corpus import MakeCorpusOptions, Options  # noqa: F401 (Options: the registry's name)
 
 fsspec = fsspec_module()  # with painter's storage retries (painter.io.retries)
-
-
-@dataclass(kw_only=True)
-class MakeCorpusOptions:
-    output: str = option(help="directory (local or s3://) to write part-NNNNN.tsv shards into")
-    rows: int = option(10000, "rows (one scene and its caption each)")
-    shards: int = option(4, "TSV files to split the rows over")
-    size: int = option(32, "image side in pixels")
-    seed: int = option(0, "seed: the same seed and options write byte-identical files")
-    hold_out_pairs: int = option(0, "(colour, shape) pairs never drawn, to evaluate unseen "
-                                    "combinations; their captions go to <output>/_held_out.txt")
-
-
-Options = MakeCorpusOptions
 
 
 def run(o: MakeCorpusOptions) -> dict:

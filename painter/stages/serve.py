@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from dataclasses import dataclass
 
 from painter import logs
 from painter.errors import InputError
 from painter.io.storage import Storage
 from painter.io.storage_options import read_source
-from painter.options import option
+from painter.options.serve import Options
 from painter.stages import generate
 
 STAGE = "serve"
 APP_NAME = "painter"
 log = logs.get(STAGE)
-
-
-@dataclass(kw_only=True)
-class Options:
-    model: str = option(help="model directory (local, s3:// or a zoo name)")
-    table: str | None = option(None, "a generate output table root to review at /review/ (decisions go to "
-                                     "<table>/_reviews)")
-    host: str = option("127.0.0.1", "address to listen on; anything but loopback needs --token")
-    port: int = option(8000, "HTTP port")
-    token: str | None = option(None, "where the access token is: env:NAME or @PATH (never the token itself)")
-    replicas: int = option(1, "engine replicas, a fixed number (or give both autoscaling bounds)")
-    min_replicas: int | None = option(None, "autoscaling: the fewest engine replicas (give both bounds)")
-    max_replicas: int | None = option(None, "autoscaling: the most engine replicas (give both bounds)")
-    num_gpus: float = option(0.0, "GPUs per engine replica (0: CPU)")
-    num_cpus: float = option(0.5, "CPUs per engine replica")
-    micro_batch: int | None = option(None, "rows per model call, as in painter generate (images depend on "
-                                     "it; default: 8 on CPU, 64 on GPU)")
-    precision: str | None = option(None, "model weights, as in painter generate", choices=("fp32", "bf16"))
-    pixel_rounding: str = option("round", "model output to 8 bits, as in painter generate", choices=("round", "truncate"))
-    max_images: int = option(64, "most images (prompts x samples) one request may ask for")
-    max_batch_requests: int = option(16, "requests gathered into one engine call (@serve.batch)")
-    batch_wait_ms: float = option(10.0, "how long the engine waits to fill a batch")
-    storage_options: str | None = option(None, "fsspec options as JSON, for the model and the table")
 
 
 def is_loopback(host: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 
 import ray
 
@@ -33,12 +32,11 @@ from painter.errors import CheckpointError, InputError, PainterError, check_erro
 from painter.io import columns as column_map
 from painter.io import tables
 from painter.io.checks import check_inputs, check_output
-from painter.io.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from painter.io.shards import ShardInfo, read_shard_info
 from painter.io.rows import REASON, ROW, SOURCE
 from painter.io.storage import Storage
 from painter.io.token_writer import KEYS_FOLDER, BatchReport, TokenWriter
-from painter.options import max_error_rate_option, option
+from painter.options.tokenize import DEFAULT_SCHEMA, ROWS_PER_FILE, Options  # noqa: F401 (callers read them here too)
 from painter.stages.resources import actor_resources, cluster_has_gpus
 from painter.stages.datasets import arrow_filesystem, bound_store, duplicate_keys, join, read_input
 from painter.stages.ray_errors import painter_errors
@@ -47,7 +45,6 @@ from painter.stages.metrics import Recorder
 
 STAGE = "tokenize"
 log = logs.get(STAGE)
-DEFAULT_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 REQUIRED_COLUMNS = ("idx", "text", BASE64_COLUMN)
 # Blocks of the image rows as read: 256 rows (8 MiB of 32 KB images) and never more than 8 MiB. Decoding
 # and encoding start on a file's first rows while the rest is read, and a large file never makes one block
@@ -65,42 +62,11 @@ READ_BLOCK_BYTES = 8 * 2 ** 20
 # it gets more (not yet measured on a GPU).
 STORE_BLOCKS_PER_ACTOR = 16
 STORE_BYTES_PER_ACTOR = {"cpu": 32 * 2 ** 20, "gpu": 512 * 2 ** 20}
-# Rows per token-shard file (~10-20 MB of Parquet for a 256-token model). Ray Data gathers a file's rows
-# in the object store before its write task runs: at 100,000 rows (~130 MB) that buffer outgrew the
-# store budget above, and the 200k-row scale run stalled behind it (its reader idle for a minute at a
-# time) while the store's peak grew with the corpus (41.7 MB at 20k rows, 169.7 MB at 200k).
-ROWS_PER_FILE = 16_384
 # On a CPU-only cluster, one read task per this many encoder actors. A read task yields ~3,500 rows/s
 # of 32 KB base64 images (measured on 2 cores), the work of ~10 CPU actors at ~300 images/s; every
 # further reader is one more worker process starting beside the actors (~1 s of a core each). On 2
 # cores, one reader instead of Ray's two made the 8,192-row benchmark 19.3-19.9 s instead of 22.8-25.1.
 CPU_ACTORS_PER_READER = 8
-
-
-@dataclass(kw_only=True)
-class Options:
-    input: list[str] = option(help="files, globs, directories or s3:// prefixes to read; " + tables.FORMATS_HELP)
-    model: str = option(help="model directory (or zoo name) whose VQGAN and vocabulary make the tokens")
-    output: str = option(help="directory (local or s3://) for the token shards")
-    input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name idx, text and imgbase64 "
-                                               "(or, with --columns, the input names mapped onto them)")
-    columns: str | None = option(None, column_map.HELP)
-    errors: str | None = option(None, "where rejected rows go (default: <output>/_rejected/)")
-    max_error_rate: float = max_error_rate_option()
-    batch_size: int = option(64, "images per VQGAN batch")
-    actors: int | None = option(None, "encoder actors (default: one per GPU; on a CPU-only cluster one per CPU, "
-                                      "each decoding its own rows)")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
-    resize: str = option("pil", "pil: EXIF rotation, alpha on white, antialiased bicubic (the default: no aliasing "
-                                "when shrinking photos); easynlp: EasyNLP/taming's plain RGB and OpenCV bilinear "
-                                "SmallestMaxSize, to encode exactly the tokens the reference would",
-                         choices=RESIZE_MODES)
-    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for the input and output "
-                                               "paths, e.g. '{\"endpoint_url\": \"http://...\"}'; credentials "
-                                               "come from the usual AWS environment variables by default")
-    rows_per_file: int = option(ROWS_PER_FILE, "target rows per token-shard file; Ray gathers them in its object "
-                                               "store before writing (~1 KB a row), so keep it within the store")
-    overwrite: bool = option(False, "delete what --output and --errors hold before writing")
 
 
 def _check_options(options: Options) -> None:
@@ -109,8 +75,8 @@ def _check_options(options: Options) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise InputError(f"--input-schema {options.input_schema!r} names no {missing[0]!r} column")
-    if options.batch_size < 1 or options.rows_per_file < 1 or options.max_pixels < 1:
-        raise InputError("--batch-size, --rows-per-file and --max-pixels must be positive")
+    if options.micro_batch < 1 or options.rows_per_file < 1 or options.max_pixels < 1:
+        raise InputError("--micro-batch, --rows-per-file and --max-pixels must be positive")
     if not 0 <= options.max_error_rate <= 1:
         raise InputError(f"--max-error-rate must be between 0 and 1, got {options.max_error_rate}")
 
@@ -180,14 +146,14 @@ def encode_dataset(options: Options, storage: Storage, info: ShardInfo) -> ray.d
         readers = -(-resources["compute"].max_size // CPU_ACTORS_PER_READER)
         read = _read(options, storage, num_cpus=0.25, readers=readers)
         rows = bound_store(read, _store_budget(read, "cpu", resources["compute"].max_size))
-        return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.batch_size,
+        return rows.map_batches(DecodingEncoder, batch_format="pyarrow", batch_size=options.micro_batch,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage, "threads": 1, **prepare}, **resources)
     resources, prepare_cpus = _resources(options.actors)
     read = _read(options, storage, num_cpus=0.5)
     prepared = bound_store(read, _store_budget(read, "gpu", resources["compute"].max_size)).map_batches(
         prepare_batch, batch_format="pyarrow", batch_size=None, num_cpus=prepare_cpus,
         fn_kwargs={"size": info.image_size, **prepare})
-    return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.batch_size,
+    return prepared.map_batches(ImageEncoder, batch_format="pyarrow", batch_size=options.micro_batch,
                                 fn_constructor_kwargs={"model": options.model, "storage": storage}, **resources)
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from painter import logs
 from painter.training import loss_curve as plots
-from painter.checkpoint.config import PRESETS, ModelConfig, preset_config
+from painter.checkpoint.config import ModelConfig, preset_config
 from painter.checkpoint.model_dir import check_model_files, load_model
 from painter.errors import InputError, PainterError, StorageError
 from painter.io import tables
@@ -39,47 +39,16 @@ from painter.io.checks import check_output, describe
 from painter.io.shards import ShardInfo, check_shards_fit
 from painter.io.storage import Storage, as_storage
 from painter.models.gpt import GPTConfig
-from painter.options import option, to_dict
+from painter.options import to_dict
+from painter.options.train import Options
 from painter.stages.progress import remote_progress
-from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps,
-                                         run_location, run_path_of, scaling_config)
+from painter.stages.train_runner import (checkpoint_url, export_model, fit, plan_steps, run_location, run_path_of,
+                                         scaling_config)
 from painter.stages.tracking import mlflow_run
-from painter.stages.train_worker import train_loop
+from painter.stages.train_worker import WorkerConfig, train_loop
 from painter.training.gpt import TrainConfig
 
 log = logs.get("train")
-
-
-@dataclass(kw_only=True)
-class Options(RunOptions):
-    data: list[str] = option(help="token shards: Parquet files, directories or globs (local or s3://)")
-    val_data: list[str] = option([], "validation token shards; their loss is measured after every epoch")
-    init: str | None = option(None, "model directory to fine-tune (one without GPT weights trains from scratch)")
-    preset: str | None = option(None, "train a fresh GPT of this shape instead of --init (needs --vqgan)",
-                                choices=tuple(PRESETS))
-    vqgan: str | None = option(None, "with --preset: model directory giving the VQGAN, vocab and lengths")
-    dropout: float = option(0.0, "with --preset: dropout of the fresh GPT's embeddings and residual paths while it "
-                                 "trains (kept in its config; generation never drops). Attention dropout stays 0: "
-                                 "it takes attention off its fused kernel, ~1.5x slower steps on CPU")
-    output: str = option(help="model directory to write the trained model to")
-    name: str = option("train", "run name under --run-dir; an existing one needs --resume")
-    epochs: int = option(1, "passes over the training shards (unless --max-steps is given)")
-    batch_size: int = option(8, "rows per micro-batch per worker")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-4, "peak learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay of Linear weights")
-    warmup_steps: int = option(100, "optimizer steps of linear lr warm-up")
-    grad_clip: float = option(1.0, "clip the global grad norm to this (0: no clipping)")
-    pkeep: float = option(1.0, "probability an input image token is kept (else replaced by a random code)")
-    null_caption_prob: float = option(0.0, "probability a training row's caption is dropped to the null caption (all "
-                                           "[PAD]), which makes the model guidable (classifier-free guidance); 0.1 is "
-                                           "usual. Stored in the model's config (an --init model's own value is "
-                                           "kept when this is 0)")
-    shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer (reshuffled every epoch)")
-    seed: int = option(0, "seed of the init, the shuffles and the pkeep corruption")
-    record_rows: bool = option(False, "write the idx of every row each worker trains on to <run>/rows/")
-    compile: bool | None = option(None, "torch.compile the GPT for its training steps (default: on a GPU only; "
-                                        "a CPU spends longer compiling than it saves)")
 
 
 @dataclass
@@ -194,12 +163,9 @@ def _train(o: Options) -> dict:
     files, val_files = list_shards(o.data, storage), list_shards(o.val_data, storage)
     rows = check_shards(files, start.shard_info, storage)
     steps_per_epoch, total = plan_steps(rows, o)
-    loop_config = worker_config(o, start, run_path, steps_per_epoch, total, storage)
-    datasets = {}  # a split kept in memory is read by each worker itself (painter.io.shards.read_split)
-    if loop_config["in_memory"]:
-        loop_config["train_files"] = files
-    else:
-        datasets["train"] = shard_dataset(files, storage)
+    in_memory = keeps_in_memory(o, start, steps_per_epoch)
+    # a split kept in memory is read by each worker itself (painter.io.shards.read_split)
+    datasets = {} if in_memory else {"train": shard_dataset(files, storage)}
     if val_files:
         check_shards(val_files, start.shard_info, storage)
         datasets["val"] = shard_dataset(val_files, storage)
@@ -208,36 +174,40 @@ def _train(o: Options) -> dict:
     if not start.has_gpt:
         log.info(f"{start.source} has no GPT weights: the {start.config.name} GPT starts from a random init "
               f"(seed {o.seed})")
-    with remote_progress("train", total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage, stage="train")
+    with remote_progress("train", total, "steps") as progress:
+        config = worker_config(o, start, run_path, steps_per_epoch, total, files, storage, progress)
+        result = fit(train_loop, config, datasets, scaling, o, runs, storage, stage="train")
     m = result.metrics
     summary = {"steps": m["step"], "epochs": round(m["step"] / steps_per_epoch, 3), "first_loss": m["first_loss"],
                "final_loss": m["loss"], "val_loss": m.get("val_loss"), "tokens_per_second": m["run_tokens_per_second"],
                "checkpoint": checkpoint_url(result.checkpoint, run_path), "output": o.output, "workers": o.workers, "threads": m.get("threads"),
                "rows": rows, "steps_per_epoch": steps_per_epoch, "run": run_path,
-               "data_path": "memory" if loop_config["in_memory"] else "stream"}
+               "data_path": "memory" if in_memory else "stream"}
     summary["loss_curve"] = plots.write_loss_curve(run_path, f"train {o.name}",
                                                    {"train loss": "loss", "validation loss": "val_loss"}, storage)
     export_model(result.checkpoint, o.output, {"options": to_dict(o), "summary": summary}, storage)
     return summary
 
 
-def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int,
-                  storage: Storage | None = None) -> dict:
-    """Everything a worker needs, as plain values (it travels to every worker, the Storage handle too)."""
+def worker_config(o: Options, start: Start, run_path: str, steps_per_epoch: int, total: int, files: list[str],
+                  storage: Storage | None = None, progress=None) -> WorkerConfig:
+    """Everything a worker needs (`files`: the training shards, which a worker keeping its split in memory
+    reads itself; `progress`: the driver's progress board)."""
     train = TrainConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, total_steps=total,
                         min_lr_ratio=o.min_lr_ratio, grad_clip=o.grad_clip, pkeep=o.pkeep, grad_accum=o.grad_accum,
                         compile=o.compile)
-    return {"source": start.source, "model": start.config.to_dict(), "has_gpt": start.has_gpt, "train": train,
-            "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total, "seed": o.seed,
-            "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer, "log_every": max(1, o.log_every),
-            "checkpoint_every": max(1, o.checkpoint_every), "record_rows": o.record_rows,
-            "has_val": bool(o.val_data), "in_memory": keeps_in_memory(o, start, steps_per_epoch),
-            "null_caption_prob": o.null_caption_prob, "storage": as_storage(storage)}
+    in_memory = keeps_in_memory(o, start, steps_per_epoch)
+    return WorkerConfig(source=start.source, model=start.config, train=train, run_path=run_path,
+                        steps_per_epoch=steps_per_epoch, total_steps=total, seed=o.seed, micro_batch=o.micro_batch,
+                        shuffle_buffer=o.shuffle_buffer, log_every=max(1, o.log_every),
+                        checkpoint_every=max(1, o.checkpoint_every), in_memory=in_memory,
+                        storage=as_storage(storage), progress=progress, has_gpt=start.has_gpt,
+                        null_caption_prob=o.null_caption_prob, record_rows=o.record_rows, has_val=bool(o.val_data),
+                        train_files=tuple(files) if in_memory else ())
 
 
 def keeps_in_memory(o: Options, start: Start, steps_per_epoch: int) -> bool:
     """True when one worker's split (int32 text and image ids) fits in --in-memory-mb."""
-    rows = steps_per_epoch * o.batch_size * o.grad_accum + o.batch_size  # a worker's split, give or take a batch
+    rows = steps_per_epoch * o.micro_batch * o.grad_accum + o.micro_batch  # a worker's split, give or take a batch
     per_row = 4 * (start.config.gpt.text_len + start.config.gpt.img_len)
     return rows * per_row <= o.in_memory_mb * 2**20

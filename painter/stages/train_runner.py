@@ -1,43 +1,28 @@
-"""The one Ray Train runner of the training jobs (`train`: the GPT, `train-vq`: the VQGAN).
+"""The one Ray Train runner of the training jobs (`train`: the GPT, `train-vq`: the VQGAN), driver side.
 
-Driver side: the options every run shares (`RunOptions`), sizing (`plan_steps`), resources
-(`scaling_config`), where the run lives (`run_location`), the `TorchTrainer` (`fit`: restarts from the
-last checkpoint, the last two kept, a diverged run refused with its step) and the export of the final
-checkpoint's model files (`export_model`).
-
-Worker side: `TrainerRun`, one worker's session. It owns the loop (epochs of `steps_per_epoch` steps to
-`total_steps`, resuming mid-epoch), the cadence (log at step 1, every `log_every` and the last;
-checkpoint every `checkpoint_every` and the last; rank 0 prints the metrics, appends them to
-`<run>/metrics.jsonl` and passes the checkpoint, every rank calls `ray.train.report`), the divergence
-stop (a NaN or infinite loss reported without a checkpoint, `DIVERGED_FILE` for the driver) and the
-test-only fault switch (`painter.stages.faults.FAIL_AT_STEP`). A job's worker subclass supplies the
-hooks: `setup` (model, optimizer, state), `batches`, `step`, `metrics`, `save`, and optionally
-`before_training`, `checkpoint_metrics`, `validates`/`validate` and `end_epoch`.
+The options every run shares (`RunOptions`, defined in `painter.options.training`), sizing (`plan_steps`),
+resources (`scaling_config`), where the run lives (`run_location`), the `TorchTrainer` (`fit`: restarts from
+the last checkpoint, the last two kept, a diverged run refused with its step) and the export of the final
+checkpoint's model files (`export_model`). What each worker runs, the loop, its cadence and its
+checkpoints, is `painter.stages.train_session`'s `TrainerRun`, configured by the job's `WorkerConfig`
+(a `painter.stages.train_session.SessionConfig`) that `fit` hands to every worker.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import posixpath
-import tempfile
-import time
-from dataclasses import dataclass
 
 from painter import logs
-from painter.checkpoint.config import ModelConfig
-from painter.checkpoint.model_dir import load_model
 from painter.errors import InputError, PainterError, TrainingDiverged
-from painter.io.storage import Storage, absolute, as_storage, is_remote, writing
-from painter.options import option
+from painter.io.storage import Storage, absolute, as_storage, is_remote
+from painter.options.training import RunOptions
 from painter.stages import faults
 from painter.stages.ray_compat import enable_train_v2
-from painter.stages.metrics import Recorder
 from painter.stages.resources import cluster_has_gpus
 
 DIVERGED = "diverged_at_step"  # in the last report of a run whose loss stopped being finite
 DIVERGED_FILE = "_diverged.json"  # in the run folder: {"step", "loss"} of that report
-STATE_FILE = "train_state.pt"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's kept checkpoints
 # Ray Train's controller takes each worker's report from a one-slot queue when it polls the workers, every
 # 2 s by default: a run that reports more often waits for it at every report (10 of the 35 s of a 24-step
@@ -47,45 +32,15 @@ MODEL_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "gpt.safeten
 enable_train_v2()  # before any `ray.train` import: Ray 2.50 needs it asked for
 
 
-@dataclass(kw_only=True)
-class RunOptions:
-    """Options of a Ray Train run that every training job shares: where runs live, resuming, resources,
-    length, schedule end, checkpoints, logging and fault tolerance (`run_location`, `fit`, `scaling_config`
-    and `plan_steps` read them)."""
-    run_dir: str | None = option(None, "where runs keep checkpoints and metrics (default: <output>/_runs)")
-    resume: bool = option(False, "continue the run --name from its last checkpoint")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
-    gpus_per_worker: int | None = option(None, "0 or 1 (default: 1 when the cluster has GPUs, else 0)",
-                                         choices=(0, 1))
-    cpus_per_worker: float | None = option(None, "CPUs per worker (default: min(1, (cluster CPUs - 1) / workers))")
-    threads_per_worker: int | None = option(None, "torch threads in each worker (default: Ray's, one per whole CPU "
-                                            "the worker asks for); one worker with every core's thread beats "
-                                            "DDP over single-thread workers for small models on one machine")
-    max_steps: int | None = option(None, "optimizer steps in all, however many epochs that takes (overrides --epochs)")
-    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of --lr")
-    checkpoint_every: int = option(500, "optimizer steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "optimizer steps between logged metrics")
-    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
-    in_memory_mb: int = option(1024, "keep the training set in worker memory, fully reshuffled every epoch, when "
-                                     "it fits in this many MiB (the GPT: a worker's share of the token shards; "
-                                     "the VQGAN: the decoded images): each worker takes its share by key, the same "
-                                     "rows every run, without Ray Data in the step loop; larger sets, or 0, stream "
-                                     "through Ray Data")
-    storage_options: str | None = option(None, "JSON object of fsspec/s3fs options for every path of the run (data, "
-                                               "models, run directory, output), on the driver and every worker")
-    mlflow_uri: str | None = option(None, "record the run in MLflow: a tracking server URI or a local folder "
-                                          "(params, metrics per logged step, loss curve, config.json, status)")
-
-
 def plan_steps(rows: int, o) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps): each worker gets rows // workers rows, full batches only.
 
     Every rank takes the same number of steps (DDP all-reduces in each); the lr schedule ends at the total.
     """
-    per_step = o.batch_size * o.grad_accum
+    per_step = o.micro_batch * o.grad_accum
     steps_per_epoch = rows // o.workers // per_step
     if steps_per_epoch == 0:
-        raise InputError(f"{rows} training rows are too few for {o.workers} workers x batch {o.batch_size} "
+        raise InputError(f"{rows} training rows are too few for {o.workers} workers x micro-batch {o.micro_batch} "
                          f"x grad_accum {o.grad_accum} (one optimizer step needs {per_step * o.workers} rows)")
     return steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch
 
@@ -130,11 +85,11 @@ def run_location(o, storage: Storage | None = None) -> tuple[str, str]:
     return runs, run_path
 
 
-def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage: Storage | None = None, *,
-        stage: str):
+def fit(loop, config, datasets: dict, scaling, o, runs: str, storage: Storage | None = None, *, stage: str):
     """Run `loop` on a TorchTrainer as run `o.name` under `runs`, reached through `storage` (`o.max_failures`
     restarts from the last checkpoint, the last two kept, the test fault switch passed on, the checkpoints
-    interrupted runs left removed before and after; `stage` logs it); the Result."""
+    interrupted runs left removed before and after; `stage` logs it); the Result. Every worker gets `config`
+    (the job's `WorkerConfig`) as `{"config": config}`: Ray Train takes a dict."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -145,7 +100,7 @@ def fit(loop, loop_config: dict, datasets: dict, scaling, o, runs: str, storage:
         env["OMP_NUM_THREADS"] = str(o.threads_per_worker)  # torch sizes its intra-op pool from it
     storage_path, filesystem = as_storage(storage).train_location(runs)
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets=datasets, scaling_config=scaling,
+        loop, train_loop_config={"config": config}, datasets=datasets, scaling_config=scaling,
         run_config=RunConfig(name=o.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=o.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -216,189 +171,3 @@ def export_model(checkpoint, output: str, manifest: dict, storage: Storage | Non
                 storage.copy(os.path.join(local, name), posixpath.join(output, name))
     storage.write_text(posixpath.join(output, "train.json"),
                        json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
-
-
-def copy_source_files(source: str, directory: str, names: tuple[str, ...], storage: Storage) -> None:
-    """Copy those of `names` that `source` has into the local checkpoint `directory`, in order (the part
-    not being trained travels as bytes, never loaded; config.json goes first since it carries its fingerprint)."""
-    for name in names:
-        if storage.exists(posixpath.join(source, name)):
-            storage.copy(posixpath.join(source, name), os.path.join(directory, name))
-
-
-def shuffled_batches(count: int, batch_size: int, seed: int):
-    """Index tensors of the full batches of `count` in-memory rows, in a seeded full shuffle (an epoch's order
-    of a split kept in memory; the rows left over are not used)."""
-    import torch
-
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    for start in range(0, count - batch_size + 1, batch_size):
-        yield order[start:start + batch_size]
-
-
-class TrainerRun:
-    """One Ray Train worker's session (see the module docstring); `TrainerRun(cfg).run()`. `cfg` holds
-    source, model, train, run_path, steps_per_epoch, total_steps, seed, batch_size, log_every,
-    checkpoint_every, storage and progress (the driver's progress board, or None)."""
-    label = "train"  # how the worker's own lines start
-
-    def __init__(self, cfg: dict):
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.config = ModelConfig.from_dict(cfg["model"])
-        self.tc = cfg["train"]
-        self.storage: Storage = as_storage(cfg.get("storage"))
-        source = load_model(cfg["source"], parts=(), storage=self.storage)
-        self.tokenizer = source.tokenizer
-        self.state: dict = self.setup(ray.train.get_checkpoint())
-        self.window_rows, self.window_start = 0, time.perf_counter()
-        self.window_first_step = self.state["step"]
-        self.recorder = Recorder(self.label, time.strftime("%Y-%m-%d", time.gmtime()), source.fingerprint)
-
-    # --- the hooks -------------------------------------------------------------------------------------
-    def setup(self, checkpoint) -> dict:
-        """Build or restore (from `checkpoint`, or None) the model and optimizer; the run's state dict
-        (step, first_loss, metrics, ... as the job keeps it)."""
-        raise NotImplementedError
-
-    def train_shard(self):
-        """What `batches` reads: Ray Data's shard of the "train" dataset, or None when the job keeps its
-        training set in memory (`cfg["in_memory"]`: each worker reads its own share)."""
-        import ray.train
-
-        return None if self.cfg.get("in_memory") else ray.train.get_dataset_shard("train")
-
-    def batches(self, shard, epoch: int, steps_done: int):
-        """This worker's batches of `epoch`, those of the first `steps_done` steps left out."""
-        raise NotImplementedError
-
-    def step(self, batches, epoch: int):
-        """One optimizer step on the next batches; a result with `.rows` (and what `metrics` reads)."""
-        raise NotImplementedError
-
-    def metrics(self, result, epoch: int) -> dict:
-        """The step's metrics, averaged over ranks (every rank calls this at the same steps)."""
-        raise NotImplementedError
-
-    def save(self, directory: str) -> None:
-        """A full model directory plus `STATE_FILE` in the local `directory`."""
-        raise NotImplementedError
-
-    def before_training(self) -> None:
-        pass
-
-    def checkpoint_metrics(self) -> dict:
-        """Extra metrics at a checkpoint step (every rank, before rank 0 saves), checked for divergence."""
-        return {}
-
-    def validates(self, epoch_end: bool, final: bool) -> bool:
-        return False
-
-    def validate(self) -> dict:
-        return {}
-
-    def end_epoch(self, epoch: int) -> None:
-        pass
-
-    # --- the loop --------------------------------------------------------------------------------------
-    def run(self) -> None:
-        import ray.train
-
-        spe, total = self.cfg["steps_per_epoch"], self.cfg["total_steps"]
-        if self.state["step"] >= total:  # a resumed run that is already there: report where it stands
-            ray.train.report(self.state["metrics"])
-            return
-        self.before_training()
-        shard = self.train_shard()
-        while self.state["step"] < total and not self.stopped:
-            epoch, done = divmod(self.state["step"], spe)
-            batches = self.batches(shard, epoch, done)
-            for done in range(done + 1, spe + 1):
-                result = self.step(batches, epoch)
-                self.state["step"] += 1
-                self._tick()
-                self.window_rows += result.rows
-                self._after_step(result, epoch, epoch_end=done == spe)
-                if self.state["step"] >= total or self.stopped:
-                    break
-            self.end_epoch(epoch)
-
-    def _after_step(self, result, epoch: int, epoch_end: bool) -> None:
-        """Log, validate and checkpoint when due (every rank takes the same branches), then the fault switch."""
-        c, step = self.cfg, self.state["step"]
-        final = step == c["total_steps"]
-        log = step == 1 or step % c["log_every"] == 0 or final
-        checkpoint = step % c["checkpoint_every"] == 0 or final
-        validate = self.validates(epoch_end, final)
-        if log or checkpoint or validate:
-            metrics = self.metrics(result, epoch)
-            if checkpoint:  # e.g. the loss of the weights about to be saved
-                metrics |= self.checkpoint_metrics()
-            if self._diverged(metrics):
-                return
-            if validate:
-                metrics |= self.validate()
-            self._report(metrics, checkpoint)
-        faults.after_step(step, self.rank, self.world, self.cfg["run_path"], self.storage)
-
-    def take(self, batches, epoch: int):
-        """The next item of `batches`; running out before the planned step count is an error."""
-        try:
-            return next(batches)
-        except StopIteration:
-            raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before step "
-                               f"{self.state['step'] + 1}; the shards were split unevenly") from None
-
-    @property
-    def stopped(self) -> bool:
-        return self.state.get(DIVERGED) is not None
-
-    def _diverged(self, metrics: dict) -> bool:
-        """When the (rank-averaged, so every rank agrees) loss is NaN or infinite: report the step without a
-        checkpoint, so the last good one stays the run's latest, write `DIVERGED_FILE`, and stop (True). At a
-        checkpoint step `loss_after_step` counts too. Checked at every logging and checkpoint step (a check
-        per step would cost a device sync per step on a GPU)."""
-        import ray.train
-
-        if math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("loss_after_step", 0.0)):
-            return False
-        self.state[DIVERGED] = metrics["step"]
-        if self.rank == 0:  # for the driver (Ray Train's result keeps the metrics of the last checkpoint)
-            print(f"{self.label}: loss {metrics['loss']} at step {metrics['step']}: stopping", flush=True)
-            loss = metrics["loss"] if not math.isfinite(metrics["loss"]) else metrics["loss_after_step"]
-            self.storage.write_text(posixpath.join(self.cfg["run_path"], DIVERGED_FILE),
-                                    json.dumps({"step": metrics["step"], "loss": loss}))
-        ray.train.report(metrics | {DIVERGED: metrics["step"]}, checkpoint=None)
-        return True
-
-    def _tick(self, note: str = "") -> None:
-        """Rank 0 tells the driver's progress display the step (fire and forget)."""
-        if self.rank == 0 and self.cfg.get("progress") is not None:
-            self.cfg["progress"].set.remote(self.state["step"], note)
-
-    def _report(self, metrics: dict, checkpoint: bool) -> None:
-        import ray.train
-
-        self.state["metrics"] = metrics
-        self._tick(f"loss {metrics['loss']:.3f}")
-        if self.rank == 0:
-            steps = max(metrics["step"] - self.window_first_step, 1)  # the logged step as Prometheus metrics
-            self.recorder.train_step(metrics, (time.perf_counter() - self.window_start) / steps)
-            line = json.dumps(metrics)
-            print(f"{self.label}: {line}", flush=True)
-            path = posixpath.join(self.cfg["run_path"], "metrics.jsonl")
-            with writing(path, "the run's metrics"), self.storage.open(path, "a") as f:
-                f.write(line + "\n")
-        if checkpoint and self.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="painter-ckpt-") as tmp:
-                self.save(tmp)
-                with writing(self.cfg["run_path"], f"the checkpoint of step {metrics['step']}"):
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        self.window_rows, self.window_start = 0, time.perf_counter()
-        self.window_first_step = self.state["step"]

@@ -32,7 +32,6 @@ the one runner both training jobs share (`painter.stages.train_runner`): the sam
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,66 +45,30 @@ from painter.errors import CheckpointError, InputError, check_error_rate
 from painter.io import tables
 from painter.io import columns as column_map
 from painter.io.checks import check_inputs, check_output
-from painter.io.images import DEFAULT_MAX_PIXELS, prepare_pixels
+from painter.io.images import prepare_pixels
 from painter.io.rows import REASON, ROW, SOURCE, empty_rows
 from painter.io.storage import Storage
-from painter.options import max_error_rate_option, option, to_dict
+from painter.options import to_dict
+from painter.options.train_vq import FINE_TUNE_LR, SCRATCH_LR, Options  # noqa: F401 (callers read them here too)
 from painter.stages.datasets import join, read_input, write_rejected
 from painter.stages.ray_errors import painter_errors
 from painter.stages.progress import remote_progress
-from painter.stages.tokenize import DEFAULT_SCHEMA
-from painter.stages.train_runner import (RunOptions, checkpoint_url, export_model, fit, plan_steps, run_location,
+from painter.stages.train_runner import (checkpoint_url, export_model, fit, plan_steps, run_location,
                                          run_path_of, scaling_config)
 from painter.stages.tracking import mlflow_run
-from painter.stages.train_vq_worker import train_loop
+from painter.stages.train_vq_worker import WorkerConfig, train_loop
 from painter.training.vqgan import VQTrainConfig
 
 STAGE = "train-vq"
 log = logs.get(STAGE)
-SCRATCH_LR, FINE_TUNE_LR = 2e-3, 1e-4
-
-
-@dataclass(kw_only=True)
-class Options(RunOptions):
-    input: list[str] = option(help="TSV/Parquet image corpus: files, globs, directories or s3:// prefixes")
-    model: str = option(help="model directory (or zoo name) whose VQGAN to train; its weights are the start "
-                             "unless --from-scratch")
-    output: str = option(help="model directory to write: the input's config, vocab and GPT with the trained VQGAN")
-    input_schema: str = option(DEFAULT_SCHEMA, "TSV columns, EasyNLP style; must name imgbase64 (text is not needed)")
-    columns: str | None = option(None, column_map.HELP)
-    from_scratch: bool = option(False, "start from a seeded random VQGAN of the model's config, not its weights")
-    name: str = option("train-vq", "run name under --run-dir; an existing one needs --resume")
-    epochs: int = option(1, "passes over the training images (unless --max-steps is given)")
-    batch_size: int = option(32, "images per batch per worker")
-    lr: float | None = option(None, f"peak learning rate (default: {SCRATCH_LR:g} when training from scratch, "
-                                    f"what suits a small VQGAN; {FINE_TUNE_LR:g} when starting from the model's weights)")
-    warmup_steps: int = option(0, "optimizer steps of linear lr warm-up")
-    grad_clip: float = option(1.0, "clip the VQGAN's global grad norm to this (0: no clipping)")
-    restart_every: int = option(100, "optimizer steps between dead-code restarts (codes unused since the last "
-                                     "restart take random encoder outputs); 0: never")
-    gan_weight: float = option(0.0, "weight of the PatchGAN hinge term (0: no discriminator)")
-    gan_start: int = option(0, "optimizer steps before the GAN term starts")
-    eval_images: int = option(256, "good rows held out to measure reconstruction (at most a fifth of them; 0: none)")
-    shuffle_buffer: int = option(256, "images in each worker's local shuffle buffer (reshuffled every epoch)")
-    seed: int = option(0, "seed of the init, the shuffles and the restarts")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "reject images with more pixels (checked before decoding)")
-    max_error_rate: float = max_error_rate_option()
-
-    @property
-    def grad_accum(self) -> int:  # `painter.stages.train_runner.plan_steps` sizes runs by it; no accumulation here
-        return 1
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (SCRATCH_LR if self.from_scratch else FINE_TUNE_LR)
 
 
 def _check_options(o: Options) -> None:
     names = column_map.renamed([c.name for c in tables.parse_schema(o.input_schema)], column_map.parse(o.columns))
     if BASE64_COLUMN not in names:
         raise InputError(f"--input-schema {o.input_schema!r} names no {BASE64_COLUMN!r} column")
-    if min(o.batch_size, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
-        raise InputError("--batch-size, --workers, --max-pixels and --max-steps must be positive")
+    if min(o.micro_batch, o.workers, o.max_pixels) < 1 or (o.max_steps is not None and o.max_steps < 1):
+        raise InputError("--micro-batch, --workers, --max-pixels and --max-steps must be positive")
     if min(o.eval_images, o.restart_every, o.gan_start, o.warmup_steps, o.shuffle_buffer) < 0 or o.gan_weight < 0:
         raise InputError("--eval-images, --restart-every, --gan-start, --gan-weight, --warmup-steps and "
                          "--shuffle-buffer must not be negative")
@@ -160,7 +123,7 @@ def image_dataset(o: Options, storage: Storage, size: int, keep: str, eval_keys:
 
 
 def image_datasets(o: Options, storage: Storage, size: int, held_out: list, in_memory: bool) -> tuple[dict, dict]:
-    """(Ray Train's datasets, the loop config's in-memory blocks). In memory, the decoded images are
+    """(Ray Train's datasets, the WorkerConfig's in-memory blocks). In memory, the decoded images are
     materialized once and the workers get the object refs of their blocks (`train_blocks`, `eval_blocks`),
     each taking its share by key (`painter.stages.train_vq_worker.pixels_in_memory`); otherwise the training
     images stream through Ray Data (decoded every epoch) and the held-out ones are a materialized dataset."""
@@ -256,13 +219,13 @@ def _train(o: Options) -> dict:
     train = VQTrainConfig(lr=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
                           grad_clip=o.grad_clip, restart_every=o.restart_every, gan_weight=o.gan_weight,
                           gan_start=o.gan_start)
-    loop_config = {"source": source.path, "model": source.config.to_dict(), "from_scratch": o.from_scratch,
-                   "train": train, "run_path": run_path, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                   "seed": o.seed, "batch_size": o.batch_size, "shuffle_buffer": o.shuffle_buffer,
-                   "log_every": max(1, o.log_every), "checkpoint_every": max(1, o.checkpoint_every),
-                   "has_eval": bool(held_out), "storage": storage, "in_memory": in_memory, **blocks}
-    with remote_progress(STAGE, total, "steps") as loop_config["progress"]:
-        result = fit(train_loop, loop_config, datasets, scaling, o, runs, storage, stage=STAGE)
+    with remote_progress(STAGE, total, "steps") as progress:
+        config = WorkerConfig(source=source.path, model=source.config, train=train, run_path=run_path,
+                              steps_per_epoch=steps_per_epoch, total_steps=total, seed=o.seed,
+                              micro_batch=o.micro_batch, shuffle_buffer=o.shuffle_buffer, log_every=max(1, o.log_every),
+                              checkpoint_every=max(1, o.checkpoint_every), in_memory=in_memory, storage=storage,
+                              progress=progress, from_scratch=o.from_scratch, has_eval=bool(held_out), **blocks)
+        result = fit(train_loop, config, datasets, scaling, o, runs, storage, stage=STAGE)
     m = result.metrics
     summary = _summary(o, m, rows_in, rows_rejected, train_rows, steps_per_epoch, run_path, errors)
     summary["data_path"] = "memory" if in_memory else "stream"

@@ -1,6 +1,6 @@
 """The train-vq job's worker side: what every Ray Train worker runs (`train_loop`), DDP over decoded images.
 
-`VQRun` is the VQGAN's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
+`VQRun` is the VQGAN's hooks of the one runner (`painter.stages.train_session.TrainerRun`, which owns the
 loop, the reporting and checkpoint cadence, the checkpoint layout (a full model directory plus
 `train_state.pt`), the divergence stop and the fault switch): restoring the VQGAN (and discriminator) and Adam, the pixel batches
 (uint8 (B, H, W, 3) rows from Ray Data, or for a run that keeps its images in memory this rank's share
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,13 +27,25 @@ from painter.io.rows import ROW, SOURCE, rank_share
 from painter.models.vqgan import VQGAN
 from painter.runtime import synchronize
 from painter.evaluation.reconstruction import ReconstructionMeter
-from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
+from painter.stages.train_session import STATE_FILE, SessionConfig, TrainerRun, copy_source_files, shuffled_batches
 from painter.training.vqgan import CodeCounter, PatchDiscriminator, make_optimizers, train_step, usage_from_counts
 
 
-def train_loop(cfg: dict) -> None:
-    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
-    VQRun(cfg).run()
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig(SessionConfig):
+    """What every worker of the train-vq job needs, built once by the driver (`painter.stages.train_vq`);
+    `train` is a `painter.training.vqgan.VQTrainConfig`."""
+    from_scratch: bool  # a seeded random VQGAN of `model` (else `source`'s weights)
+    has_eval: bool  # held-out images to measure reconstruction on, before the first step and after the last
+    # when `in_memory`: Ray object refs of the decoded images' Arrow blocks, each worker taking its share
+    train_blocks: list | None = None
+    eval_blocks: list | None = None  # (None: the held-out images, if any, are the "eval" dataset)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint
+    (`loop_config`: {"config": WorkerConfig})."""
+    VQRun(loop_config["config"]).run()
 
 
 def _pixel_collate(size: int):
@@ -70,6 +83,7 @@ def to_images(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 class VQRun(TrainerRun):
     """One worker's session of train-vq: VQGAN, discriminator and optimizers (restored from the last checkpoint if any)."""
     label = "train-vq"
+    cfg: WorkerConfig
 
     def setup(self, checkpoint) -> dict:
         import ray.train.torch
@@ -105,40 +119,40 @@ class VQRun(TrainerRun):
             state.pop("discriminator", None)
             print(f"train-vq: rank {self.rank} resumes at step {state['step']} from {checkpoint.path}", flush=True)
             return vqgan.train(), disc, state
-        if c["from_scratch"]:
-            torch.manual_seed(c["seed"])
+        if c.from_scratch:
+            torch.manual_seed(c.seed)
             vqgan = VQGAN(self.config.vqgan)
         else:
-            vqgan = load_model(c["source"], parts=("vqgan",), storage=self.storage).vqgan
+            vqgan = load_model(c.source, parts=("vqgan",), storage=self.storage).vqgan
         if disc is not None:
-            torch.manual_seed(c["seed"] + 1)
+            torch.manual_seed(c.seed + 1)
             disc = PatchDiscriminator.for_resolution(self.size)
         return vqgan.train(), disc, {"step": 0, "first_loss": None, "images": 0, "seconds": 0.0,
                                      "codes_restarted": 0, "start_eval": None, "metrics": {}}
 
     def before_training(self) -> None:
-        if self.cfg["has_eval"] and self.state["start_eval"] is None:
+        if self.cfg.has_eval and self.state["start_eval"] is None:
             self.state["start_eval"] = self._evaluate()  # the starting weights, before any step
 
     def step(self, batches, epoch: int):
         result = train_step(self.model, self.optimizer, self.take(batches, epoch), self.tc, self.state["step"],
                             self.counter, discriminator=self.discriminator, disc_optimizer=self.disc_optimizer,
-                            seed=self.cfg["seed"])
+                            seed=self.cfg.seed)
         self.state["codes_restarted"] += result.restarted
         return result
 
     def _kept(self, part: str) -> torch.Tensor:
         """This rank's images of `part` ("train": an equal share; "eval": every rank's rows, all used)."""
         if part not in self.memory:
-            self.memory[part] = pixels_in_memory(self.cfg[f"{part}_blocks"], self.size, self.rank, self.world,
+            self.memory[part] = pixels_in_memory(getattr(self.cfg, f"{part}_blocks"), self.size, self.rank, self.world,
                                                  equal=part == "train")
         return self.memory[part]
 
     def batches(self, shard, epoch: int, skip: int):
         """This worker's image batches of `epoch` (seeded shuffle: of all its images when kept in memory, else
         Ray Data's local shuffle buffer), those of the first `skip` steps left out."""
-        c, buffer, batch = self.cfg, self.cfg["shuffle_buffer"], self.cfg["batch_size"]
-        seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
+        c, buffer, batch = self.cfg, self.cfg.shuffle_buffer, self.cfg.micro_batch
+        seed = (c.seed * 1009 + epoch) * 1009 + self.rank
         if shard is None:
             images = self._kept("train")
             batches = (images[rows] for rows in shuffled_batches(len(images), batch, seed))
@@ -152,7 +166,7 @@ class VQRun(TrainerRun):
                 yield to_images(pixels, self.device)
 
     def validates(self, epoch_end: bool, final: bool) -> bool:
-        return final and self.cfg["has_eval"]
+        return final and self.cfg.has_eval
 
     def validate(self) -> dict:
         return {"eval": self._evaluate()}
@@ -190,8 +204,8 @@ class VQRun(TrainerRun):
         """Reconstruction L1/L2/PSNR and codebook use of the current VQGAN on the held-out images (all ranks)."""
         import ray.train
 
-        meter, batch = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg["batch_size"]
-        if "eval_blocks" in self.cfg:
+        meter, batch = ReconstructionMeter(self.config.vqgan.n_embed), self.cfg.micro_batch
+        if self.cfg.eval_blocks is not None:
             kept = self._kept("eval")
             batches = (kept[i:i + batch] for i in range(0, len(kept), batch))
         else:
@@ -221,11 +235,11 @@ class VQRun(TrainerRun):
 
     def save(self, directory: str) -> None:
         """A full model directory (the source's config, vocab and GPT, the trained VQGAN) plus train_state.pt."""
-        copy_source_files(self.cfg["source"], directory, ("config.json", "gpt.safetensors"), self.storage)
+        copy_source_files(self.cfg.source, directory, ("config.json", "gpt.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, vqgan=self.vqgan)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(), "counter": self.counter_state,
-            "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
+            "epoch": self.state["step"] // self.cfg.steps_per_epoch}
         if self.disc is not None:
             state |= {"discriminator": self.disc.state_dict(), "disc_optimizer": self.disc_optimizer.state_dict()}
         torch.save(state, os.path.join(directory, STATE_FILE))

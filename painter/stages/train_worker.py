@@ -1,6 +1,6 @@
 """The train job's worker side: what every Ray Train worker runs (`train_loop`), DDP over token shards.
 
-`GPTRun` is the GPT's hooks of the one runner (`painter.stages.train_runner.TrainerRun`, which owns the
+`GPTRun` is the GPT's hooks of the one runner (`painter.stages.train_session.TrainerRun`, which owns the
 loop, the reporting and checkpoint cadence, the divergence stop and the fault switch): build or restore
 the GPT and AdamW (from a model directory plus `train_state.pt`), iterate this worker's split of the
 shards with a seeded per-epoch local shuffle (or a full shuffle of the split kept in memory, which the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,13 +27,25 @@ from painter.checkpoint.model_dir import load_model, save_model
 from painter.io.shards import read_split
 from painter.models.gpt import GPT
 from painter.runtime import synchronize, autocast
-from painter.stages.train_runner import STATE_FILE, TrainerRun, copy_source_files, shuffled_batches
+from painter.stages.train_session import STATE_FILE, SessionConfig, TrainerRun, copy_source_files, shuffled_batches
 from painter.training.gpt import GPTLoss, compile_model, drop_captions, make_optimizer, mfu, peak_bf16_tflops, prefetch_to_device, train_flops_per_token, train_step, use_compile
 
 
-def train_loop(cfg: dict) -> None:
-    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint."""
-    GPTRun(cfg).run()
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig(SessionConfig):
+    """What every worker of the train job needs, built once by the driver (`painter.stages.train.worker_config`);
+    `train` is a `painter.training.gpt.TrainConfig`."""
+    has_gpt: bool  # `source` has GPT weights to start from (else a seeded random init of `model`)
+    null_caption_prob: float  # caption dropout (--null-caption-prob)
+    record_rows: bool  # write the idx of every row trained on to <run>/rows/
+    has_val: bool  # a "val" dataset to measure after every epoch
+    train_files: tuple[str, ...] = ()  # the token shards each worker reads its share of, when `in_memory`
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function: restore or start, train to `total_steps`, report and checkpoint
+    (`loop_config`: {"config": WorkerConfig})."""
+    GPTRun(loop_config["config"]).run()
 
 
 def _shard_collate():
@@ -67,6 +80,7 @@ def memory_batches(data: tuple, batch_size: int, seed: int):
 class GPTRun(TrainerRun):
     """One worker's session of the train job: the GPT and AdamW, restored from the last checkpoint if any."""
     label = "train"
+    cfg: WorkerConfig
 
     def setup(self, checkpoint) -> dict:
         import ray.train.torch
@@ -79,7 +93,7 @@ class GPTRun(TrainerRun):
         self.optimizer = make_optimizer(self.gpt, self.tc)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state.pop("optimizer"))
-        seed = self.cfg["seed"] * 1_000_003 + self.rank * 10_007 + state["step"]
+        seed = self.cfg.seed * 1_000_003 + self.rank * 10_007 + state["step"]
         self.generator = torch.Generator(self.device).manual_seed(seed)  # pkeep corruption
         self.rows_seen: list[str] = []
         self.memory: tuple | None = None  # this worker's split of the training set, when the run keeps it in memory
@@ -92,10 +106,10 @@ class GPTRun(TrainerRun):
                 state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
             print(f"train: rank {self.rank} resumes at step {state['step']} from {checkpoint.path}", flush=True)
             return gpt.train(), state
-        if self.cfg["has_gpt"]:
-            gpt = load_model(self.cfg["source"], parts=("gpt",), storage=self.storage).gpt
+        if self.cfg.has_gpt:
+            gpt = load_model(self.cfg.source, parts=("gpt",), storage=self.storage).gpt
         else:
-            torch.manual_seed(self.cfg["seed"])
+            torch.manual_seed(self.cfg.seed)
             gpt = GPT(self.config.gpt)
         return gpt.train(), {"step": 0, "first_loss": None, "val_loss": None, "tokens": 0, "seconds": 0.0,
                              "metrics": {}}
@@ -114,20 +128,20 @@ class GPTRun(TrainerRun):
         accum = self.tc.grad_accum
         for j, (text_ids, image_tokens, idx) in enumerate(batches):
             first_row = (self.rank * accum + j % accum) * text_ids.size(0)
-            yield drop_captions(text_ids, self.cfg.get("null_caption_prob", 0.0), self.tokenizer.pad_id,
-                                self.cfg["seed"], first_step + j // accum, first_row), image_tokens, idx
+            yield drop_captions(text_ids, self.cfg.null_caption_prob, self.tokenizer.pad_id,
+                                self.cfg.seed, first_step + j // accum, first_row), image_tokens, idx
 
     def host_batches(self, shard, epoch: int, skip: int):
         """This worker's micro-batches of `epoch` on the host (seeded local shuffle), the first `skip` left out."""
-        c, buffer = self.cfg, self.cfg["shuffle_buffer"]
-        seed = (c["seed"] * 1009 + epoch) * 1009 + self.rank
-        if c.get("in_memory"):  # a small run: read the split once, no Ray Data at all
-            self.memory = self.memory or split_in_memory(c["train_files"], self.rank, self.world, self.storage)
-            batches = memory_batches(self.memory, c["batch_size"], seed)
+        c, buffer = self.cfg, self.cfg.shuffle_buffer
+        seed = (c.seed * 1009 + epoch) * 1009 + self.rank
+        if c.in_memory:  # a small run: read the split once, no Ray Data at all
+            self.memory = self.memory or split_in_memory(c.train_files, self.rank, self.world, self.storage)
+            batches = memory_batches(self.memory, c.micro_batch, seed)
         else:
             batches = shard.iter_torch_batches(
-                batch_size=c["batch_size"], drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
-                local_shuffle_buffer_size=max(buffer, c["batch_size"]) if buffer else None,
+                batch_size=c.micro_batch, drop_last=True, collate_fn=_shard_collate(), prefetch_batches=2,
+                local_shuffle_buffer_size=max(buffer, c.micro_batch) if buffer else None,
                 local_shuffle_seed=seed if buffer else None)
         for i, batch in enumerate(batches):  # (text_ids, image_tokens, idx list)
             if i >= skip:
@@ -143,7 +157,7 @@ class GPTRun(TrainerRun):
         """The next micro-batch (text_ids, image_tokens) for a step, its rows recorded now that it is used
         (the prefetcher reads ahead, so a run ending mid-epoch leaves read rows untrained)."""
         text_ids, image_tokens, idx = self.take(batches, epoch)
-        if self.cfg["record_rows"]:
+        if self.cfg.record_rows:
             self.rows_seen += idx
         return text_ids, image_tokens
 
@@ -183,7 +197,7 @@ class GPTRun(TrainerRun):
         return {"loss_after_step": loss.item()}
 
     def validates(self, epoch_end: bool, final: bool) -> bool:
-        return self.cfg["has_val"] and (epoch_end or final)
+        return self.cfg.has_val and (epoch_end or final)
 
     def validate(self) -> dict:
         """Mean image-token loss over the validation shards (every rank its split, then all-reduced)."""
@@ -193,7 +207,7 @@ class GPTRun(TrainerRun):
         self.gpt.eval()
         with torch.no_grad():
             for text_ids, image_tokens, _ in ray.train.get_dataset_shard("val").iter_torch_batches(
-                    batch_size=self.cfg["batch_size"], collate_fn=_shard_collate()):
+                    batch_size=self.cfg.micro_batch, collate_fn=_shard_collate()):
                 with autocast(self.device):
                     loss = self.gpt.loss(text_ids.to(self.device), image_tokens.to(self.device))
                 sums += torch.stack([loss.double() * text_ids.size(0), sums.new_tensor(text_ids.size(0))])
@@ -205,18 +219,18 @@ class GPTRun(TrainerRun):
 
     def save(self, directory: str) -> None:
         """A full model directory (the source's VQGAN copied, never loaded) plus train_state.pt."""
-        copy_source_files(self.cfg["source"], directory, ("config.json", "vqgan.safetensors"), self.storage)
+        copy_source_files(self.cfg.source, directory, ("config.json", "vqgan.safetensors"), self.storage)
         save_model(directory, self.config, self.tokenizer, gpt=self.gpt)
         state = dict(self.state) | {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"step": self.state["step"], "total_steps": self.tc.total_steps,
                           "lr": self.state["metrics"].get("lr")},
-            "epoch": self.state["step"] // self.cfg["steps_per_epoch"]}
+            "epoch": self.state["step"] // self.cfg.steps_per_epoch}
         torch.save(state, os.path.join(directory, STATE_FILE))
 
     def end_epoch(self, epoch: int) -> None:
-        if self.cfg["record_rows"] and self.rows_seen:
-            path = posixpath.join(self.cfg["run_path"], "rows", f"epoch{epoch}-rank{self.rank}.txt")
+        if self.cfg.record_rows and self.rows_seen:
+            path = posixpath.join(self.cfg.run_path, "rows", f"epoch{epoch}-rank{self.rank}.txt")
             with self.storage.open(path, "a") as f:
                 f.write("\n".join(self.rows_seen) + "\n")
             self.rows_seen = []

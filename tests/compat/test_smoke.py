@@ -45,7 +45,7 @@ def test_the_flow_runs_each_job_on_a_local_ray(tmp_path, s3_bucket, monkeypatch)
     s = _ok(["tokenize", "--input", corpus, "--model", "bundled", "--output", tokens])
     assert s["rows_out"] == 64 and s["log"].startswith(f"{tokens}/_logs/")
     s = _ok(["train", "--data", tokens, "--preset", "demo", "--vqgan", "bundled", "--output", model,
-             "--workers", "2", "--max-steps", "4", "--batch-size", "4", "--checkpoint-every", "4", "--log-every", "1",
+             "--workers", "2", "--max-steps", "4", "--micro-batch", "4", "--checkpoint-every", "4", "--log-every", "1",
              "--threads-per-worker", "1"])
     assert s["steps"] == 4 and s["workers"] == 2, s
     prompts = tmp_path / "prompts.tsv"
@@ -58,5 +58,5 @@ def test_the_flow_runs_each_job_on_a_local_ray(tmp_path, s3_bucket, monkeypatch)
     assert sorted((r["idx"], r["sample"]) for r in rows) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(r["image"][:4] == b"\x89PNG" for r in rows)
     s = _ok(["evaluate", "--model", model, "--captions", "4", "--corpus", corpus, "--output", evaluation,
-             "--batch-size", "8"])
+             "--micro-batch", "8"])
     assert s["caption_accuracy"]["n"] == 4 and s["reconstruction"]["images"] == 64, s

@@ -1,8 +1,16 @@
 """Job options as dataclasses, turned into command-line arguments and back.
 
-Each job declares one `@dataclass(kw_only=True)` whose fields carry their help text (`option(default, "help")`);
-`add_arguments` makes `--field-name` flags from it and `from_args` rebuilds the dataclass, so an
-option is defined once and the same dataclass is written into the job's artifacts.
+Each job declares one `@dataclass(kw_only=True)` whose fields carry their help text (`option(default, "help")`),
+in this package's module for it (`painter.options.tokenize`, ...: no torch, Ray or pyarrow, so a command's
+`--help` loads nothing else); `add_arguments` makes `--field-name` flags from it and `from_args` rebuilds
+the dataclass, so an option is defined once and the same dataclass is written into the job's artifacts
+(`to_dict`). A field renamed since artifacts were written is listed in its class's `RENAMED` (old name ->
+new), and `upgrade` is the one place a stored record (`train.json`, a `--print-config` file) is read
+under today's names.
+
+The same name means the same thing in every job: `--micro-batch` is rows per model call on the device
+(a training step's micro-batch, a VQGAN or feature-network pass, a generator's fixed shape), and
+`--batch-size` rows per actor call (generate only).
 """
 from __future__ import annotations
 
@@ -102,6 +110,21 @@ def _config_value(value, base: type, is_list: bool):
 def from_args(cls, namespace: argparse.Namespace):
     """Rebuild dataclass `cls` from parsed arguments."""
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def upgrade(cls, values: dict) -> dict:
+    """`values` (a stored record of `cls`'s options, by field name) under today's names: a field renamed since it
+    was written (`cls.RENAMED`: old name -> new) is read under its new name, unless the record has both."""
+    renamed = getattr(cls, "RENAMED", {})
+    return {(renamed[k] if k in renamed and renamed[k] not in values else k): v for k, v in values.items()}
+
+
+def from_record(cls, values: dict):
+    """Options dataclass `cls` from a stored record of it (`to_dict`'s output, as `train.json` keeps it):
+    renamed fields read under today's names (`upgrade`), fields no longer options left out, today's default
+    for a field the record lacks."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in upgrade(cls, values).items() if k in names})
 
 
 def to_dict(options) -> dict:
