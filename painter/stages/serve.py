@@ -41,8 +41,8 @@ class Options:
     precision: str | None = option(None, "model weights, as in painter generate", choices=("fp32", "bf16"))
     pixel_rounding: str = option("round", "model output to 8 bits, as in painter generate", choices=("round", "truncate"))
     max_images: int = option(64, "most images (prompts x samples) one request may ask for")
-    max_batch_requests: int = option(16, "requests gathered into one engine call (@serve.batch)")
-    batch_wait_ms: float = option(10.0, "how long the engine waits to fill a batch")
+    max_batch_requests: int = option(16, "most requests gathered into one engine call")
+    batch_wait_ms: float = option(10.0, "how long a lone request waits for others to fill a micro batch")
     storage_options: str | None = option(None, "fsspec options as JSON, for the model and the table")
 
 
