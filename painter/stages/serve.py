@@ -35,7 +35,8 @@ class Options:
     min_replicas: int | None = option(None, "autoscaling: the fewest engine replicas (give both bounds)")
     max_replicas: int | None = option(None, "autoscaling: the most engine replicas (give both bounds)")
     num_gpus: float = option(0.0, "GPUs per engine replica (0: CPU)")
-    num_cpus: float = option(0.5, "CPUs per engine replica")
+    num_cpus: float = option(0.5, "CPUs reserved per engine replica (on CPU it computes on one torch thread, "
+                                  "as painter generate does, for the same pixels: scale with replicas)")
     micro_batch: int | None = option(None, "rows per model call, as in painter generate (images depend on "
                                      "it; default: 8 on CPU, 64 on GPU)")
     precision: str | None = option(None, "model weights, as in painter generate", choices=("fp32", "bf16"))

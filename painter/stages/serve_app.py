@@ -7,6 +7,12 @@ the engine runs the same `Generator` at the same fixed micro-batch, so (seed, id
 bytes `painter generate` writes. Rows of concurrent requests with the same settings are generated in one
 `Generator` call (images do not depend on their batch-mates).
 
+Threads: on CPU the engine computes on one torch thread, whatever `--num-cpus` (Ray would give it that
+many): the VQGAN decode's pixels differ by 1 here and there between 1 and 2 threads (oneDNN splits its
+sums by thread), and `painter generate`'s actors (0.5 CPU each, `painter.stages.resources`) compute on
+one. One thread is also no slower for a small model, whose decoding is mostly Python; it leaves the other
+cores to the HTTP proxy and the ingress. More throughput on CPU comes from `--replicas`.
+
 Batching: the engine keeps its own queue and makes the next batch only when it is free, from the requests
 that waited meanwhile (at most `max_batch_requests`), in whole micro-batches of rows while more than one
 micro-batch waits: the rest go first next time, with what arrives meanwhile, rather than into a padded
@@ -47,6 +53,7 @@ REQUEST_FIELDS = ("prompts", "samples", "seed", "top_k", "top_p", "temperature",
 NUMBERS = {"seed": int, "top_k": int, "samples": int, "temperature": float, "top_p": float, "guidance": float}
 COOKIE = "painter_session"
 GENERATORS_KEPT = 8
+CPU_THREADS = 1  # torch threads of a CPU engine: those of painter generate's actors (see the module docstring)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "review"  # the page and its login form
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -121,6 +128,10 @@ class Engine:
         from painter.runtime import pick_device
 
         self.device = pick_device(None)
+        if self.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(CPU_THREADS)
         self.model = load_model(model, device=self.device, storage=Storage(storage_options))
         self.micro_batch = micro_batch or default_micro_batch(self.device)
         self.generators: OrderedDict = OrderedDict()
