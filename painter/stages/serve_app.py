@@ -4,8 +4,24 @@ requests, and an `Ingress` deployment (FastAPI) for `/v1/images`, `/healthz` and
 Pixels: a request's sampling options become a `GenerationConfig` through the generate job's own
 `generation_config` (the server's precision and pixel rounding, the request's seed and sampling), and
 the engine runs the same `Generator` at the same fixed micro-batch, so (seed, idx, sample) gives the
-bytes `painter generate` writes. `@serve.batch` gathers concurrent requests; rows of requests with the
-same settings are generated in one `Generator` call (images do not depend on their batch-mates).
+bytes `painter generate` writes. Rows of concurrent requests with the same settings are generated in one
+`Generator` call (images do not depend on their batch-mates).
+
+Threads: on CPU the engine computes on one torch thread, whatever `--num-cpus` (Ray would give it that
+many): the VQGAN decode's pixels differ by 1 here and there between 1 and 2 threads (oneDNN splits its
+sums by thread), and `painter generate`'s actors (0.5 CPU each, `painter.stages.resources`) compute on
+one. One thread is also no slower for a small model, whose decoding is mostly Python; it leaves the other
+cores to the HTTP proxy and the ingress. More throughput on CPU comes from `--replicas`.
+
+Batching: the engine keeps its own queue and makes the next batch only when it is free, from the requests
+that waited meanwhile (at most `max_batch_requests`), in whole micro-batches of rows while more than one
+micro-batch waits: the rest go first next time, with what arrives meanwhile, rather than into a padded
+micro-batch now (the model computes a micro-batch of 8 rows in the time of 8 whether it holds 1 row or 8).
+A lone request waits up to `batch_wait_s` for a micro-batch's worth of company. Not `@serve.batch`: in
+Ray 2.60 (since `max_concurrent_batches`, ray-project/ray#53096) it cuts the next batch while the previous
+one still runs, from whatever arrived within `batch_wait_timeout_s`, so under load batches of 1-3
+requests queued behind each other, each computing a whole padded micro-batch (benchmarks/serve.py
+measured 0.14x in-process that way).
 
 Who may do what: with a token (held here only as its SHA-256) every route but `/healthz` needs
 `Authorization: Bearer <token>` or the session cookie the login form sets (an HMAC of the token's
@@ -18,7 +34,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -37,6 +53,7 @@ REQUEST_FIELDS = ("prompts", "samples", "seed", "top_k", "top_p", "temperature",
 NUMBERS = {"seed": int, "top_k": int, "samples": int, "temperature": float, "top_p": float, "guidance": float}
 COOKIE = "painter_session"
 GENERATORS_KEPT = 8
+CPU_THREADS = 1  # torch threads of a CPU engine: those of painter generate's actors (see the module docstring)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "review"  # the page and its login form
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -100,21 +117,28 @@ def parse_request(body, base: generate.Options, max_images: int) -> tuple:
 
 @serve.deployment
 class Engine:
-    """One loaded model; `generate` takes one request's rows and config, batched with others'."""
+    """One loaded model; `generate` takes one request's rows and config, batched with others' (see the module
+    docstring: the batch is made when the engine is free, in whole micro-batches)."""
 
     def __init__(self, model: str, micro_batch: int | None, storage_options: dict | None,
-                 max_batch_size: int, batch_wait_s: float):
+                 max_batch_requests: int, batch_wait_s: float):
         from painter.checkpoint.model_dir import load_model
         from painter.inference.generator import default_micro_batch
         from painter.io.storage import Storage
         from painter.runtime import pick_device
 
         self.device = pick_device(None)
+        if self.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(CPU_THREADS)
         self.model = load_model(model, device=self.device, storage=Storage(storage_options))
         self.micro_batch = micro_batch or default_micro_batch(self.device)
         self.generators: OrderedDict = OrderedDict()
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_s)
+        self.max_batch_requests, self.batch_wait_s = max_batch_requests, batch_wait_s
+        self.waiting: deque = deque()  # (job, future) in arrival order
+        self.arrived: asyncio.Event | None = None  # made on the replica's event loop, with the batcher
+        self.batcher: asyncio.Task | None = None
 
     def _generator(self, config):
         from painter.inference.generator import Generator
@@ -142,9 +166,61 @@ class Engine:
                 images = images[count:]
         return results
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[tuple]) -> list[dict]:
-        return await asyncio.to_thread(self._run, jobs)
+    async def generate(self, job: tuple) -> dict:
+        """{"images", "model"} for one request's (config, rows), computed in a batch with other requests'."""
+        if self.batcher is None or self.batcher.done():
+            self.arrived = asyncio.Event()
+            self.batcher = asyncio.create_task(self._batches())
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((job, future))
+        self.arrived.set()
+        return await future  # a cancelled request (client gone) is dropped from the queue by `_take`
+
+    def _waiting_rows(self) -> int:
+        return sum(len(job[1]["idx"]) for job, future in self.waiting if not future.done())
+
+    def _take(self) -> list[tuple]:
+        """The next batch: the waiting requests in arrival order, at most max_batch_requests, less the last
+        ones whose rows would all fall in a last, partial micro-batch after a full one (they go first next
+        time, with what arrives meanwhile, instead of padding now). A request is never split; at least one."""
+        batch = [entry for entry in self.waiting if not entry[1].done()][:self.max_batch_requests]
+        rows = sum(len(job[1]["idx"]) for job, _ in batch)
+        full = rows - rows % self.micro_batch  # rows in whole micro-batches
+        while len(batch) > 1 and full and rows > full and rows - len(batch[-1][0][1]["idx"]) >= full:
+            rows -= len(batch.pop()[0][1]["idx"])
+        chosen = {id(future) for _, future in batch}
+        self.waiting = deque(entry for entry in self.waiting if id(entry[1]) not in chosen and not entry[1].done())
+        return batch
+
+    async def _batches(self) -> None:
+        """Forever: wait for a request, give it up to batch_wait_s to gather a micro-batch of rows, run the
+        batch in a thread and answer its requests. The next batch is made only now, when the engine is free."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            deadline = loop.time() + self.batch_wait_s
+            while (self._waiting_rows() < self.micro_batch and len(self.waiting) < self.max_batch_requests
+                   and (left := deadline - loop.time()) > 0):
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._run, [job for job, _ in batch])
+            except Exception as e:  # every request of the batch fails with it; the engine goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+            else:
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
 
 
 def _error(status: int, message: str) -> JSONResponse:
