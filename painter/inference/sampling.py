@@ -129,6 +129,21 @@ def rank_keys(scores: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return ordered * (1 << 32) + (_MASK32 - codes)
 
 
+def top_k_by_rule(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, codes), each (B, k): the k codes the tie rule keeps of scores (B, V), at `topk`'s cost plus
+    one pass over V. `topk` keeps the right values but, of codes tied with the k-th value, whichever it
+    likes; those slots (the last ones: values descend) get the lowest tied codes instead, found by
+    binary search in the running count of tied codes. Fixed shapes, no host sync."""
+    values, codes = torch.topk(scores, k, dim=-1)  # (B, k), values descending
+    kth = values[:, -1:]  # (B, 1)
+    count = torch.int32  # a bool's cumsum in int64 costs 6x the int32 one on CPU
+    tied_count = (scores == kth).to(count).cumsum(dim=-1, dtype=count)  # (B, V): tied codes at or below each
+    tied_slot = values == kth  # (B, k): topk's slots holding a code tied with the k-th
+    nth_tied = tied_slot.to(count).cumsum(dim=-1, dtype=count)  # (B, k): 1, 2, ... over those slots
+    lowest = torch.searchsorted(tied_count, nth_tied.clamp(min=1))  # (B, k): the n-th lowest tied code
+    return values, torch.where(tied_slot, lowest, codes)
+
+
 def choose_codes(logits: torch.Tensor, keys: torch.Tensor, step: int, sampling: SamplingConfig) -> torch.Tensor:
     """Pick one image code per row from logits (B, V_img) -> (B,) int64: the reference's sampler,
     with noise for every code. `sample_codes` picks the same codes drawing noise for the candidates only.
@@ -148,9 +163,9 @@ def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Ten
 
     Gumbel-max over the candidates: the top-k codes (or, without top-k, the whole vocabulary, sorted
     when top-p needs it), top-p applied to their sorted logits, noise from `uniform_noise_at` for
-    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). The top-k and the
-    final pick go through `rank_keys`, so ties fall as in `choose_codes` (the module's tie rule), not
-    as `topk` happens to break them. Device-side only, no branching on tensor values: it runs inside
+    those codes alone, so the per-step cost is O(B*k) hashes instead of O(B*V). The top-k
+    (`top_k_by_rule`) and the final pick (`rank_keys`) follow the module's tie rule, so ties fall as in
+    `choose_codes`, not as `topk` happens to break them. Device-side only, no branching on tensor values: it runs inside
     a captured CUDA graph with `step` a device tensor.
     """
     logits = logits.float()  # (B, V)
@@ -158,15 +173,17 @@ def sample_codes(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Ten
         return logits.argmax(dim=-1)
     scaled = logits / sampling.temperature
     B, V = scaled.shape
-    every = torch.arange(V, device=scaled.device).expand(B, V)  # (B, V)
+    nucleus = sampling.top_p is not None and sampling.top_p < 1.0
     if sampling.top_k is not None and sampling.top_k < V:
-        codes = rank_keys(scaled, every).topk(sampling.top_k, dim=-1).indices  # (B, k) in rank order
-        values = scaled.gather(-1, codes)
-    elif sampling.top_p is not None and sampling.top_p < 1.0:
+        values, codes = top_k_by_rule(scaled, sampling.top_k)  # (B, k)
+        if nucleus:  # the nucleus is a prefix of the rank order: order the k candidates by the rule
+            order = rank_keys(values, codes).argsort(dim=-1, descending=True)  # (B, k)
+            values, codes = values.gather(-1, order), codes.gather(-1, order)
+    elif nucleus:
         values, codes = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
     else:
-        values, codes = scaled, every
-    if sampling.top_p is not None and sampling.top_p < 1.0:
+        values, codes = scaled, torch.arange(V, device=scaled.device).expand(B, V)  # (B, V)
+    if nucleus:
         values = values.masked_fill(_outside_nucleus(values, sampling.top_p), float("-inf"))
     gumbel = -torch.log(-torch.log(uniform_noise_at(keys, step, codes)))  # (B, k)
     best = rank_keys(values + gumbel, codes).argmax(dim=-1, keepdim=True)  # (B, 1)
