@@ -161,7 +161,7 @@ class Engine:
             batch = {c: [v for n in members for v in jobs[n][1][c]] for c in ("idx", "text", "sample")}
             images = list(self._generator(config)(batch)[config.image_format])
             for n in members:
-                count = len(jobs[n][1]["idx"])
+                count = self._rows(jobs[n])
                 results[n] = {"images": images[:count], "model": self.model.fingerprint}
                 images = images[count:]
         return results
@@ -176,18 +176,23 @@ class Engine:
         self.arrived.set()
         return await future  # a cancelled request (client gone) is dropped from the queue by `_take`
 
+    @staticmethod
+    def _rows(job: tuple) -> int:
+        """Rows of one request's (config, rows)."""
+        return len(job[1]["idx"])
+
     def _waiting_rows(self) -> int:
-        return sum(len(job[1]["idx"]) for job, future in self.waiting if not future.done())
+        return sum(self._rows(job) for job, future in self.waiting if not future.done())
 
     def _take(self) -> list[tuple]:
         """The next batch: the waiting requests in arrival order, at most max_batch_requests, less the last
         ones whose rows would all fall in a last, partial micro-batch after a full one (they go first next
         time, with what arrives meanwhile, instead of padding now). A request is never split; at least one."""
         batch = [entry for entry in self.waiting if not entry[1].done()][:self.max_batch_requests]
-        rows = sum(len(job[1]["idx"]) for job, _ in batch)
+        rows = sum(self._rows(job) for job, _ in batch)
         full = rows - rows % self.micro_batch  # rows in whole micro-batches
-        while len(batch) > 1 and full and rows > full and rows - len(batch[-1][0][1]["idx"]) >= full:
-            rows -= len(batch.pop()[0][1]["idx"])
+        while len(batch) > 1 and full and rows > full and rows - self._rows(batch[-1][0]) >= full:
+            rows -= self._rows(batch.pop()[0])
         chosen = {id(future) for _, future in batch}
         self.waiting = deque(entry for entry in self.waiting if id(entry[1]) not in chosen and not entry[1].done())
         return batch
